@@ -1,0 +1,112 @@
+"""`graphpass.run`: load, run passes, write, verify. The CLI is a thin layer over this."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphpass import report as reporting
+from graphpass import verify as verification
+from graphpass.edit import Model
+from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
+from graphpass.model import LoadedModel, check_output_path, load_model, save_model, serialized_bytes
+
+
+@dataclass
+class RunResult:
+    model: onnx.ModelProto
+    report: dict[str, Any]
+    written: Path | None  # the output file, if one was written
+    verify_result: verification.VerifyResult | None
+
+    @property
+    def passed(self) -> bool:
+        return self.verify_result is None or self.verify_result.passed
+
+
+def run(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    passes: str | Sequence[Pass] = "tie",
+    *,
+    output: str | os.PathLike | None = None,
+    inputs: dict[str, np.ndarray] | str | os.PathLike | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    budget: verification.Budget | None = None,
+    verify: bool = True,
+    external_data: bool = False,
+    in_place: bool = False,
+    keep_failed: bool = False,
+    progress: ProgressFactory | None = None,
+    seed: int = 0,
+) -> RunResult:
+    """Compress `model` with `passes`; verify the written result in onnxruntime.
+
+    The output file appears only when verification passes (or `keep_failed`), and is written
+    atomically. Without `output`, the result is written to a temporary folder so that its size
+    and outputs are still measured on real bytes.
+    """
+    loaded = load_model(_private_copy(model))
+    pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
+    manager = PassManager(pipeline)
+    if output is not None:
+        check_output_path(Path(output), loaded.path, in_place)
+    reference = loaded.path if loaded.path is not None else serialized_bytes(loaded.proto)
+    feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify else None
+    before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
+
+    ctx = PassContext(Model(loaded.proto), progress)
+    start = time.perf_counter()
+    stats = manager.run(ctx)
+    pass_seconds = time.perf_counter() - start
+
+    stage = Path(tempfile.mkdtemp(prefix=".graphpass-", dir=Path(output).parent if output else None))
+    try:
+        staged = stage / (Path(output).name if output else "candidate.onnx")
+        file_bytes = save_model(ctx.model.proto, staged, external_data=external_data)
+        after = reporting.model_summary(ctx.model, file_bytes, Path(output) if output else None)
+        checked = None
+        if verify:
+            chosen = budget or (verification.LOSSLESS_BUDGET if manager.lossless else verification.Budget())
+            checked = verification.verify(reference, staged, feeds, chosen)
+        written = None
+        if output is not None and (checked is None or checked.passed or keep_failed):
+            written = _move_into_place(staged, Path(output))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    report = reporting.build_report(before, after, stats, pass_seconds, checked, manager.lossless)
+    return RunResult(ctx.model.proto, report, written, checked)
+
+
+def _private_copy(model):
+    """Passes edit in place; a caller's ModelProto must come back untouched."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    return model
+
+
+def _verification_inputs(loaded: LoadedModel, inputs, shapes, seed) -> dict[str, np.ndarray]:
+    if inputs is None:
+        return verification.synthesize_inputs(loaded.proto, shapes=shapes, seed=seed)
+    if isinstance(inputs, dict):
+        return inputs
+    return verification.load_inputs(inputs)
+
+
+def _move_into_place(staged: Path, output: Path) -> Path:
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        # Data first: a model file that appears must find its data already there.
+        os.replace(data, output.with_name(output.name + ".data"))
+    os.replace(staged, output)
+    return output

@@ -1,0 +1,188 @@
+"""The `graphpass` command: a thin click layer over graphpass.run and friends.
+
+Exit codes: 0 ok, 1 verification budget not met, 2 bad input or usage, 3 a pass failed (a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from graphpass import __version__
+from graphpass import verify as verification
+from graphpass.api import run as run_pipeline
+from graphpass.edit import Model
+from graphpass.errors import GraphpassError
+from graphpass.inspect import inspect_model, render_inspection
+from graphpass.manager import PassContext, registered_passes
+from graphpass.model import load_model
+from graphpass.report import render_report
+
+# A bar appears only for steps that are still running after this long.
+PROGRESS_DELAY_SECONDS = 1.0
+
+
+@contextmanager
+def delayed_progress(label: str, total: int):
+    """click's progress bar on stderr, shown once a step has taken more than a second."""
+    started = time.monotonic()
+    bar = None
+    done = 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal bar, done
+        done += n
+        if bar is None and time.monotonic() - started > PROGRESS_DELAY_SECONDS:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            bar.__enter__()
+            bar.update(done)
+        elif bar is not None:
+            bar.update(n)
+
+    try:
+        yield advance
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"graphpass: error: {message}", err=True)
+    sys.exit(code)
+
+
+class GraphpassGroup(click.Group):
+    """Turns every expected failure into one line on stderr and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GraphpassError as exc:
+            _fail(str(exc), exc.exit_code)
+        except verification.VerifyInputError as exc:
+            _fail(str(exc), 2)
+        except MemoryError:
+            _fail("out of memory", 2)
+
+
+def _budget(atol, rtol, min_cosine) -> verification.Budget | None:
+    if atol is None and rtol is None and min_cosine is None:
+        return None
+    return verification.Budget(atol=atol, rtol=rtol, min_cosine=min_cosine)
+
+
+def _shapes(specs) -> dict | None:
+    return verification.parse_shapes(specs) if specs else None
+
+
+budget_options = [
+    click.option("--atol", type=float, help="Elementwise budget: |cand-ref| <= atol + rtol*|ref|."),
+    click.option("--rtol", type=float, help="Elementwise relative budget (see --atol)."),
+    click.option("--min-cosine", type=float, help="Budget: cosine similarity of every output at least this."),
+    click.option("--inputs", "inputs", type=click.Path(dir_okay=False), help="Real inputs as .npz (name -> array)."),
+    click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD", help="Size of dynamic dims, e.g. input_ids=1x128."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
+]
+
+
+def with_options(options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+@click.group(cls=GraphpassGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="graphpass")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the passes do.")
+def main(verbose: bool) -> None:
+    """Post-training weight-sharing compiler for ONNX.
+
+    Rewrites a model so it stores fewer bytes, and checks in onnxruntime how close its
+    outputs stay to the original's.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    # onnx-graphsurgeon warns at length on models whose branches reuse node names.
+    logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the result.")
+@click.option("--passes", "spec", default="tie", show_default=True, help='Pass spec, e.g. "tie,kmeans(bits=4),fold".')
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@with_options(budget_options)
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when the budget is not met.")
+@click.option("--external-data", is_flag=True, help="Store large tensors in OUTPUT.data (automatic above 2 GB).")
+@click.option("--in-place", is_flag=True, help="Allow OUTPUT to be the input file.")
+def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes, seed, no_verify, keep_failed,
+        external_data, in_place):
+    """Run passes on MODEL, write OUTPUT, and verify it against MODEL in onnxruntime."""
+    result = run_pipeline(
+        model, spec, output=output, inputs=inputs, shapes=_shapes(shapes), budget=_budget(atol, rtol, min_cosine),
+        verify=not no_verify, external_data=external_data, in_place=in_place, keep_failed=keep_failed,
+        progress=delayed_progress, seed=seed,
+    )
+    click.echo(render_report(result.report, result.verify_result))
+    if report_path:
+        Path(report_path).write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+    if not result.passed:
+        where = f"; {output} written anyway (--keep-failed)" if result.written else "; no output written"
+        _fail(f"verification budget not met{where}", 1)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect(model, as_json):
+    """Show where MODEL's bytes are and what the passes could share."""
+    loaded = load_model(model)
+    found = inspect_model(PassContext(Model(loaded.proto), delayed_progress))
+    found["file_bytes"] = loaded.file_bytes
+    click.echo(json.dumps(found, indent=2) if as_json else render_inspection(found))
+
+
+@main.command(name="passes")
+def list_passes():
+    """List every registered pass with its options."""
+    for name, cls in registered_passes().items():
+        kind = "lossless" if cls.lossless else "lossy"
+        click.echo(f"{name} ({kind}): {cls.summary}")
+        for option in cls.options:
+            click.echo(f"    {option.describe()}")
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@with_options(budget_options)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the figures as JSON here.")
+def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, report_path):
+    """Run REFERENCE and CANDIDATE in onnxruntime on the same inputs and compare outputs."""
+    loaded = load_model(reference)
+    load_model(candidate)  # a clear input error beats an onnxruntime one
+    if inputs:
+        feeds = verification.load_inputs(inputs)
+    else:
+        feeds = verification.synthesize_inputs(loaded.proto, shapes=_shapes(shapes), seed=seed)
+    budget = _budget(atol, rtol, min_cosine) or verification.Budget()
+    result = verification.verify(reference, candidate, feeds, budget)
+    click.echo(verification.render_table(result))
+    if report_path:
+        Path(report_path).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+    if not result.passed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The model a pass edits: its scopes, its weights, and the few edits passes are allowed to make.
+
+Passes never touch protobuf themselves. They list weights, read them, and replace them through
+this class, which keeps names unique, keeps every scope topologically sorted and keeps
+subgraphs' outer-scope references intact.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from graphpass.scopes import NameAllocator, Scope, all_value_and_node_names, build_scope_tree, iter_nodes, subgraphs_of
+from graphpass.weights import (
+    Replacement,
+    WeightRef,
+    constant_type_and_shape,
+    tensor_stored_bytes,
+)
+
+
+class Model:
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.names = NameAllocator(all_value_and_node_names(proto))
+        self._scopes: list[Scope] | None = None
+        self._weights: list[WeightRef] | None = None
+        self.generation = 0  # bumped on every edit, so cached analyses know they are stale
+
+    # -- reading -------------------------------------------------------------------------
+
+    @property
+    def scopes(self) -> list[Scope]:
+        if self._scopes is None:
+            self._scopes = build_scope_tree(self.proto)
+        return self._scopes
+
+    @property
+    def opset(self) -> int:
+        """The default-domain opset, which decides which ops and types a rewrite may use."""
+        for entry in self.proto.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                return entry.version
+        return 1
+
+    def weights(self) -> list[WeightRef]:
+        """Every stored weight, in a deterministic order: by scope, then by position."""
+        if self._weights is None:
+            self._weights = [w for scope in self.scopes for w in self._scope_weights(scope)]
+        return self._weights
+
+    def node_count(self) -> int:
+        return sum(1 for _ in iter_nodes(self.proto.graph)) + sum(
+            sum(1 for _ in iter_nodes(f)) for f in self.proto.functions
+        )
+
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights())
+
+    def find_initializer(self, scope: Scope, name: str) -> TensorProto:
+        for tensor in scope.body.initializer:
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"no initializer '{name}' in {scope.path}")
+
+    def find_constant_node(self, scope: Scope, name: str) -> NodeProto:
+        return scope.body.node[self._constant_index(scope, name)]
+
+    def _constant_index(self, scope: Scope, name: str) -> int:
+        for index, node in enumerate(scope.body.node):
+            if node.op_type == "Constant" and node.output and node.output[0] == name:
+                return index
+        raise KeyError(f"no Constant node producing '{name}' in {scope.path}")
+
+    def _scope_weights(self, scope: Scope) -> list[WeightRef]:
+        readers = _readers_by_name(scope)
+        found = []
+        if not scope.is_function:
+            graph_inputs = {v.name for v in scope.body.input}
+            for tensor in scope.body.initializer:
+                found.append(WeightRef(
+                    self, scope, tensor.name, "initializer", tensor.data_type, tuple(tensor.dims),
+                    overridable=tensor.name in graph_inputs, consumers=readers.get(tensor.name, []),
+                ))
+        for node in scope.body.node:
+            typed = constant_type_and_shape(node)
+            if typed is not None:
+                name = node.output[0]
+                found.append(WeightRef(self, scope, name, "constant", *typed, consumers=readers.get(name, [])))
+        return found
+
+    # -- editing -------------------------------------------------------------------------
+
+    def apply_replacement(self, weight: WeightRef, replacement: Replacement, result: str) -> None:
+        """Swap a weight's definition for the replacement's nodes and tensors.
+
+        New nodes go where the Constant node was, or first in the scope for an initializer, so
+        the scope stays topologically sorted. The final value takes over the weight's own name
+        when the replacement computed it, so no reader needs to change.
+        """
+        scope = weight.scope
+        position = self._remove_definition(weight)
+        for tensor in replacement.tensors:
+            self._store(scope, tensor)
+        produced = {o for node in replacement.nodes for o in node.output}
+        nodes = list(replacement.nodes)
+        if result in produced:
+            _rename_output(nodes, result, weight.name)
+        else:
+            self._alias(scope, weight.name, result, nodes)
+        position = position if position is not None else self._first_node_index(scope)
+        for offset, node in enumerate(nodes):
+            scope.body.node.insert(position + offset, node)
+        self._edited()
+
+    def add_shared_tensor(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
+        """Store a tensor that several replacements in `scope` and below will reference."""
+        name = self.names.fresh(base_name)
+        self._store(scope, numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._edited()
+        return name
+
+    def remove_unused_weights(self) -> int:
+        """Drop stored weights nothing reads (for example after a tie); return how many."""
+        removed = 0
+        for weight in list(self.weights()):
+            if weight.consumers or weight.overridable or weight.name in weight.scope.output_names():
+                continue
+            self._remove_definition(weight)
+            removed += 1
+            self._edited()
+        return removed
+
+    def _remove_definition(self, weight: WeightRef) -> int | None:
+        """Delete the weight's initializer or Constant node; return the Constant's position."""
+        body = weight.scope.body
+        if weight.source == "initializer":
+            index = next(i for i, t in enumerate(body.initializer) if t.name == weight.name)
+            del body.initializer[index]
+            return None
+        index = self._constant_index(weight.scope, weight.name)
+        del body.node[index]
+        return index
+
+    def _store(self, scope: Scope, tensor: TensorProto) -> None:
+        # Function bodies have no initializers, so their stored tensors become Constant nodes.
+        if scope.is_function:
+            node_name = self.names.fresh(f"{tensor.name}.node")
+            scope.body.node.insert(0, helper.make_node("Constant", [], [tensor.name], name=node_name, value=tensor))
+        else:
+            scope.body.initializer.append(tensor)
+
+    def _first_node_index(self, scope: Scope) -> int:
+        # Keep function-level stored tensors (Constant nodes we put first) ahead of their readers.
+        index = 0
+        while index < len(scope.body.node) and scope.body.node[index].op_type == "Constant":
+            index += 1
+        return index if scope.is_function else 0
+
+    def _alias(self, scope: Scope, old: str, new: str, nodes: list[NodeProto]) -> None:
+        """Let readers of `old` read `new` instead; an output name must survive, via Identity."""
+        if old in scope.output_names():
+            node_name = self.names.fresh(f"{old}.alias")
+            nodes.append(helper.make_node("Identity", [new], [old], name=node_name))
+            return
+        _redirect_readers(scope.body, old, new)
+
+    def _edited(self) -> None:
+        self._weights = None
+        self.generation += 1
+
+
+def _rename_output(nodes: list[NodeProto], old: str, new: str) -> None:
+    for node in nodes:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+
+
+def _redirect_readers(body, old: str, new: str) -> None:
+    """Rewrite reads of `old` in a body and its subgraphs, stopping where a subgraph redefines it."""
+    for node in body.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for _, graph in subgraphs_of(node):
+            if old not in _defined_in(graph):
+                _redirect_readers(graph, old, new)
+
+
+def _defined_in(graph) -> set[str]:
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+    return names
+
+
+def _readers_by_name(scope: Scope) -> dict[str, list[tuple[str, int]]]:
+    """Who reads each name visible in a scope: its own nodes and nodes of nested subgraphs."""
+    readers: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    _collect_readers(scope.body, readers, set())
+    return readers
+
+
+def _collect_readers(body, readers, shadowed: set[str]) -> None:
+    for node in body.node:
+        for index, name in enumerate(node.input):
+            if name and name not in shadowed:
+                readers[name].append((node.op_type, index))
+        for _, graph in subgraphs_of(node):
+            _collect_readers(graph, readers, shadowed | _defined_in(graph))
+    # Graph outputs are read by whoever runs the graph: count them so an output weight stays.
+    outputs = body.output if hasattr(body, "output") else []
+    for value in outputs:
+        name = value if isinstance(value, str) else value.name
+        if name not in shadowed:
+            readers[name].append(("<output>", 0))

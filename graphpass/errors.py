@@ -1,0 +1,38 @@
+"""The errors graphpass reports to users, each with the exit code the CLI gives it."""
+
+from __future__ import annotations
+
+
+class GraphpassError(Exception):
+    """An expected failure with a one-line message for the user."""
+
+    exit_code = 2
+
+
+class InputError(GraphpassError):
+    """The input model or a data file is unusable: not ONNX, truncated, bad external data."""
+
+
+class UsageError(GraphpassError):
+    """The command line or API call asks for something that does not exist."""
+
+
+class BudgetError(GraphpassError):
+    """Verification ran and the candidate missed the error budget."""
+
+    exit_code = 1
+
+
+class PassFailed(GraphpassError):
+    """A pass raised; no output is written. This is a bug in graphpass, not in the input."""
+
+    exit_code = 3
+
+    def __init__(self, pass_name: str, cause: BaseException):
+        super().__init__(f"pass '{pass_name}' failed: {type(cause).__name__}: {cause}")
+        self.pass_name = pass_name
+        self.cause = cause
+
+
+class ConditionError(Exception):
+    """A pass broke a pre- or post-condition of the model (internal; wrapped in PassFailed)."""

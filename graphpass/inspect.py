@@ -1,0 +1,76 @@
+"""`graphpass inspect`: where a model's bytes are, and what the passes could share."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from graphpass.analysis import ExactDuplicates
+from graphpass.manager import PassContext
+from graphpass.report import human_bytes
+
+TOP_TENSORS = 15
+
+
+def inspect_model(ctx: PassContext) -> dict[str, Any]:
+    model = ctx.model
+    weights = model.weights()
+    by_op: dict[str, int] = defaultdict(int)
+    by_place: dict[str, int] = defaultdict(int)
+    for weight in weights:
+        ops = sorted(weight.consumer_ops) or ["(unused)"]
+        by_op["/".join(ops)] += weight.nbytes
+        by_place[_place(weight)] += weight.nbytes
+    largest = sorted(weights, key=lambda w: (-w.nbytes, w.name))[:TOP_TENSORS]
+    groups = ctx.analysis(ExactDuplicates)
+    return {
+        "weights": len(weights),
+        "weight_bytes": model.weight_bytes(),
+        "nodes": model.node_count(),
+        "opset": model.opset,
+        "bytes_by_consumer_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+        "bytes_by_place": dict(sorted(by_place.items(), key=lambda kv: -kv[1])),
+        "largest_tensors": [_tensor_row(w) for w in largest],
+        "exact_duplicates": [
+            {"members": [w.name for w in g.members], "shape": list(g.members[0].shape), "saved_bytes": g.saved_bytes}
+            for g in sorted(groups, key=lambda g: -g.saved_bytes)
+        ],
+        "exact_duplicate_bytes": sum(g.saved_bytes for g in groups),
+    }
+
+
+def _place(weight) -> str:
+    kind = "initializers" if weight.source == "initializer" else "Constant nodes"
+    if weight.scope.is_function:
+        return f"{kind} in functions"
+    return f"{kind} in subgraphs" if weight.scope.parent is not None else f"{kind} (top graph)"
+
+
+def _tensor_row(weight) -> dict[str, Any]:
+    return {
+        "name": weight.name,
+        "shape": list(weight.shape),
+        "bytes": weight.nbytes,
+        "where": weight.where,
+        "read_by": sorted(weight.consumer_ops),
+    }
+
+
+def render_inspection(found: dict[str, Any]) -> str:
+    lines = [
+        f"{found['weights']} weights, {human_bytes(found['weight_bytes'])}, {found['nodes']} nodes, opset {found['opset']}",
+        "",
+        "bytes by the op that reads them:",
+    ]
+    lines += [f"  {op:<30} {human_bytes(n):>12}" for op, n in found["bytes_by_consumer_op"].items()]
+    lines += ["", "bytes by where they are stored:"]
+    lines += [f"  {place:<30} {human_bytes(n):>12}" for place, n in found["bytes_by_place"].items()]
+    lines += ["", f"largest {len(found['largest_tensors'])} tensors:"]
+    for row in found["largest_tensors"]:
+        shape = "x".join(map(str, row["shape"])) or "scalar"
+        lines.append(f"  {row['name']:<40} {shape:>14} {human_bytes(row['bytes']):>12}  {row['where']}")
+    groups = found["exact_duplicates"]
+    lines += ["", f"exact duplicates: {len(groups)} groups, tie would save {human_bytes(found['exact_duplicate_bytes'])}"]
+    for group in groups[:TOP_TENSORS]:
+        lines.append(f"  {human_bytes(group['saved_bytes']):>12}  {', '.join(group['members'])}")
+    return "\n".join(lines)

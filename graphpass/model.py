@@ -1,0 +1,233 @@
+"""Loading and saving models: safe external data, structural checks, atomic deterministic writes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from graphpass.errors import InputError, UsageError
+from graphpass.scopes import Scope, build_scope_tree, iter_tensors, subgraphs_of
+
+log = logging.getLogger(__name__)
+
+# Protobuf cannot serialize a message of 2 GiB or more; leave headroom for the graph itself.
+PROTOBUF_LIMIT = 2**31 - 2**24
+# Tensors below this size stay inline when writing external data, as onnx does.
+EXTERNAL_DATA_MIN_BYTES = 1024
+
+
+@dataclass
+class LoadedModel:
+    proto: onnx.ModelProto
+    path: Path | None
+    file_bytes: int | None  # the model file plus its external data, as read from disk
+
+
+def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedModel:
+    """Read a model and check it is whole; every problem becomes an InputError with one line."""
+    if isinstance(source, onnx.ModelProto):
+        check_structure(source, label="model")
+        return LoadedModel(source, None, None)
+    if isinstance(source, bytes):
+        proto = _parse(source, "model bytes")
+        check_structure(proto, label="model bytes")
+        return LoadedModel(proto, None, len(source))
+    path = Path(source)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not an ONNX file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    proto = _parse(data, str(path))
+    external_bytes = _load_external_data(proto, path)
+    check_structure(proto, label=str(path))
+    return LoadedModel(proto, path, len(data) + external_bytes)
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError:
+        raise InputError(f"{label}: not an ONNX model, or the file is truncated (protobuf cannot parse it)") from None
+    if proto.ir_version <= 0 or not proto.opset_import or not proto.HasField("graph"):
+        raise InputError(f"{label}: not an ONNX model (no IR version, opset or graph)")
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> int:
+    """Read external tensors from the model's own folder only; return the bytes read."""
+    base = path.resolve().parent
+    total = 0
+    for tensor in iter_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        data_path = _confined_data_path(base, info.get("location", ""), path, tensor.name)
+        offset = int(info.get("offset", 0) or 0)
+        file_size = data_path.stat().st_size
+        length = int(info["length"]) if info.get("length") else file_size - offset
+        if offset < 0 or length < 0 or offset + length > file_size:
+            raise InputError(
+                f"{path}: external data for tensor '{tensor.name}' is short: "
+                f"{data_path.name} has {file_size} bytes, needs {offset + length}"
+            )
+        with open(data_path, "rb") as handle:
+            handle.seek(offset)
+            tensor.raw_data = handle.read(length)
+        tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]
+        total += length
+    return total
+
+
+def _confined_data_path(base: Path, location: str, path: Path, tensor_name: str) -> Path:
+    if not location:
+        raise InputError(f"{path}: tensor '{tensor_name}' has external data with no location")
+    if os.path.isabs(location) or Path(location).is_absolute():
+        raise InputError(f"{path}: external data location '{location}' is absolute; only files beside the model are read")
+    resolved = (base / location).resolve()
+    if not resolved.is_relative_to(base):
+        raise InputError(f"{path}: external data location '{location}' escapes the model's folder")
+    if not resolved.is_file():
+        raise InputError(f"{path}: external data file '{location}' is missing")
+    return resolved
+
+
+def check_structure(proto: onnx.ModelProto, label: str = "model") -> None:
+    """Every value read is defined before use, in every scope; raises InputError naming the gap.
+
+    This catches files cut short at a message boundary, which protobuf parses without complaint,
+    and is the post-condition every pass must keep.
+    """
+    problem = find_structure_problem(proto)
+    if problem:
+        raise InputError(f"{label}: {problem}")
+
+
+def find_structure_problem(proto: onnx.ModelProto) -> str | None:
+    for scope in build_scope_tree(proto):
+        if scope.parent is None:
+            problem = _scope_problem(scope, set())
+            if problem:
+                return problem
+    return None
+
+
+def _scope_problem(scope: Scope, visible: set[str]) -> str | None:
+    body = scope.body
+    defined = set(visible)
+    if scope.is_function:
+        defined.update(body.input)
+    else:
+        defined.update(v.name for v in body.input)
+        defined.update(t.name for t in body.initializer)
+        defined.update(t.values.name for t in body.sparse_initializer)
+    for node in body.node:
+        for name in node.input:
+            if name and name not in defined:
+                return f"node '{node.name or node.op_type}' in {scope.path} reads '{name}', which nothing defines before it"
+        for _, graph in subgraphs_of(node):
+            child = next(c for c in scope.children if c.body is graph)
+            problem = _scope_problem(child, defined)
+            if problem:
+                return problem
+        defined.update(o for o in node.output if o)
+    for name in scope.output_names():
+        if name not in defined:
+            return f"output '{name}' of {scope.path} is never computed"
+    return None
+
+
+def serialized_bytes(proto: onnx.ModelProto) -> bytes:
+    """The deterministic encoding: same model, same bytes."""
+    return proto.SerializeToString(deterministic=True)
+
+
+def needs_external_data(proto: onnx.ModelProto) -> bool:
+    return proto.ByteSize() >= PROTOBUF_LIMIT
+
+
+def check_output_path(output: Path, input_path: Path | None, in_place: bool) -> None:
+    if input_path is None or in_place:
+        return
+    if output.resolve() == input_path.resolve() or (output.exists() and os.path.samefile(output, input_path)):
+        raise UsageError(f"{output}: output would overwrite the input; pass --in-place if you mean it")
+
+
+def save_model(proto: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False) -> int:
+    """Write atomically and return the bytes written (model file plus external data).
+
+    Large tensors go to `<output>.data` when asked or when protobuf could not hold the model.
+    The data file is renamed into place before the model, so a reader never sees a model whose
+    data is missing; the model file itself is either whole or absent.
+    """
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: folder {output.parent} does not exist")
+    if not (external_data or needs_external_data(proto)):
+        data = serialized_bytes(proto)
+        _atomic_write(output, [data])
+        return len(data)
+    data_name = output.name + ".data"
+    moved = _move_to_external(proto, data_name)
+    try:
+        chunks = [raw for _, raw in moved]
+        data_bytes = sum(len(c) for c in chunks)
+        _atomic_write(output.parent / data_name, chunks)
+        model_bytes = serialized_bytes(proto)
+        _atomic_write(output, [model_bytes])
+    finally:
+        _restore_inline(moved)
+    return len(model_bytes) + data_bytes
+
+
+def _move_to_external(proto: onnx.ModelProto, data_name: str) -> list[tuple[TensorProto, bytes]]:
+    """Point large tensors at the data file, remembering their bytes so the proto can be restored."""
+    moved = []
+    offset = 0
+    for tensor in iter_tensors(proto):
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_DATA_MIN_BYTES:
+            continue
+        raw = tensor.raw_data
+        moved.append((tensor, raw))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        offset += len(raw)
+    # Serialise with the data stripped; the caller writes it from the remembered bytes.
+    for tensor, _ in moved:
+        tensor.ClearField("raw_data")
+    return moved
+
+
+def _restore_inline(moved: list[tuple[TensorProto, bytes]]) -> None:
+    for tensor, raw in moved:
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+        tensor.raw_data = raw
+
+
+def _atomic_write(target: Path, chunks: list[bytes]) -> None:
+    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise

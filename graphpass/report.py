@@ -1,0 +1,119 @@
+"""The run report: one dict (written as JSON by `--report`) and its text rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from graphpass import __version__
+from graphpass.edit import Model
+from graphpass.manager import PassStats
+from graphpass.verify import VerifyResult, render_table
+
+
+def model_summary(model: Model, file_bytes: int | None, path: Path | None) -> dict[str, Any]:
+    weights = model.weights()
+    return {
+        "path": str(path) if path else None,
+        "file_bytes": file_bytes,
+        "weight_bytes": model.weight_bytes(),
+        "weights": len(weights),
+        "nodes": model.node_count(),
+        "opset": model.opset,
+        "overridable_weights": sorted(w.name for w in weights if w.overridable),
+    }
+
+
+def build_report(
+    before: dict[str, Any],
+    after: dict[str, Any],
+    stats: list[PassStats],
+    pass_seconds: float,
+    checked: VerifyResult | None,
+    lossless: bool,
+) -> dict[str, Any]:
+    notes = []
+    if before["overridable_weights"]:
+        notes.append(
+            f"{len(before['overridable_weights'])} initializers are also graph inputs; a caller may "
+            "override them, so no pass rewrites them"
+        )
+    return {
+        "graphpass_version": __version__,
+        "input": before,
+        "output": after,
+        "lossless": lossless,
+        "passes": [s.to_dict() for s in stats],
+        "pass_seconds": pass_seconds,
+        "verify": checked.to_dict() if checked is not None else None,
+        "notes": notes,
+    }
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _ratio(after: int | None, before: int | None) -> str:
+    if not before or after is None:
+        return "-"
+    return f"{after / before:.1%}"
+
+
+def render_passes(report: dict[str, Any]) -> str:
+    """Per-pass and total rows: weight bytes, nodes, tensors changed/skipped, time."""
+    header = f"{'pass':<28} {'weights':>12} {'ratio':>7} {'nodes':>13} {'changed':>8} {'skipped':>8} {'time':>8}"
+    rows = [header, "-" * len(header)]
+    for s in report["passes"]:
+        rows.append(
+            f"{_describe(s):<28} {human_bytes(s['weight_bytes_after']):>12} "
+            f"{_ratio(s['weight_bytes_after'], s['weight_bytes_before']):>7} "
+            f"{s['nodes_before']:>6}->{s['nodes_after']:<6} {s['tensors_changed']:>8} "
+            f"{s['tensors_skipped']:>8} {s['seconds']:>7.2f}s"
+        )
+    before, after = report["input"], report["output"]
+    rows.append("-" * len(header))
+    rows.append(
+        f"{'file size':<28} {human_bytes(before['file_bytes'])} -> {human_bytes(after['file_bytes'])} "
+        f"({_ratio(after['file_bytes'], before['file_bytes'])} of the input)"
+    )
+    rows.append(
+        f"{'weight bytes':<28} {human_bytes(before['weight_bytes'])} -> {human_bytes(after['weight_bytes'])} "
+        f"({_ratio(after['weight_bytes'], before['weight_bytes'])})"
+    )
+    return "\n".join(rows)
+
+
+def _describe(stats: dict[str, Any]) -> str:
+    return stats["name"]
+
+
+def render_skips(report: dict[str, Any], limit: int = 10) -> str:
+    lines = []
+    for s in report["passes"]:
+        for item in s["skipped"][:limit]:
+            lines.append(f"  {s['name']}: left {item['weight']} as it is: {item['reason']}")
+        if len(s["skipped"]) > limit:
+            lines.append(f"  {s['name']}: ... and {len(s['skipped']) - limit} more (see --report)")
+    for note in report["notes"] + [n for s in report["passes"] for n in s["notes"]]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def render_report(report: dict[str, Any], checked: VerifyResult | None) -> str:
+    parts = [render_passes(report)]
+    skips = render_skips(report)
+    if skips:
+        parts.append(skips)
+    if checked is not None:
+        parts.append(render_table(checked))
+    else:
+        parts.append("verification skipped (--no-verify)")
+    return "\n\n".join(parts)

@@ -1,0 +1,168 @@
+"""Weights wherever they live, and the one way to replace a weight by a subgraph that computes it.
+
+A weight is a stored tensor that nodes read: a graph initializer (top level or in a subgraph) or
+the value of a `Constant` node (in a graph, subgraph or model-local function). Passes find them
+with `Model.weights()` and rewrite them only through `Replacement`, so every pass works on every
+place an exporter may have put a weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
+
+from graphpass.scopes import Scope
+
+if TYPE_CHECKING:
+    from graphpass.edit import Model
+
+# Attributes of Constant that hold a numeric value, with the dtype and rank each implies.
+_CONSTANT_SCALAR_ATTRS = {
+    "value_float": (TensorProto.FLOAT, np.float32, False),
+    "value_floats": (TensorProto.FLOAT, np.float32, True),
+    "value_int": (TensorProto.INT64, np.int64, False),
+    "value_ints": (TensorProto.INT64, np.int64, True),
+}
+
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+
+# Bits per element of the types whose elements are not whole bytes.
+_SUB_BYTE_BITS = {
+    TensorProto.UINT4: 4,
+    TensorProto.INT4: 4,
+    TensorProto.FLOAT4E2M1: 4,
+}
+for _name in ("UINT2", "INT2"):
+    if hasattr(TensorProto, _name):
+        _SUB_BYTE_BITS[getattr(TensorProto, _name)] = 2
+
+
+def element_bits(dtype: int) -> int:
+    if dtype in _SUB_BYTE_BITS:
+        return _SUB_BYTE_BITS[dtype]
+    if dtype == TensorProto.STRING:
+        return 0
+    return 8 * np.dtype(helper.tensor_dtype_to_np_dtype(dtype)).itemsize
+
+
+def stored_bytes(dtype: int, shape: Sequence[int]) -> int:
+    """Bytes the tensor's data occupies in the file (sub-byte types are packed)."""
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return (count * element_bits(dtype) + 7) // 8
+
+
+def tensor_stored_bytes(tensor: TensorProto) -> int:
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    return stored_bytes(tensor.data_type, tensor.dims)
+
+
+WeightSource = Literal["initializer", "constant"]
+
+
+@dataclass(eq=False)
+class WeightRef:
+    """A handle on one stored weight. It stays valid until that weight is replaced."""
+
+    model: Model
+    scope: Scope
+    name: str
+    source: WeightSource
+    dtype: int
+    shape: tuple[int, ...]
+    overridable: bool = False  # an initializer also listed as a graph input: the caller may feed it
+    consumers: list[tuple[str, int]] = field(default_factory=list)  # (op_type, input index) of readers
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return stored_bytes(self.dtype, self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_TYPES
+
+    @property
+    def where(self) -> str:
+        kind = "initializer" if self.source == "initializer" else "Constant node"
+        return kind if self.scope.parent is None and not self.scope.is_function else f"{kind} in {self.scope.path}"
+
+    @property
+    def consumer_ops(self) -> set[str]:
+        return {op for op, _ in self.consumers}
+
+    def read(self) -> np.ndarray:
+        """The weight's value as numpy (float16 stays float16; bfloat16 comes back as ml_dtypes)."""
+        if self.source == "initializer":
+            return numpy_helper.to_array(self.model.find_initializer(self.scope, self.name))
+        return constant_value(self.model.find_constant_node(self.scope, self.name))
+
+    def replace_with(self, replacement: Replacement, result: str) -> None:
+        """Make `result`, a value the replacement computes or references, stand in for this weight."""
+        self.model.apply_replacement(self, replacement, result)
+
+
+def constant_value(node: NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    _, np_type, is_list = _CONSTANT_SCALAR_ATTRS[attr.name]
+    if attr.name.startswith("value_float"):
+        values = list(attr.floats) if is_list else attr.f
+    else:
+        values = list(attr.ints) if is_list else attr.i
+    return np.array(values, dtype=np_type)
+
+
+def constant_type_and_shape(node: NodeProto) -> tuple[int, tuple[int, ...]] | None:
+    """dtype and shape of a Constant's numeric value, or None for strings and sparse values."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value" and attr.type == AttributeProto.TENSOR:
+        if attr.t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            return None
+        return attr.t.data_type, tuple(attr.t.dims)
+    if attr.name in _CONSTANT_SCALAR_ATTRS:
+        dtype, _, is_list = _CONSTANT_SCALAR_ATTRS[attr.name]
+        count = len(attr.floats) if attr.name == "value_floats" else len(attr.ints)
+        return dtype, ((count,) if is_list else ())
+    return None
+
+
+class Replacement:
+    """Builds the nodes and stored tensors that compute a weight's value.
+
+    Names are drawn from the model's allocator as they are requested, so they are unique
+    across every scope and the same run always yields the same names.
+    """
+
+    def __init__(self, weight: WeightRef):
+        self.weight = weight
+        self.nodes: list[NodeProto] = []
+        self.tensors: list[TensorProto] = []
+        self._names = weight.model.names
+
+    def stored(self, role: str, array: np.ndarray, *, dtype: int | None = None) -> str:
+        """A new stored tensor; `dtype` packs sub-byte types such as UINT4 from integer arrays."""
+        name = self._names.fresh(f"{self.weight.name}.{role}")
+        if dtype is None:
+            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        else:
+            tensor = helper.make_tensor(name, dtype, array.shape, np.ascontiguousarray(array).ravel().tolist())
+        self.tensors.append(tensor)
+        return name
+
+    def node(self, op_type: str, inputs: Sequence[str], role: str, **attrs) -> str:
+        output = self._names.fresh(f"{self.weight.name}.{role}")
+        node_name = self._names.fresh(f"{self.weight.name}.{role}.node")
+        self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=node_name, **attrs))
+        return output

@@ -1,0 +1,7 @@
+"""The built-in passes. Each module registers one pass class with `graphpass.manager.register`.
+
+A new pass goes in its own module here and is imported below. It sees the model only through
+the core: `ctx.model` (graphpass.edit.Model), `ctx.analysis(...)` and `graphpass.weights`.
+"""
+
+from graphpass.passes import tie  # noqa: F401
