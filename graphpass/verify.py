@@ -1,0 +1,852 @@
+"""Verification engine: run a reference and a candidate ONNX model in onnxruntime
+on the same inputs and check that every output stays within a numeric budget.
+
+Each model runs once per optimisation level (by default ORT_ENABLE_ALL, called
+"default", and ORT_DISABLE_ALL). At each level the candidate is compared with the
+reference at that same level, so the check sees what a deployment sees (fused
+kernels) and what the graph literally says (no fusion). Each output reports the
+worst figure across levels, and the figures for each level.
+
+Metric definitions. Float outputs are compared in float64, over the positions
+where both reference and candidate are finite. d = candidate - reference.
+
+* max_abs_error   max |d|
+* max_rel_error   max |d| / max(|ref|, floor), where floor = REL_ERROR_FLOOR_FRACTION *
+                  max|ref| of that output (at least TINY). Without a floor, an element
+                  where ref is exactly 0 gives an infinite or meaningless value. With
+                  it, elements below 0.1% of the output's scale are measured against
+                  that 0.1%.
+* mean_abs_error  mean |d|
+* cosine          cos(ref, cand) of the flattened tensors; 1.0 when both are all-zero,
+                  0.0 when exactly one is.
+* snr_db          10*log10(sum(ref^2) / sum(d^2)). +inf when d == 0 everywhere, -inf
+                  when the reference is all-zero and d is not. to_dict() writes both
+                  infinities as null so the JSON stays valid (tell them apart by
+                  max_abs_error == 0).
+* argmax_agreement  Only for outputs that look like class scores (see
+                  looks_like_class_scores). It is the fraction of rows (all axes but
+                  the last) whose argmax along the last axis agrees. It is reported,
+                  not checked: Budget has no threshold for it.
+* mismatch_fraction  The fraction of elements that fail the elementwise check: exact
+                  inequality for integer, bool and string outputs; outside atol/rtol
+                  (or a non-finite mismatch) for float outputs. None for float outputs
+                  when the budget has neither atol nor rtol.
+
+Checks: missing output, shape mismatch and dtype mismatch stop the comparison. Float
+outputs then get the non-finite check (NaN/Inf in one model where the other is
+finite or differs; it applies whatever the budget), the elementwise
+|d| <= atol + rtol*|ref| check, and cosine >= min_cosine. Each failing check adds a
+clause to `failure`, separated by "; ". An output's `failure` is the first failing
+level's message followed by "[failed at: <levels>]". Integer, bool and string outputs
+must match exactly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import re
+import zlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence, Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+
+class VerifyInputError(Exception):
+    """Verification cannot start: a model does not load or run, inputs are missing, or a
+    --shape is malformed. The message is one line, ready to show to a user."""
+
+
+# ---------------------------------------------------------------------------
+# Budget
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How far candidate outputs may drift from the reference.
+
+    Elementwise: |cand - ref| <= atol + rtol * |ref|, with a missing atol or rtol
+    counted as 0. When both are None, no elementwise check runs.
+    Cosine: for each float output, cosine(ref, cand) >= min_cosine (when it is set).
+    """
+
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise VerifyInputError(f"budget {name} must be a finite number >= 0, got {value}")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise VerifyInputError(f"budget min_cosine must lie in [-1, 1], got {self.min_cosine}")
+
+    @property
+    def has_elementwise(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+    def describe_elementwise(self) -> str:
+        return ", ".join(f"{name}={value:g}" for name, value in
+                         (("atol", self.atol), ("rtol", self.rtol)) if value is not None)
+
+    def describe(self) -> str:
+        parts = [self.describe_elementwise()]
+        if self.min_cosine is not None:
+            parts.append(f"min_cosine={self.min_cosine:g}")
+        return ", ".join(part for part in parts if part) or "structural checks only"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Lossless pipelines: tie is bit-exact, but fold may reorder float operations, so
+# allow a few float32 ulps of drift.
+LOSSLESS_BUDGET = Budget(atol=1e-5, rtol=1e-4)
+
+# ---------------------------------------------------------------------------
+# Constants (documented choices)
+# ---------------------------------------------------------------------------
+
+OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+DEFAULT_LEVELS: tuple[str, ...] = ("default", "disable_all")
+
+# Floor for the max_rel_error denominator, as a fraction of the output's max |ref|.
+REL_ERROR_FLOOR_FRACTION = 1e-3
+TINY = float(np.finfo(np.float32).tiny)
+
+# Substrings of output names that mark hidden states, embeddings or recurrent and
+# KV-cache state. Their last axis is features, not classes, so argmax means nothing.
+NON_CLASS_NAME_HINTS = ("embed", "hidden", "pool", "feature", "state", "present", "past", "cache")
+
+# Input synthesis defaults.
+BATCH_DIM = 1
+DEFAULT_DYNAMIC_DIM = 16
+SMALL_INT_HIGH = 4          # other integer inputs take values in [0, SMALL_INT_HIGH)
+FALLBACK_TABLE_ROWS = 2     # Gather indices when the table size cannot be resolved
+SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate"})
+SAMPLE_RATE = 16000
+# Ops that carry index values through unchanged, so that an input reaching a
+# Gather's indices through them still has to stay inside the table.
+INDEX_PASSTHROUGH_OPS = frozenset(
+    {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"})
+# Ops whose output has the same shape as input 0. Used to find a Gather table's
+# size when the table is, e.g., a dequantised or cast initializer.
+SHAPE_PRESERVING_OPS = frozenset({"Cast", "Identity", "DequantizeLinear"})
+_LENGTH_NAME = re.compile(r"length|(?:^|[_.])(?:seq_?)?lens?(?:[_.]|$)")
+
+_BFLOAT16 = np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
+
+# ---------------------------------------------------------------------------
+# Result types
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    """The figures measured for one output (see the module docstring)."""
+
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    mean_abs_error: float | None = None
+    cosine: float | None = None
+    snr_db: float | None = None
+    argmax_agreement: float | None = None
+    mismatch_fraction: float | None = None
+
+    def figures_dict(self) -> dict:
+        return {f.name: _json_float(getattr(self, f.name)) for f in fields(Figures)}
+
+
+# For each figure, the function that picks the worst value across levels.
+_WORST_OF = {
+    "max_abs_error": max, "max_rel_error": max, "mean_abs_error": max,
+    "mismatch_fraction": max, "cosine": min, "snr_db": min, "argmax_agreement": min,
+}
+
+
+@dataclass
+class LevelMetrics(Figures):
+    """One output compared at one optimisation level."""
+
+    passed: bool = True
+    failure: str | None = None
+
+    def to_dict(self) -> dict:
+        return {**self.figures_dict(), "passed": self.passed, "failure": self.failure}
+
+
+@dataclass
+class OutputMetrics(Figures):
+    """One output: the worst figures across levels, plus each level's figures."""
+
+    passed: bool = True
+    failure: str | None = None
+    per_level: dict[str, LevelMetrics] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            **self.figures_dict(),
+            "passed": self.passed,
+            "failure": self.failure,
+            "per_level": {level: m.to_dict() for level, m in self.per_level.items()},
+        }
+
+
+@dataclass
+class VerifyResult:
+    passed: bool
+    budget: dict
+    levels: list[str]
+    outputs: dict[str, OutputMetrics]
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """Output name -> failure message, for the outputs that failed."""
+        return {name: m.failure or "failed" for name, m in self.outputs.items() if not m.passed}
+
+    def to_dict(self) -> dict:
+        """Strict-JSON-safe dict (non-finite floats become None)."""
+        return {
+            "passed": self.passed,
+            "budget": {k: _json_float(v) for k, v in self.budget.items()},
+            "levels": list(self.levels),
+            "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
+        }
+
+
+def _json_float(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Shapes and inputs
+# ---------------------------------------------------------------------------
+
+
+def parse_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse --shape specs such as "input_ids=1x128" (commas are also accepted between
+    dims). Zero-sized dims are allowed, e.g. an empty KV cache "past=1x8x0x64"."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, dims = _split_shape_spec(spec)
+        if name in shapes:
+            raise VerifyInputError(f"bad --shape {spec!r}: input {name!r} given twice")
+        shapes[name] = dims
+    return shapes
+
+
+def _split_shape_spec(spec: str) -> tuple[str, tuple[int, ...]]:
+    # rpartition: input names may contain '=' in theory, dims never do.
+    name, sep, dims_text = spec.rpartition("=")
+    name = name.strip()
+    parts = [part.strip() for part in re.split(r"[xX,]", dims_text)]
+    if not sep or not name or not all(part.isdigit() for part in parts):
+        raise VerifyInputError(
+            f"bad --shape {spec!r}: expected NAME=DIMxDIM..., e.g. input_ids=1x128")
+    return name, tuple(int(part) for part in parts)
+
+
+def load_inputs(npz_path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an .npz file whose keys are input names."""
+    try:
+        with np.load(npz_path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise VerifyInputError(f"cannot read inputs from {npz_path}: {_one_line(exc)}") from exc
+
+
+def synthesize_inputs(
+    model: onnx.ModelProto,
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    default_dim: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Make deterministic values for every graph input that is not an initializer.
+
+    Shapes: a `shapes` entry gives an input's whole shape. Symbolic dims named in an
+    override apply to every input that shares the symbol. A remaining dynamic dim is
+    batch-like, and gets BATCH_DIM, when its symbol contains "batch" or sits on axis 0
+    of an input of rank >= 2. Every other dynamic dim gets `default_dim` (16). A symbol
+    gets one value across all inputs.
+
+    Values. Each input has its own generator, seeded from (seed, crc32(name)), so
+    adding an input changes no other input's values. Rules, first match wins:
+      1. name contains "mask"                   -> ones
+      2. bool                                   -> random True/False
+      3. float (incl. float16/bfloat16)         -> N(0, 1) cast to the dtype
+      4. integer reaching a Gather's indices    -> [0, table rows along the axis)
+         (directly or through INDEX_PASSTHROUGH_OPS; FALLBACK_TABLE_ROWS if unknown)
+      5. 0-d integer named sr / sample_rate     -> 16000
+      6. integer whose name says length/len/lens -> the smallest non-batch dynamic dim
+         chosen above (default_dim if none), so a length never exceeds a padded axis
+      7. other 0-d integer                      -> 1
+      8. other integer                          -> [0, SMALL_INT_HIGH)
+    """
+    default_dim = DEFAULT_DYNAMIC_DIM if default_dim is None else int(default_dim)
+    if default_dim < 1:
+        raise VerifyInputError(f"default_dim must be >= 1, got {default_dim}")
+    feeds = _feedable_inputs(model.graph)
+    overrides = {name: tuple(int(d) for d in dims) for name, dims in (shapes or {}).items()}
+    unknown = sorted(set(overrides) - {vi.name for vi in feeds})
+    if unknown:
+        raise VerifyInputError(f"--shape names unknown input(s): {', '.join(unknown)}; "
+                               f"model inputs: {', '.join(vi.name for vi in feeds) or 'none'}")
+    resolved, sequence_dims = _resolve_shapes(feeds, overrides, default_dim)
+    index_bounds = _gather_index_bounds(model.graph, [vi.name for vi in feeds])
+    length_fill = min(sequence_dims, default=default_dim)
+    return {
+        vi.name: _synthesize_value(
+            vi.name, _input_dtype(vi), resolved[vi.name],
+            np.random.default_rng([seed, zlib.crc32(vi.name.encode())]),
+            index_bounds.get(vi.name), length_fill)
+        for vi in feeds
+    }
+
+
+def _feedable_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    # Inputs that are also initializers have default values, so they need no data.
+    initialized = {t.name for t in graph.initializer} | {
+        t.values.name for t in graph.sparse_initializer}
+    return [vi for vi in graph.input if vi.name not in initialized]
+
+
+def _input_dtype(value_info: onnx.ValueInfoProto) -> np.dtype:
+    kind = value_info.type.WhichOneof("value")
+    elem_type = value_info.type.tensor_type.elem_type if kind == "tensor_type" else 0
+    if not elem_type:
+        raise VerifyInputError(f"cannot synthesize input {value_info.name!r} "
+                               f"(type {kind or 'unknown'}); pass --inputs")
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _declared_dims(value_info: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    """Dims as int (static), str (symbol) or None (anonymous dynamic); None if rank unknown."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for dim in tensor_type.shape.dim:
+        which = dim.WhichOneof("value")
+        dims.append(dim.dim_value if which == "dim_value" else dim.dim_param or None)
+    return dims
+
+
+def _resolve_shapes(feeds, overrides, default_dim):
+    """Return ({input: shape}, [sizes chosen for non-batch dynamic dims])."""
+    declared = {vi.name: _declared_dims(vi) for vi in feeds}
+    symbols = _symbols_from_overrides(declared, overrides)
+    batch_symbols = _batch_like_symbols(declared.values())
+    shapes: dict[str, tuple[int, ...]] = {}
+    sequence_dims: list[int] = []
+    for name, dims in declared.items():
+        if name in overrides:
+            shapes[name] = _checked_override(name, dims, overrides[name])
+        elif dims is None:
+            raise VerifyInputError(f"input {name!r} has no declared shape; pass --shape {name}=...")
+        else:
+            shapes[name] = tuple(_default_size(dim, axis, len(dims), symbols, batch_symbols, default_dim)
+                                 for axis, dim in enumerate(dims))
+        sequence_dims += _non_batch_dynamic_sizes(dims, shapes[name], batch_symbols)
+    return shapes, sequence_dims
+
+
+def _symbols_from_overrides(declared, overrides) -> dict[str, int]:
+    symbols: dict[str, int] = {}
+    for name, shape in overrides.items():
+        dims = declared.get(name) or []
+        if len(dims) == len(shape):
+            for dim, size in zip(dims, shape):
+                if isinstance(dim, str):
+                    symbols.setdefault(dim, size)
+    return symbols
+
+
+def _batch_like_symbols(all_dims: Iterable[list | None]) -> set[str]:
+    batch = set()
+    for dims in all_dims:
+        for axis, dim in enumerate(dims or []):
+            if isinstance(dim, str) and ("batch" in dim.lower() or (axis == 0 and len(dims) >= 2)):
+                batch.add(dim)
+    return batch
+
+
+def _is_batch_like(dim, axis: int, rank: int, batch_symbols: set[str]) -> bool:
+    if isinstance(dim, str):
+        return dim in batch_symbols
+    return axis == 0 and rank >= 2
+
+
+def _default_size(dim, axis, rank, symbols, batch_symbols, default_dim) -> int:
+    if isinstance(dim, int):
+        return dim
+    if isinstance(dim, str) and dim in symbols:
+        return symbols[dim]
+    size = BATCH_DIM if _is_batch_like(dim, axis, rank, batch_symbols) else default_dim
+    if isinstance(dim, str):
+        symbols[dim] = size  # every later use of this symbol gets the same size
+    return size
+
+
+def _non_batch_dynamic_sizes(dims, shape, batch_symbols) -> list[int]:
+    if dims is None or len(dims) != len(shape):
+        return []
+    # Zero-sized axes (an empty KV cache) say nothing about sequence lengths.
+    return [size for axis, (dim, size) in enumerate(zip(dims, shape))
+            if size > 0 and not isinstance(dim, int)
+            and not _is_batch_like(dim, axis, len(dims), batch_symbols)]
+
+
+def _checked_override(name, dims, shape) -> tuple[int, ...]:
+    if dims is None:
+        return shape
+    if len(dims) != len(shape):
+        raise VerifyInputError(f"--shape {name}: model input has rank {len(dims)}, got {len(shape)} dims")
+    for axis, (dim, size) in enumerate(zip(dims, shape)):
+        if isinstance(dim, int) and dim != size:
+            raise VerifyInputError(f"--shape {name}: axis {axis} is fixed at {dim} in the model, got {size}")
+    return shape
+
+
+def _synthesize_value(name, dtype, shape, rng, index_bound, length_fill) -> np.ndarray:
+    if "mask" in name.lower():
+        return np.ones(shape, dtype=dtype)
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if _is_float_dtype(dtype):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind in "iu":
+        return _synthesize_integer(name, dtype, shape, rng, index_bound, length_fill)
+    raise VerifyInputError(f"cannot synthesize input {name!r} of dtype {dtype}; pass --inputs")
+
+
+def _synthesize_integer(name, dtype, shape, rng, index_bound, length_fill) -> np.ndarray:
+    lowered = name.lower()
+    if index_bound is not None:
+        values = rng.integers(0, index_bound, size=shape)
+    elif len(shape) == 0 and lowered in SAMPLE_RATE_NAMES:
+        values = np.array(SAMPLE_RATE)
+    elif _LENGTH_NAME.search(lowered):
+        values = np.full(shape, length_fill)
+    elif len(shape) == 0:
+        values = np.array(1)
+    else:
+        values = rng.integers(0, SMALL_INT_HIGH, size=shape)
+    return np.asarray(values).astype(dtype)
+
+
+def _is_float_dtype(dtype: np.dtype) -> bool:
+    # ml_dtypes floats (bfloat16, float8*) have kind "V", so match them by name.
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float4"))
+
+
+# ---------------------------------------------------------------------------
+# Gather index bounds
+# ---------------------------------------------------------------------------
+
+
+def _gather_index_bounds(graph: onnx.GraphProto, input_names: Sequence[str]) -> dict[str, int]:
+    """For each input whose values reach a Gather's indices, the exclusive upper bound
+    that keeps every index inside the table (the smallest table if there are several)."""
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for position, tensor in enumerate(node.input):
+            if tensor:
+                consumers[tensor].append((node, position))
+    shapes = _StaticShapes(graph)
+    bounds = {}
+    for name in input_names:
+        tables = [_gather_rows(node, shapes) for node in _gathers_indexed_by(name, consumers)]
+        if tables:
+            bounds[name] = max(1, min(tables))
+    return bounds
+
+
+def _gathers_indexed_by(source: str, consumers) -> list[onnx.NodeProto]:
+    gathers, frontier, seen = [], [source], {source}
+    while frontier:
+        tensor = frontier.pop()
+        for node, position in consumers.get(tensor, ()):
+            if node.op_type == "Gather" and position == 1:
+                gathers.append(node)
+            elif node.op_type in INDEX_PASSTHROUGH_OPS and position == 0:
+                for output in node.output:
+                    if output not in seen:
+                        seen.add(output)
+                        frontier.append(output)
+    return gathers
+
+
+def _gather_rows(node: onnx.NodeProto, shapes: _StaticShapes) -> int:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    shape = shapes.of(node.input[0])
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return FALLBACK_TABLE_ROWS
+    rows = shape[axis]
+    return rows if isinstance(rows, int) and rows > 0 else FALLBACK_TABLE_ROWS
+
+
+class _StaticShapes:
+    """Static shapes of graph tensors, from initializers, Constant nodes and value_info,
+    following SHAPE_PRESERVING_OPS back to their source."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self._known: dict[str, tuple] = {}
+        for vi in [*graph.value_info, *graph.input, *graph.output]:
+            dims = _declared_dims(vi)
+            if dims is not None:
+                self._known[vi.name] = tuple(dims)
+        for tensor in graph.initializer:
+            self._known[tensor.name] = tuple(tensor.dims)
+        self._producers = {}
+        for node in graph.node:
+            constant_dims = _constant_dims(node)
+            if constant_dims is not None:
+                self._known[node.output[0]] = constant_dims
+            for output in node.output:
+                self._producers[output] = node
+
+    def of(self, tensor: str, depth: int = 0) -> tuple | None:
+        if tensor in self._known:
+            return self._known[tensor]
+        producer = self._producers.get(tensor)
+        if producer is None or producer.op_type not in SHAPE_PRESERVING_OPS or depth > 32:
+            return None
+        return self.of(producer.input[0], depth + 1)
+
+
+def _constant_dims(node: onnx.NodeProto) -> tuple[int, ...] | None:
+    if node.op_type != "Constant":
+        return None
+    for attribute in node.attribute:
+        if attribute.name == "value":
+            return tuple(attribute.t.dims)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Running models
+# ---------------------------------------------------------------------------
+
+
+def verify(
+    reference: ModelSource,
+    candidate: ModelSource,
+    inputs: Mapping[str, np.ndarray],
+    budget: Budget,
+    *,
+    levels: Sequence[str] = DEFAULT_LEVELS,
+) -> VerifyResult:
+    """Run both models at each level on `inputs` and compare each reference output with
+    the candidate output of the same name. Inputs the models do not take are ignored.
+    Extra candidate outputs are ignored. Raises VerifyInputError when a model cannot
+    be loaded or run, or when an input is missing."""
+    levels = _checked_levels(levels)
+    reference, candidate = _as_source(reference), _as_source(candidate)
+    same_model = _source_key(reference) == _source_key(candidate)
+    per_output: dict[str, dict[str, LevelMetrics]] = defaultdict(dict)
+    for level in levels:
+        ref_outputs = _run_model(reference, "reference", level, inputs)
+        # One session per (model, level): an identical candidate reuses the reference run.
+        cand_outputs = ref_outputs if same_model else _run_model(candidate, "candidate", level, inputs)
+        for name, ref_value in ref_outputs.items():
+            per_output[name][level] = compare_arrays(name, ref_value, cand_outputs.get(name), budget)
+    outputs = {name: _summarise_levels(per_level) for name, per_level in per_output.items()}
+    return VerifyResult(
+        passed=all(m.passed for m in outputs.values()),
+        budget=budget.to_dict(),
+        levels=list(levels),
+        outputs=outputs,
+    )
+
+
+def _checked_levels(levels: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(levels, str):
+        levels = (levels,)
+    unknown = [level for level in levels if level not in OPTIMIZATION_LEVELS]
+    if unknown or not levels:
+        raise VerifyInputError(f"unknown optimisation level(s) {', '.join(unknown) or '(none given)'}; "
+                               f"choose from {', '.join(OPTIMIZATION_LEVELS)}")
+    return tuple(dict.fromkeys(levels))
+
+
+def _as_source(model: ModelSource) -> str | bytes:
+    """Paths stay paths so onnxruntime resolves external data next to the file."""
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    return os.fspath(model)
+
+
+def _source_key(source: str | bytes) -> tuple[str, str]:
+    if isinstance(source, bytes):
+        return ("bytes", hashlib.sha256(source).hexdigest())
+    return ("path", os.path.realpath(source))
+
+
+def _run_model(source: str | bytes, role: str, level: str,
+               inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = _open_session(source, role, level)
+    feed = _build_feed(session, inputs, role)
+    output_names = [o.name for o in session.get_outputs()]
+    try:
+        if any(o.type == "tensor(bfloat16)" for o in session.get_outputs()):
+            values = _run_with_ort_values(session, output_names, feed)
+        else:
+            values = session.run(output_names, feed)
+    except Exception as exc:  # onnxruntime raises several unrelated exception types
+        raise VerifyInputError(
+            f"onnxruntime failed to run the {role} model at level {level}: {_one_line(exc)}") from exc
+    return {name: np.asarray(value) for name, value in zip(output_names, values)}
+
+
+def _open_session(source: str | bytes, role: str, level: str) -> ort.InferenceSession:
+    if isinstance(source, str) and not Path(source).is_file():
+        raise VerifyInputError(f"{role} model not found: {source}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
+    options.log_severity_level = 3  # errors only; ORT warns about harmless things
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise VerifyInputError(
+            f"onnxruntime cannot load the {role} model (level {level}): {_one_line(exc)}") from exc
+
+
+def _build_feed(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], role: str) -> dict:
+    required = [i.name for i in session.get_inputs()]
+    missing = [name for name in required if name not in inputs]
+    if missing:
+        raise VerifyInputError(
+            f"no value for {role} model input(s) {', '.join(missing)} "
+            f"(provided: {', '.join(sorted(inputs)) or 'none'})")
+    # Initializers listed as graph inputs may be overridden, but only when asked to.
+    overridable = [i.name for i in session.get_overridable_initializers() if i.name in inputs]
+    return {name: _to_ort_input(np.asarray(inputs[name])) for name in required + overridable}
+
+
+def _to_ort_input(array: np.ndarray):
+    # onnxruntime's numpy bridge has no bfloat16; hand it the raw bits with the ONNX type.
+    if array.dtype == _BFLOAT16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(array).view(np.uint16), TensorProto.BFLOAT16)
+    return array
+
+
+def _run_with_ort_values(session, output_names, feed) -> list[np.ndarray]:
+    ort_feed = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+                for name, value in feed.items()}
+    return [_ort_value_to_numpy(value) for value in session.run_with_ort_values(output_names, ort_feed)]
+
+
+def _ort_value_to_numpy(value: ort.OrtValue) -> np.ndarray:
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    # OrtValue.numpy() refuses bfloat16: copy the CPU buffer and reinterpret it.
+    size = value.tensor_size_in_bytes()
+    raw = ctypes.string_at(value.data_ptr(), size) if size else b""
+    return np.frombuffer(raw, dtype=np.uint16).view(_BFLOAT16).reshape(value.shape()).copy()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Comparing outputs
+# ---------------------------------------------------------------------------
+
+
+def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray | None,
+                   budget: Budget) -> LevelMetrics:
+    """Compare one output at one level (public so other passes can reuse the metrics)."""
+    if candidate is None:
+        return LevelMetrics(passed=False, failure="output missing from candidate")
+    if reference.shape != candidate.shape:
+        return LevelMetrics(passed=False, failure=(
+            f"shape mismatch: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}"))
+    if reference.dtype != candidate.dtype:
+        return LevelMetrics(passed=False, failure=(
+            f"dtype mismatch: reference {reference.dtype} vs candidate {candidate.dtype}"))
+    if _is_float_dtype(reference.dtype):
+        return _compare_float(name, reference, candidate, budget)
+    return _compare_exact(reference, candidate)
+
+
+def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> LevelMetrics:
+    differs = np.asarray(reference != candidate)
+    count, size = int(differs.sum()), reference.size
+    metrics = LevelMetrics(mismatch_fraction=count / size if size else 0.0)
+    if reference.dtype.kind in "iub":
+        gap = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+        metrics.max_abs_error = float(gap.max()) if size else 0.0
+    if count:
+        metrics.passed = False
+        metrics.failure = f"exact match required for {reference.dtype} output: {count}/{size} elements differ"
+    return metrics
+
+
+def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budget: Budget) -> LevelMetrics:
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    both_finite = np.isfinite(ref) & np.isfinite(cand)
+    nonfinite_mismatches = int((~both_finite & ~_same_nonfinite(ref, cand)).sum())
+    ref_f, diff = ref[both_finite], np.abs(cand[both_finite] - ref[both_finite])
+    metrics = LevelMetrics(**_float_figures(ref_f, cand[both_finite], diff),
+                           argmax_agreement=_argmax_agreement(name, ref, cand))
+    failures = [_nonfinite_failure(ref, cand, nonfinite_mismatches)]
+    if budget.has_elementwise:
+        over = int((diff > (budget.atol or 0.0) + (budget.rtol or 0.0) * np.abs(ref_f)).sum())
+        metrics.mismatch_fraction = (over + nonfinite_mismatches) / ref.size if ref.size else 0.0
+        if over:
+            failures.append(f"elementwise: {over}/{ref.size} elements exceed {budget.describe_elementwise()} "
+                            f"(max abs error {metrics.max_abs_error:.3e})")
+    if budget.min_cosine is not None and metrics.cosine < budget.min_cosine:
+        failures.append(f"cosine {metrics.cosine:.6f} < min_cosine {budget.min_cosine:g}")
+    metrics.failure = "; ".join(f for f in failures if f) or None
+    metrics.passed = metrics.failure is None
+    return metrics
+
+
+def _same_nonfinite(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Where both are NaN, or both the same infinity: these positions agree."""
+    return (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
+
+
+def _nonfinite_failure(ref: np.ndarray, cand: np.ndarray, mismatches: int) -> str | None:
+    if not mismatches:
+        return None
+    introduced = int((np.isfinite(ref) & ~np.isfinite(cand)).sum())
+    if introduced:
+        return f"non-finite: candidate has NaN/Inf at {introduced} position(s) where the reference is finite"
+    return f"non-finite: {mismatches} position(s) where the reference is NaN/Inf and the candidate differs"
+
+
+def _float_figures(ref: np.ndarray, cand: np.ndarray, abs_diff: np.ndarray) -> dict:
+    if ref.size == 0:
+        return dict(max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, cosine=1.0, snr_db=math.inf)
+    ref_scale = float(np.abs(ref).max())
+    floor = max(REL_ERROR_FLOOR_FRACTION * ref_scale, TINY)
+    return dict(
+        max_abs_error=float(abs_diff.max()),
+        max_rel_error=float((abs_diff / np.maximum(np.abs(ref), floor)).max()),
+        mean_abs_error=float(abs_diff.mean()),
+        cosine=_cosine(ref, cand),
+        snr_db=_snr_db(ref, cand - ref),
+    )
+
+
+def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    # Scale by the common max first so the norms cannot overflow.
+    scale = max(float(np.abs(ref).max()), float(np.abs(cand).max()))
+    if scale == 0.0:
+        return 1.0
+    a, b = ref.ravel() / scale, cand.ravel() / scale
+    norms = float(np.linalg.norm(a)) * float(np.linalg.norm(b))
+    if norms == 0.0:
+        return 0.0
+    return float(np.clip(np.dot(a, b) / norms, -1.0, 1.0))
+
+
+def _snr_db(ref: np.ndarray, diff: np.ndarray) -> float:
+    scale = max(float(np.abs(ref).max()), float(np.abs(diff).max()))
+    if scale == 0.0 or not np.any(diff):
+        return math.inf
+    signal = float(np.sum(np.square(ref / scale)))
+    noise = float(np.sum(np.square(diff / scale)))
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def looks_like_class_scores(name: str, array: np.ndarray) -> bool:
+    """Float, rank >= 2, last axis >= 2, and not named like an embedding or state."""
+    return (_is_float_dtype(array.dtype) and array.ndim >= 2 and array.shape[-1] >= 2
+            and not any(hint in name.lower() for hint in NON_CLASS_NAME_HINTS))
+
+
+def _argmax_agreement(name: str, ref: np.ndarray, cand: np.ndarray) -> float | None:
+    if not looks_like_class_scores(name, ref):
+        return None
+    rows = ref.size // ref.shape[-1]
+    if rows == 0:
+        return None
+    ref_top = ref.reshape(rows, -1).argmax(axis=1)
+    cand_top = cand.reshape(rows, -1).argmax(axis=1)
+    return float(np.mean(ref_top == cand_top))
+
+
+def _summarise_levels(per_level: dict[str, LevelMetrics]) -> OutputMetrics:
+    worst = {}
+    for figure, pick in _WORST_OF.items():
+        values = [getattr(m, figure) for m in per_level.values() if getattr(m, figure) is not None]
+        worst[figure] = pick(values) if values else None
+    failing = [level for level, m in per_level.items() if not m.passed]
+    failure = None
+    if failing:
+        failure = f"{per_level[failing[0]].failure} [failed at: {', '.join(failing)}]"
+    return OutputMetrics(**worst, passed=not failing, failure=failure, per_level=dict(per_level))
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+_COLUMNS = ("output", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "argmax", "result")
+
+
+def render_table(result: VerifyResult) -> str:
+    """Plain-text comparison summary: one row per output, failure reasons, verdict."""
+    rows = [_COLUMNS] + [_table_row(name, m) for name, m in result.outputs.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines += [f"  {name}: {message}" for name, message in result.failures.items()]
+    verdict = "PASSED" if result.passed else "FAILED"
+    budget = Budget(**result.budget).describe()
+    lines.append(f"verification {verdict} (budget: {budget}; levels: {', '.join(result.levels)})")
+    return "\n".join(lines)
+
+
+def _table_row(name: str, m: OutputMetrics) -> tuple[str, ...]:
+    return (
+        name,
+        _format_number(m.max_abs_error, "{:.3e}"),
+        _format_number(m.max_rel_error, "{:.3e}"),
+        _format_number(m.mean_abs_error, "{:.3e}"),
+        _format_number(m.cosine, "{:.6f}"),
+        _format_number(m.snr_db, "{:.1f}"),
+        "-" if m.argmax_agreement is None else f"{100 * m.argmax_agreement:.1f}%",
+        "PASS" if m.passed else "FAIL",
+    )
+
+
+def _format_number(value: float | None, pattern: str) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return pattern.format(value)
