@@ -102,26 +102,30 @@ class Model:
         when the replacement computed it, so no reader needs to change.
         """
         scope = weight.scope
-        position = self._remove_definition(weight)
-        for tensor in replacement.tensors:
-            self._store(scope, tensor)
-        produced = {o for node in replacement.nodes for o in node.output}
+        position = self._remove_definition(weight) or 0
         nodes = list(replacement.nodes)
-        if result in produced:
+        if result in {o for node in nodes for o in node.output}:
             _rename_output(nodes, result, weight.name)
         else:
             self._alias(scope, weight.name, result, nodes)
-        position = position if position is not None else self._first_node_index(scope)
+        if scope.is_function:
+            # Function bodies have no initializers: stored tensors become Constant nodes.
+            nodes = [self._constant_node(t) for t in replacement.tensors] + nodes
+        else:
+            scope.body.initializer.extend(replacement.tensors)
         for offset, node in enumerate(nodes):
             scope.body.node.insert(position + offset, node)
         self._edited()
 
     def add_shared_tensor(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
         """Store a tensor that several replacements in `scope` and below will reference."""
-        name = self.names.fresh(base_name)
-        self._store(scope, numpy_helper.from_array(np.ascontiguousarray(array), name))
+        tensor = numpy_helper.from_array(np.asarray(array, order="C"), self.names.fresh(base_name))
+        if scope.is_function:
+            scope.body.node.insert(0, self._constant_node(tensor))
+        else:
+            scope.body.initializer.append(tensor)
         self._edited()
-        return name
+        return tensor.name
 
     def remove_unused_weights(self) -> int:
         """Drop stored weights nothing reads (for example after a tie); return how many."""
@@ -145,20 +149,8 @@ class Model:
         del body.node[index]
         return index
 
-    def _store(self, scope: Scope, tensor: TensorProto) -> None:
-        # Function bodies have no initializers, so their stored tensors become Constant nodes.
-        if scope.is_function:
-            node_name = self.names.fresh(f"{tensor.name}.node")
-            scope.body.node.insert(0, helper.make_node("Constant", [], [tensor.name], name=node_name, value=tensor))
-        else:
-            scope.body.initializer.append(tensor)
-
-    def _first_node_index(self, scope: Scope) -> int:
-        # Keep function-level stored tensors (Constant nodes we put first) ahead of their readers.
-        index = 0
-        while index < len(scope.body.node) and scope.body.node[index].op_type == "Constant":
-            index += 1
-        return index if scope.is_function else 0
+    def _constant_node(self, tensor: TensorProto) -> NodeProto:
+        return helper.make_node("Constant", [], [tensor.name], name=self.names.fresh(f"{tensor.name}.node"), value=tensor)
 
     def _alias(self, scope: Scope, old: str, new: str, nodes: list[NodeProto]) -> None:
         """Let readers of `old` read `new` instead; an output name must survive, via Identity."""

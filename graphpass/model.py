@@ -85,7 +85,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> int:
         with open(data_path, "rb") as handle:
             handle.seek(offset)
             tensor.raw_data = handle.read(length)
-        tensor.data_location = TensorProto.DEFAULT
+        tensor.ClearField("data_location")
         del tensor.external_data[:]
         total += length
     return total
@@ -215,7 +215,7 @@ def _move_to_external(proto: onnx.ModelProto, data_name: str) -> list[tuple[Tens
 def _restore_inline(moved: list[tuple[TensorProto, bytes]]) -> None:
     for tensor, raw in moved:
         del tensor.external_data[:]
-        tensor.data_location = TensorProto.DEFAULT
+        tensor.ClearField("data_location")  # absent before, so absent again: same bytes
         tensor.raw_data = raw
 
 

@@ -154,10 +154,12 @@ class Replacement:
     def stored(self, role: str, array: np.ndarray, *, dtype: int | None = None) -> str:
         """A new stored tensor; `dtype` packs sub-byte types such as UINT4 from integer arrays."""
         name = self._names.fresh(f"{self.weight.name}.{role}")
+        # np.asarray keeps 0-d arrays 0-d; np.ascontiguousarray would make them 1-d.
+        array = np.asarray(array, order="C")
         if dtype is None:
-            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            tensor = numpy_helper.from_array(array, name)
         else:
-            tensor = helper.make_tensor(name, dtype, array.shape, np.ascontiguousarray(array).ravel().tolist())
+            tensor = helper.make_tensor(name, dtype, array.shape, array.ravel().tolist())
         self.tensors.append(tensor)
         return name
 
