@@ -21,3 +21,16 @@ def load_fixture_module() -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fixture_dir(tmp_path_factory) -> Path:
+    """Every generated fixture model, written once per test session."""
+    out = tmp_path_factory.mktemp("fixtures")
+    generator = load_fixture_module()
+    for name in generator.FIXTURES:
+        (out / f"{name}.onnx").write_bytes(generator.build(name).SerializeToString(deterministic=True))
+    return out

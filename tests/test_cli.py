@@ -1,0 +1,139 @@
+"""The command line: exit codes, one-line errors, JSON report, help on every command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from graphpass.cli import main
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["inspect"], ["passes"], ["verify"]])
+def test_help_everywhere(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_console_entry_point_is_installed():
+    done = subprocess.run([sys.executable, "-m", "graphpass.cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and "graphpass" in done.stdout
+
+
+def test_run_writes_output_and_json_report(fixture_dir, tmp_path):
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = invoke("run", fixture_dir / "albert.onnx", "-o", out, "--passes", "tie", "--report", report_path)
+    assert result.exit_code == 0, result.output
+    assert "verification PASSED" in result.output
+    report = json.loads(report_path.read_text())
+    assert report["input"]["file_bytes"] == (fixture_dir / "albert.onnx").stat().st_size
+    assert report["output"]["file_bytes"] == out.stat().st_size
+    (tie,) = report["passes"]
+    assert {"name", "options", "seconds", "weight_bytes_before", "weight_bytes_after"} <= tie.keys()
+    assert report["verify"]["passed"] is True
+    for figures in report["verify"]["outputs"].values():
+        assert figures["max_abs_error"] == 0.0 and figures["cosine"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [(b"not a model at all", "not an ONNX model"), (b"", "not an ONNX model")],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, content, fragment):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    result = invoke("run", bad, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and str(bad) in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_truncated_file_is_exit_2(fixture_dir, tmp_path):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes((fixture_dir / "transformer.onnx").read_bytes()[:50_000])
+    result = invoke("inspect", cut)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [("nosuch", "unknown pass 'nosuch'; valid:"), ("tie(x=1)", "unknown option 'x'")],
+)
+def test_bad_spec_is_exit_2(fixture_dir, tmp_path, spec, fragment):
+    result = invoke("run", fixture_dir / "mlp.onnx", "-o", tmp_path / "o.onnx", "--passes", spec)
+    assert result.exit_code == 2 and fragment in result.stderr
+
+
+def test_refuses_to_overwrite_input_without_in_place(fixture_dir, tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes((fixture_dir / "albert.onnx").read_bytes())
+    assert invoke("run", model, "-o", model).exit_code == 2
+    assert invoke("run", model, "-o", model, "--in-place").exit_code == 0
+    assert model.stat().st_size < (fixture_dir / "albert.onnx").stat().st_size
+
+
+def test_budget_failure_is_exit_1_and_writes_nothing(fixture_dir, tmp_path):
+    # Verify a model against a different one: a real failure of the budget.
+    result = invoke("verify", fixture_dir / "negated.onnx", fixture_dir / "scaled.onnx", "--min-cosine", "0.9999")
+    assert result.exit_code == 1 and "FAIL" in result.output
+    out = tmp_path / "out.onnx"
+    result = invoke("run", fixture_dir / "albert.onnx", "-o", out, "--min-cosine", "1.5")
+    assert result.exit_code == 2  # an impossible budget is a usage error, not a failed run
+    assert not out.exists()
+
+
+def test_keep_failed_writes_the_failing_output(fixture_dir, tmp_path, monkeypatch):
+    import graphpass.verify as verification
+
+    real_compare = verification.compare_arrays
+
+    def pessimistic(name, reference, candidate, budget):
+        shifted = None if candidate is None else candidate + np.ones_like(candidate)
+        return real_compare(name, reference, shifted, budget)
+
+    monkeypatch.setattr(verification, "compare_arrays", pessimistic)
+    out = tmp_path / "out.onnx"
+    assert invoke("run", fixture_dir / "albert.onnx", "-o", out).exit_code == 1
+    assert not out.exists()
+    result = invoke("run", fixture_dir / "albert.onnx", "-o", out, "--keep-failed")
+    assert result.exit_code == 1 and out.exists() and "written anyway" in result.stderr
+
+
+def test_inspect_lists_bytes_and_duplicates(fixture_dir):
+    result = invoke("inspect", fixture_dir / "albert.onnx", "--json")
+    assert result.exit_code == 0
+    found = json.loads(result.output)
+    assert found["exact_duplicate_bytes"] > 0.5 * found["weight_bytes"]
+    assert found["file_bytes"] == (fixture_dir / "albert.onnx").stat().st_size
+    text = invoke("inspect", fixture_dir / "subgraphs.onnx").output
+    assert "Constant nodes in subgraphs" in text and "exact duplicates" in text
+
+
+def test_passes_lists_every_pass_with_options():
+    result = invoke("passes")
+    assert result.exit_code == 0 and "tie (lossless)" in result.output
+
+
+def test_inputs_npz_and_shapes(fixture_dir, tmp_path):
+    ids = np.random.default_rng(0).integers(0, 512, (2, 7)).astype(np.int64)
+    np.savez(tmp_path / "x.npz", input_ids=ids)
+    out = tmp_path / "o.onnx"
+    ok = invoke("run", fixture_dir / "transformer.onnx", "-o", out, "--inputs", tmp_path / "x.npz")
+    assert ok.exit_code == 0, ok.output
+    np.savez(tmp_path / "wrong.npz", other=ids)
+    missing = invoke("run", fixture_dir / "transformer.onnx", "-o", out, "--inputs", tmp_path / "wrong.npz")
+    assert missing.exit_code == 2 and "input_ids" in missing.stderr
+    shaped = invoke("run", fixture_dir / "transformer.onnx", "-o", out, "--shape", "input_ids=1x5")
+    assert shaped.exit_code == 0
+    bad_shape = invoke("run", fixture_dir / "transformer.onnx", "-o", out, "--shape", "input_ids=1xq")
+    assert bad_shape.exit_code == 2

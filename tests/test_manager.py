@@ -1,0 +1,134 @@
+"""Spec strings, option validation, per-pass statistics, failures that name the pass."""
+
+from __future__ import annotations
+
+import pytest
+
+import graphpass
+from graphpass.analysis import WeightFingerprints
+from graphpass.edit import Model
+from graphpass.errors import PassFailed, UsageError
+from graphpass.manager import REGISTRY, Option, Pass, PassContext, PassResult, parse_spec, register
+from graphpass.model import load_model
+
+
+@pytest.fixture
+def scratch_pass():
+    """Register throw-away passes for one test, and forget them afterwards."""
+    added = []
+
+    def add(cls):
+        register(cls)
+        added.append(cls.name)
+        return cls
+
+    yield add
+    for name in added:
+        REGISTRY.pop(name, None)
+
+
+def test_spec_parses_passes_and_typed_options(scratch_pass):
+    @scratch_pass
+    class Knobs(Pass):
+        name = "knobs"
+        summary = "test"
+        lossless = True
+        options = (
+            Option("bits", int, 4, "bits", low=1, high=8),
+            Option("granularity", str, "tensor", "where", choices=("tensor", "channel")),
+            Option("strict", bool, False, "flag"),
+            Option("tol", float, 0.0, "tolerance", low=0.0),
+        )
+
+        def call(self, ctx):
+            return PassResult()
+
+    first, second = parse_spec(" tie , knobs(bits=3, granularity=channel,strict=true,tol=1e-6)")
+    assert first.name == "tie"
+    assert second.config == {"bits": 3, "granularity": "channel", "strict": True, "tol": 1e-6}
+    assert second.describe() == "knobs(bits=3,granularity=channel,strict=True,tol=1e-06)"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nosuch", "unknown pass 'nosuch'; valid: .*tie"),
+        ("tie(bogus=1)", "unknown option 'bogus' for pass 'tie'"),
+        ("", "no passes given"),
+        ("tie((", "cannot parse"),
+    ],
+)
+def test_bad_specs_are_usage_errors_that_list_choices(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_spec(spec)
+
+
+def test_bad_option_values_are_usage_errors(scratch_pass):
+    @scratch_pass
+    class Bounded(Pass):
+        name = "bounded"
+        summary = "test"
+        lossless = False
+        options = (Option("bits", int, 4, "bits", low=1, high=8), Option("mode", str, "a", "m", choices=("a", "b")))
+
+        def call(self, ctx):
+            return PassResult()
+
+    for spec, message in [
+        ("bounded(bits=9)", "at most 8"),
+        ("bounded(bits=four)", "bits=four"),
+        ("bounded(mode=c)", "one of a, b"),
+        ("bounded(bits)", "needs a value"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            parse_spec(spec)
+
+
+def test_a_raising_pass_is_named_and_nothing_is_written(scratch_pass, fixture_dir, tmp_path):
+    @scratch_pass
+    class Broken(Pass):
+        name = "broken"
+        summary = "test"
+        lossless = True
+
+        def call(self, ctx):
+            raise ZeroDivisionError("boom")
+
+    with pytest.raises(PassFailed, match="pass 'broken' failed: ZeroDivisionError: boom"):
+        graphpass.run(fixture_dir / "mlp.onnx", "tie,broken", output=tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pass_that_breaks_the_graph_fails_its_postcondition(scratch_pass, fixture_dir, tmp_path):
+    @scratch_pass
+    class Vandal(Pass):
+        name = "vandal"
+        summary = "test"
+        lossless = True
+
+        def call(self, ctx):
+            del ctx.model.proto.graph.initializer[:]
+            return PassResult(changed=True)
+
+    with pytest.raises(PassFailed, match="vandal.*left the model broken"):
+        graphpass.run(fixture_dir / "mlp.onnx", "vandal", output=tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_per_pass_statistics(fixture_dir):
+    report = graphpass.run(fixture_dir / "albert.onnx", "tie").report
+    (stats,) = report["passes"]
+    assert stats["name"] == "tie" and stats["seconds"] > 0
+    assert stats["weight_bytes_after"] < stats["weight_bytes_before"]
+    assert stats["weight_bytes_after"] == report["output"]["weight_bytes"]
+    assert stats["tensors_changed"] + stats["tensors_skipped"] + stats["tensors_untouched"] == stats["weights_before"]
+    assert stats["nodes_after"] == report["output"]["nodes"]
+
+
+def test_analyses_are_cached_until_the_model_changes(fixture_dir):
+    model = Model(load_model(fixture_dir / "albert.onnx").proto)
+    ctx = PassContext(model)
+    first = ctx.analysis(WeightFingerprints)
+    assert ctx.analysis(WeightFingerprints) is first
+    model.add_shared_tensor(model.scopes[0], "extra", model.weights()[0].read())
+    assert ctx.analysis(WeightFingerprints) is not first

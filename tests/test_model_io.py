@@ -1,0 +1,166 @@
+"""Loading and saving: bad input is one clear error, output is atomic and deterministic."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphpass.errors import InputError, UsageError
+from graphpass.model import check_output_path, load_model, save_model
+
+
+def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _with_external_data(tmp_path: Path, location: str, *, length: int | None = None) -> Path:
+    """A model whose weight points at `location`, written with its data at tmp_path/w.bin."""
+    weight = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+    (tmp_path / "w.bin").write_bytes(weight.tobytes())
+    model = _matmul_model(weight)
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entries = {"location": location, "offset": "0", "length": str(length or weight.nbytes)}
+    for key, value in entries.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_loads_external_data_from_the_models_folder(tmp_path):
+    loaded = load_model(_with_external_data(tmp_path, "w.bin"))
+    weight = numpy_helper.to_array(loaded.proto.graph.initializer[0])
+    assert np.array_equal(weight, np.arange(512, dtype=np.float32).reshape(64, 8))
+    assert loaded.file_bytes == (tmp_path / "model.onnx").stat().st_size + 512 * 4
+
+
+@pytest.mark.parametrize(
+    "location, length, message",
+    [
+        ("../w.bin", None, "escapes the model's folder"),
+        ("/etc/passwd", None, "is absolute"),
+        ("missing.bin", None, "is missing"),
+        ("w.bin", 64 * 8 * 4 + 100, "is short"),
+    ],
+)
+def test_bad_external_data_is_an_input_error(tmp_path, location, length, message):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    path = _with_external_data(inner, location, length=length)
+    (tmp_path / "w.bin").write_bytes(b"\0" * 4096)  # what ../w.bin would reach
+    with pytest.raises(InputError, match=message):
+        load_model(path)
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    path = _with_external_data(inner, "link.bin")
+    os.symlink(inner / "w.bin", tmp_path / "outside.bin")
+    (inner / "w.bin").rename(tmp_path / "real.bin")
+    os.symlink(tmp_path / "real.bin", inner / "link.bin")
+    with pytest.raises(InputError, match="escapes"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is plainly not a model\n", "not an ONNX model"),
+        (b"", "not an ONNX model"),
+    ],
+)
+def test_not_onnx_is_an_input_error(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        load_model(path)
+
+
+def test_every_truncation_is_an_input_error(tmp_path, fixture_dir):
+    data = (fixture_dir / "subgraphs.onnx").read_bytes()
+    path = tmp_path / "cut.onnx"
+    # Cuts everywhere, including the message boundaries protobuf parses without complaint.
+    for cut in range(1, len(data), max(1, len(data) // 300)):
+        path.write_bytes(data[:cut])
+        with pytest.raises(InputError):
+            load_model(path)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_model(tmp_path / "nope.onnx")
+    with pytest.raises(InputError, match="directory"):
+        load_model(tmp_path)
+
+
+def test_save_is_deterministic_and_leaves_no_temporary_files(tmp_path):
+    model = _matmul_model(np.ones((8, 4), np.float32))
+    save_model(model, tmp_path / "a.onnx")
+    save_model(model, tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
+
+
+def test_failed_write_leaves_the_target_absent(tmp_path, monkeypatch):
+    model = _matmul_model(np.ones((8, 4), np.float32))
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        save_model(model, tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_round_trip_runs_and_restores_the_proto(tmp_path):
+    weight = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+    model = _matmul_model(weight)
+    before = model.SerializeToString(deterministic=True)
+    written = save_model(model, tmp_path / "ext.onnx", external_data=True)
+    assert model.SerializeToString(deterministic=True) == before
+    data_file = tmp_path / "ext.onnx.data"
+    assert data_file.stat().st_size == weight.nbytes
+    assert written == (tmp_path / "ext.onnx").stat().st_size + weight.nbytes
+    x = np.ones((1, 256), np.float32)
+    session = ort.InferenceSession(str(tmp_path / "ext.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight, rtol=1e-5)
+    assert np.array_equal(numpy_helper.to_array(load_model(tmp_path / "ext.onnx").proto.graph.initializer[0]), weight)
+
+
+def test_output_may_not_overwrite_the_input(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"x")
+    with pytest.raises(UsageError, match="--in-place"):
+        check_output_path(tmp_path / "." / "m.onnx", path, in_place=False)
+    check_output_path(path, path, in_place=True)
+
+
+def test_loading_never_modifies_the_input(tmp_path, fixture_dir):
+    path = tmp_path / "m.onnx"
+    path.write_bytes((fixture_dir / "albert.onnx").read_bytes())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    import graphpass
+
+    graphpass.run(path, "tie", output=tmp_path / "out.onnx")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest

@@ -1,0 +1,91 @@
+"""Exact tie: byte-identical weights become one stored tensor, in any scope, bit-exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+import graphpass
+from graphpass.edit import Model
+from graphpass.model import load_model
+from test_weights import function_model, overridable_model
+
+
+def _stored_digests(proto: onnx.ModelProto) -> list[bytes]:
+    return [w.read().tobytes() + str(w.shape).encode() for w in Model(proto).weights() if w.size > 1]
+
+
+def test_albert_duplicates_become_one_copy_each(fixture_dir, tmp_path):
+    result = graphpass.run(fixture_dir / "albert.onnx", "tie", output=tmp_path / "out.onnx")
+    assert result.passed
+    digests = _stored_digests(result.model)
+    assert len(digests) == len(set(digests))
+    # Four blocks' worth of identical weights are now stored once.
+    report = result.report
+    assert report["output"]["file_bytes"] < report["input"]["file_bytes"] * 0.4
+    assert (tmp_path / "out.onnx").stat().st_size == report["output"]["file_bytes"]
+
+
+def test_ties_across_subgraph_scopes_and_verifies_on_every_branch(fixture_dir, tmp_path):
+    result = graphpass.run(fixture_dir / "subgraphs.onnx", "tie", output=tmp_path / "out.onnx")
+    assert result.report["passes"][0]["tensors_changed"] >= 1
+    digests = _stored_digests(result.model)
+    assert len(digests) == len(set(digests))
+    # Inputs whose sums pick each path through the nested Ifs.
+    for offset in (-1.0, 0.1, 1.0):
+        x = np.full((2, 32), offset, np.float32)
+        checked = graphpass.verify.verify(fixture_dir / "subgraphs.onnx", tmp_path / "out.onnx", {"x": x},
+                                          graphpass.verify.Budget(atol=0.0, rtol=0.0))
+        assert checked.passed, checked.to_dict()
+
+
+def test_overridable_initializers_are_never_tied():
+    result = graphpass.run(overridable_model(), "tie")
+    names = {w.name for w in Model(result.model).weights()}
+    assert names == {"W", "W2"}
+    (stats,) = result.report["passes"]
+    assert stats["skipped"] == [{"weight": "W", "reason": "initializer is also a graph input, so a caller may override it"}]
+    assert result.report["notes"] and "graph inputs" in result.report["notes"][0]
+
+
+def test_function_bodies_are_left_consistent():
+    proto = function_model()
+    body = proto.functions[0]
+    body.node.insert(0, onnx.helper.make_node("Constant", [], ["dup"], value=body.node[0].attribute[0].t))
+    body.node.append(onnx.helper.make_node("MatMul", ["x", "dup"], ["y_dup"]))
+    body.node.append(onnx.helper.make_node("Add", ["y", "y_dup"], ["y2"]))
+    body.output[0] = "y2"
+    result = graphpass.run(proto, "tie", verify=True)
+    assert result.passed
+    assert len(Model(result.model).weights()) == 1
+
+
+def test_output_is_deterministic(fixture_dir, tmp_path):
+    for name in ("a", "b"):
+        graphpass.run(fixture_dir / "albert.onnx", "tie", output=tmp_path / f"{name}.onnx", verify=False)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_caller_model_is_not_modified(fixture_dir):
+    proto = load_model(fixture_dir / "albert.onnx").proto
+    before = proto.SerializeToString(deterministic=True)
+    graphpass.run(proto, "tie", verify=False)
+    assert proto.SerializeToString(deterministic=True) == before
+
+
+def test_scalar_duplicates_stay_scalars():
+    """Exporters write many 0-d Constants; a tied copy must keep rank 0."""
+    scalar = onnx.numpy_helper.from_array(np.array(2.0, np.float32), "s")
+    nodes = [
+        onnx.helper.make_node("Constant", [], [f"c{i}"], value=scalar) for i in range(2)
+    ] + [onnx.helper.make_node("Mul", ["x", "c0"], ["m"]), onnx.helper.make_node("Add", ["m", "c1"], ["y"])]
+    graph = onnx.helper.make_graph(
+        nodes, "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    result = graphpass.run(proto, "tie")
+    assert result.passed
+    (weight,) = Model(result.model).weights()
+    assert weight.shape == ()
