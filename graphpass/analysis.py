@@ -99,3 +99,90 @@ def common_scope(scopes: list[Scope]) -> Scope | None:
         if all(scope.encloses(other) for other in scopes):
             return scope
     return None
+
+
+# -- related weights: transposed, scaled and near copies ---------------------------------
+
+# Float weights smaller than this are not worth a Transpose or Mul node of their own.
+RELATED_MIN_SIZE = 64
+# Slack for float rounding: a scaled copy is rounded once per element, a transposed one is
+# summed in another order.
+ROUNDING_SLACK = 1e-6
+# Permutations exporters actually produce: matrix transposes, head-major swaps, ConvTranspose.
+COMMON_PERMUTATIONS = {2: [(1, 0)], 3: [(0, 2, 1), (1, 0, 2)], 4: [(1, 0, 2, 3), (0, 1, 3, 2)]}
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """An order-invariant summary of a float weight, computed in one pass.
+
+    Equal for a tensor and any transposition of it, mirrored for a negated copy, and moved
+    by at most a known bound by a small perturbation, so a near copy is never filtered out.
+    """
+
+    size: int
+    norm: float
+    total: float
+    abs_total: float
+    high: float
+    low: float
+
+    def features(self, mirrored: bool = False) -> np.ndarray:
+        """Normalised by the norm, so a scaled copy has the same (or mirrored) features."""
+        total, high, low = (-self.total, -self.low, -self.high) if mirrored else (self.total, self.high, self.low)
+        return np.array([total, self.abs_total, high, low]) / self.norm
+
+
+class WeightSketches(Analysis):
+    """A Sketch for every float weight large enough to relate to others."""
+
+    @classmethod
+    def compute(cls, ctx: PassContext) -> dict[WeightRef, Sketch]:
+        weights = [w for w in ctx.model.weights() if w.is_float and w.size >= RELATED_MIN_SIZE]
+        with ctx.progress("sketching weights", len(weights)) as advance, ThreadPoolExecutor(_WORKERS) as pool:
+            sketches = {}
+            for weight, sketch in zip(weights, pool.map(_sketch, weights)):
+                if sketch.norm > 0 and np.isfinite(sketch.norm):
+                    sketches[weight] = sketch
+                advance(1)
+        return sketches
+
+
+def _sketch(weight: WeightRef) -> Sketch:
+    values = weight.read().astype(np.float64, copy=False).ravel()
+    return Sketch(
+        size=values.size,
+        norm=float(np.sqrt(np.dot(values, values))),
+        total=float(values.sum()),
+        abs_total=float(np.abs(values).sum()),
+        high=float(values.max()),
+        low=float(values.min()),
+    )
+
+
+def candidate_pairs(sketches: dict[WeightRef, Sketch], tol: float) -> list[tuple[WeightRef, WeightRef, bool]]:
+    """Pairs (a, b, mirrored) whose sketches allow b = op(a) within `tol`; nothing is missed.
+
+    If ||a-b|| <= tol*||a||, the normalised tensors differ by at most 2*tol in the 2-norm,
+    hence at most that in max and min, and at most sqrt(n) times that in the sums.
+    """
+    buckets: dict[tuple[int, int], list[WeightRef]] = defaultdict(list)
+    for weight, sketch in sketches.items():
+        buckets[(weight.dtype, sketch.size)].append(weight)
+    pairs = []
+    for (_, size), members in buckets.items():
+        if len(members) > 1:
+            pairs += _close_pairs(members, sketches, size, 2 * (tol + ROUNDING_SLACK))
+    return pairs
+
+
+def _close_pairs(members, sketches, size, bound) -> list[tuple[WeightRef, WeightRef, bool]]:
+    plain = np.stack([sketches[w].features() for w in members])
+    mirrored = np.stack([sketches[w].features(mirrored=True) for w in members])
+    limits = np.array([np.sqrt(size), np.sqrt(size), 1.0, 1.0]) * bound
+    pairs = []
+    for i in range(len(members) - 1):
+        for is_mirrored, table in ((False, plain), (True, mirrored)):
+            close = np.all(np.abs(table[i + 1:] - plain[i]) <= limits, axis=1)
+            pairs += [(members[i], members[i + 1 + j], is_mirrored) for j in np.flatnonzero(close)]
+    return pairs

@@ -7,12 +7,14 @@ from typing import Any
 
 from graphpass.analysis import ExactDuplicates
 from graphpass.manager import PassContext
+from graphpass.related import find_related
 from graphpass.report import human_bytes
 
 TOP_TENSORS = 15
 
 
-def inspect_model(ctx: PassContext) -> dict[str, Any]:
+def inspect_model(ctx: PassContext, tol: float = 1e-3) -> dict[str, Any]:
+    """`tol` bounds the near copies listed; tying them is the user's call (tie(tol=...))."""
     model = ctx.model
     weights = model.weights()
     by_op: dict[str, int] = defaultdict(int)
@@ -36,6 +38,16 @@ def inspect_model(ctx: PassContext) -> dict[str, Any]:
             for g in sorted(groups, key=lambda g: -g.saved_bytes)
         ],
         "exact_duplicate_bytes": sum(g.saved_bytes for g in groups),
+        "related": [_related_row(g) for g in find_related(ctx, tol, {"transposed", "scaled", "near"})],
+        "near_tol": tol,
+    }
+
+
+def _related_row(group) -> dict[str, Any]:
+    return {
+        "root": group.root.name,
+        "saved_bytes": group.saved_bytes,
+        "members": [{"weight": m.name, "kind": rel.kind, "error": rel.error} for m, rel in group.members],
     }
 
 
@@ -73,4 +85,11 @@ def render_inspection(found: dict[str, Any]) -> str:
     lines += ["", f"exact duplicates: {len(groups)} groups, tie would save {human_bytes(found['exact_duplicate_bytes'])}"]
     for group in groups[:TOP_TENSORS]:
         lines.append(f"  {human_bytes(group['saved_bytes']):>12}  {', '.join(group['members'])}")
+    related = found["related"]
+    saved = sum(g["saved_bytes"] for g in related)
+    lines += ["", f"transposed, scaled and near (tol {found['near_tol']:g}) copies: {len(related)} groups, "
+                  f"{human_bytes(saved)} could be saved"]
+    for group in related[:TOP_TENSORS]:
+        for member in group["members"]:
+            lines.append(f"  {member['kind']:<10} {member['weight']} of {group['root']}  (error {member['error']:.2e})")
     return "\n".join(lines)

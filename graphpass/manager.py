@@ -146,6 +146,10 @@ class Pass(ABC):
                 raise UsageError(f"pass '{self.name}': option {key}={value!r}: {exc}") from None
         self.config = {o.name: values.get(o.name, o.default) for o in self.options}
 
+    def is_lossless(self) -> bool:
+        """Whether this instance, with its options, is exact up to float rounding."""
+        return self.lossless
+
     def requires(self, ctx: PassContext) -> None:
         """Pre-condition; raise ConditionError when the model is not fit for this pass."""
 
@@ -232,7 +236,7 @@ class PassManager:
 
     @property
     def lossless(self) -> bool:
-        return all(p.lossless for p in self.passes)
+        return all(p.is_lossless() for p in self.passes)
 
     def run(self, ctx: PassContext) -> list[PassStats]:
         return [self._run_one(p, ctx) for p in self.passes]
@@ -254,7 +258,7 @@ class PassManager:
         return PassStats(
             name=pass_.name,
             options=dict(pass_.config),
-            lossless=pass_.lossless,
+            lossless=pass_.is_lossless(),
             seconds=seconds,
             weight_bytes_before=before[0],
             weight_bytes_after=model.weight_bytes(),
