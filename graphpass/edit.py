@@ -29,6 +29,8 @@ class Model:
         self._scopes: list[Scope] | None = None
         self._weights: list[WeightRef] | None = None
         self.generation = 0  # bumped on every edit, so cached analyses know they are stale
+        self._value_types: tuple[int, dict[str, onnx.TypeProto]] | None = None
+        self.shape_inference_error: str | None = None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -51,6 +53,26 @@ class Model:
         if self._weights is None:
             self._weights = [w for scope in self.scopes for w in self._scope_weights(scope)]
         return self._weights
+
+    def value_types(self) -> dict[str, onnx.TypeProto]:
+        """Types and shapes of the top graph's values from onnx shape inference.
+
+        Inference fails on some real exports (custom domains, odd opsets); then this is just
+        what the model declares, and `shape_inference_error` says why.
+        """
+        if self._value_types is None or self._value_types[0] != self.generation:
+            self._value_types = (self.generation, self._infer_value_types())
+        return self._value_types[1]
+
+    def _infer_value_types(self) -> dict[str, onnx.TypeProto]:
+        declared = list(self.proto.graph.input) + list(self.proto.graph.output) + list(self.proto.graph.value_info)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.proto, strict_mode=False).graph
+            declared += list(inferred.value_info) + list(inferred.output)
+            self.shape_inference_error = None
+        except Exception as exc:  # onnx raises several types; any of them means "no inference"
+            self.shape_inference_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return {v.name: v.type for v in declared}
 
     def node_count(self) -> int:
         return sum(1 for _ in iter_nodes(self.proto.graph)) + sum(

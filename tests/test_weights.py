@@ -130,3 +130,15 @@ def test_weight_that_is_a_graph_output_keeps_its_name():
     assert [n.op_type for n in proto.graph.node] == ["Identity"]
     assert proto.graph.node[0].output[0] == "w"
     assert find_structure_problem(proto) is None
+
+
+def test_shape_inference_when_it_works_and_carrying_on_when_not(fixture_dir):
+    model = Model(load_model(fixture_dir / "transformer.onnx").proto)
+    types = model.value_types()
+    assert len(types) > len(model.proto.graph.input) + len(model.proto.graph.output)
+    assert model.shape_inference_error is None
+    broken = function_model()
+    broken.graph.node[0].domain = "no.such.domain"
+    broken.opset_import.append(helper.make_opsetid("no.such.domain", 1))
+    survivor = Model(broken)
+    assert "inp" in survivor.value_types()  # declared types remain
