@@ -617,7 +617,8 @@ def _run_model(source: str | bytes, role: str, level: str,
             values = session.run(output_names, feed)
     except Exception as exc:  # onnxruntime raises several unrelated exception types
         raise VerifyInputError(
-            f"onnxruntime failed to run the {role} model at level {level}: {_one_line(exc)}") from exc
+            f"onnxruntime failed to run the {role} model at level {level}: {_one_line(exc)} "
+            "(give real inputs with --inputs, or sizes of dynamic dims with --shape)") from exc
     return {name: np.asarray(value) for name, value in zip(output_names, values)}
 
 
@@ -626,7 +627,8 @@ def _open_session(source: str | bytes, role: str, level: str) -> ort.InferenceSe
         raise VerifyInputError(f"{role} model not found: {source}")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
-    options.log_severity_level = 3  # errors only; ORT warns about harmless things
+    # Fatal only: ORT's own error lines would duplicate the one-line error we raise.
+    options.log_severity_level = 4
     try:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
