@@ -72,6 +72,7 @@ class PassResult:
 @dataclass
 class PassStats:
     name: str
+    spec: str  # the pass as written in a spec string, with its non-default options
     options: dict[str, Any]
     lossless: bool
     seconds: float
@@ -257,6 +258,7 @@ class PassManager:
         skipped = [{"weight": name, "reason": reason} for name, reason in result.skipped]
         return PassStats(
             name=pass_.name,
+            spec=pass_.describe(),
             options=dict(pass_.config),
             lossless=pass_.is_lossless(),
             seconds=seconds,

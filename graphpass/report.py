@@ -53,12 +53,14 @@ def build_report(
 def human_bytes(count: int | None) -> str:
     if count is None:
         return "-"
-    value = float(count)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(value) < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+    if abs(count) < 1000:
+        return f"{count} B"
+    value, unit = float(count), "B"
+    for unit in ("KB", "MB", "GB"):
         value /= 1000
-    raise AssertionError("unreachable")
+        if abs(value) < 1000:
+            break
+    return f"{value:.2f} {unit}"
 
 
 def _ratio(after: int | None, before: int | None) -> str:
@@ -73,7 +75,7 @@ def render_passes(report: dict[str, Any]) -> str:
     rows = [header, "-" * len(header)]
     for s in report["passes"]:
         rows.append(
-            f"{_describe(s):<28} {human_bytes(s['weight_bytes_after']):>12} "
+            f"{s['spec']:<28} {human_bytes(s['weight_bytes_after']):>12} "
             f"{_ratio(s['weight_bytes_after'], s['weight_bytes_before']):>7} "
             f"{s['nodes_before']:>6}->{s['nodes_after']:<6} {s['tensors_changed']:>8} "
             f"{s['tensors_skipped']:>8} {s['seconds']:>7.2f}s"
@@ -89,10 +91,6 @@ def render_passes(report: dict[str, Any]) -> str:
         f"({_ratio(after['weight_bytes'], before['weight_bytes'])})"
     )
     return "\n".join(rows)
-
-
-def _describe(stats: dict[str, Any]) -> str:
-    return stats["name"]
 
 
 def render_skips(report: dict[str, Any], limit: int = 10) -> str:
