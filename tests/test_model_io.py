@@ -164,3 +164,33 @@ def test_loading_never_modifies_the_input(tmp_path, fixture_dir):
 
     graphpass.run(path, "tie", output=tmp_path / "out.onnx")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_models_over_the_protobuf_limit_get_external_data(tmp_path, monkeypatch):
+    import graphpass.model as model_io
+
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    model = _matmul_model(weight)
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1000)  # stand-in for 2 GB
+    save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size == weight.nbytes
+    reloaded = numpy_helper.to_array(load_model(tmp_path / "big.onnx").proto.graph.initializer[0])
+    assert np.array_equal(reloaded, weight)
+
+
+def test_a_model_onnxruntime_cannot_load_is_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from graphpass.cli import main
+
+    model = _matmul_model(np.ones((4, 4), np.float32))
+    model.graph.node[0].op_type = "NoSuchOp"
+    model.graph.node[0].domain = "custom.domain"
+    model.opset_import.append(helper.make_opsetid("custom.domain", 1))
+    path = tmp_path / "custom.onnx"
+    path.write_bytes(model.SerializeToString())
+    result = CliRunner().invoke(main, ["run", str(path), "-o", str(tmp_path / "o.onnx")])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "onnxruntime cannot load" in line
+    assert not (tmp_path / "o.onnx").exists()
