@@ -72,7 +72,7 @@ def relate(root: np.ndarray, member: np.ndarray, mirrored: bool, tol: float,
         return None
     if "near" in kinds and not mirrored and tol > 0:
         error = relative_error(member, root)
-        if error <= tol:
+        if 0 < error <= tol:  # an exact copy is ExactDuplicates' to report and tie
             return Relation("near", error=error)
     if "scaled" in kinds:
         return _scaled(root, member, tol)

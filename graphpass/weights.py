@@ -8,15 +8,14 @@ place an exporter may have put a weight.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import onnx
 from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
 
-from graphpass.scopes import Scope
+from graphpass.scopes import Scope, iter_nodes
 
 if TYPE_CHECKING:
     from graphpass.edit import Model
@@ -99,6 +98,16 @@ class WeightRef:
     def consumer_ops(self) -> set[str]:
         return {op for op, _ in self.consumers}
 
+    def reader_nodes(self) -> Iterator[tuple[NodeProto, int]]:
+        """(node, input index) of every node reading this weight, in its scope and subgraphs.
+
+        Unlike `consumers`, this gives the nodes themselves, for passes that need attributes
+        (Gemm's transB, Gather's axis)."""
+        for node in iter_nodes(self.scope.body):
+            for index, name in enumerate(node.input):
+                if name == self.name:
+                    yield node, index
+
     def read(self) -> np.ndarray:
         """The weight's value as numpy (float16 stays float16; bfloat16 comes back as ml_dtypes)."""
         if self.source == "initializer":
@@ -152,15 +161,13 @@ class Replacement:
         self._names = weight.model.names
 
     def stored(self, role: str, array: np.ndarray, *, dtype: int | None = None) -> str:
-        """A new stored tensor; `dtype` packs sub-byte types such as UINT4 from integer arrays."""
+        """A new stored tensor; `dtype` converts first, so UINT4/UINT2 land packed in raw_data."""
         name = self._names.fresh(f"{self.weight.name}.{role}")
         # np.asarray keeps 0-d arrays 0-d; np.ascontiguousarray would make them 1-d.
         array = np.asarray(array, order="C")
-        if dtype is None:
-            tensor = numpy_helper.from_array(array, name)
-        else:
-            tensor = helper.make_tensor(name, dtype, array.shape, array.ravel().tolist())
-        self.tensors.append(tensor)
+        if dtype is not None:
+            array = array.astype(helper.tensor_dtype_to_np_dtype(dtype))  # ml_dtypes for sub-byte types
+        self.tensors.append(numpy_helper.from_array(array, name))
         return name
 
     def node(self, op_type: str, inputs: Sequence[str], role: str, **attrs) -> str:

@@ -3,6 +3,9 @@
 - Exact duplicates (same dtype, shape and bytes) of any size are merged.
 - Transposed copies become a Transpose of the kept tensor, scaled copies (negated too) a Mul
   by a scalar; both are checked bit for bit, so they stay lossless.
+- With rows=true, a weight whose rows (filters, embedding rows; axis 0) repeat becomes a
+  table of its distinct rows plus a row-index Gather, where that shrinks the bytes. With
+  tol > 0, rows within tol of an earlier row share it.
 - With tol > 0, weights within relative error tol of each other share one representative
   (the group's mean where that keeps every member within tol); that is lossy, and the error
   each tie introduced goes into the report.
@@ -16,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from graphpass.analysis import ExactDuplicates, common_scope
+from graphpass.analysis import RELATED_MIN_SIZE, ExactDuplicates, common_scope
+from graphpass.lookup import choose_packing, emit_row_lookup, is_lookup_table
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.related import RelatedGroup, Relation, find_related, relative_error
 from graphpass.weights import Replacement, WeightRef
@@ -30,6 +34,7 @@ class TiePass(Pass):
     options = (
         Option("transposed", bool, True, "tie copies that are a transposition (2-D, and common 3-D/4-D permutations)"),
         Option("scaled", bool, True, "tie copies that are c times another weight, c=-1 included"),
+        Option("rows", bool, False, "share repeated rows/filters inside a tensor via a row-index Gather"),
         Option("tol", float, 0.0, "tie weights within this relative error ||A-B||/||A|| (0: exact only; >0 is lossy)",
                low=0.0, high=1.0),
     )
@@ -46,6 +51,8 @@ class TiePass(Pass):
         kinds = {k for k in ("transposed", "scaled") if self.config[k]} | ({"near"} if not self.is_lossless() else set())
         related = find_related(ctx, self.config["tol"], kinds) if kinds else []
         result.details["ties"] = [self._tie_related(ctx, group, result) for group in related]
+        if self.config["rows"]:
+            result.details["rows"] = self._share_rows(ctx, result)
         result.changed = result.tensors_changed > 0
         return result
 
@@ -85,6 +92,58 @@ class TiePass(Pass):
                 for (m, rel), err in zip(group.members, errors[1:])
             ],
         }
+
+
+    def _share_rows(self, ctx: PassContext, result: PassResult) -> list[dict]:
+        shared = []
+        for weight in list(ctx.model.weights()):
+            if not weight.is_float or len(weight.shape) < 2 or weight.size < RELATED_MIN_SIZE or weight.overridable:
+                continue
+            if is_lookup_table(weight):
+                continue  # our own tables: sharing their rows again would only add nodes
+            value = weight.read()
+            table, inverse, error = distinct_rows(value.reshape(value.shape[0], -1), self.config["tol"])
+            packing = choose_packing(len(table), ctx.model.opset, ctx.model.proto.ir_version)
+            new_bytes = table.nbytes + packing.stored_bytes(len(inverse))
+            if new_bytes >= weight.nbytes:
+                continue
+            r = Replacement(weight)
+            rows = table.reshape((len(table),) + weight.shape[1:])
+            weight.replace_with(r, result=emit_row_lookup(
+                r, rows, inverse, opset=ctx.model.opset, ir_version=ctx.model.proto.ir_version))
+            result.tensors_changed += 1
+            shared.append({"weight": weight.name, "rows": weight.shape[0], "distinct": len(table),
+                           "bytes_before": weight.nbytes, "bytes_after": new_bytes, "error": error})
+        return shared
+
+
+def distinct_rows(rows: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """The table of distinct rows, each row's index into it, and the worst relative error.
+
+    Exact rows merge by bytes; with tol > 0 a row joins the first kept row within tol of it.
+    """
+    if tol == 0:
+        _, first, inverse = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel(),
+                                      return_index=True, return_inverse=True)
+        order = np.argsort(first)  # keep rows in first-seen order: deterministic and readable
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return rows[first[order]], rank[inverse.ravel()], 0.0
+    kept: list[int] = []
+    inverse = np.empty(len(rows), dtype=np.int64)
+    worst = 0.0
+    for i, row in enumerate(rows.astype(np.float64)):
+        norm = np.linalg.norm(row)
+        if kept:
+            errors = np.linalg.norm(rows[kept].astype(np.float64) - row, axis=1) / (norm or 1.0)
+            best = int(np.argmin(errors))
+            if errors[best] <= tol:
+                inverse[i] = best
+                worst = max(worst, float(errors[best]))
+                continue
+        inverse[i] = len(kept)
+        kept.append(i)
+    return rows[kept], inverse, worst
 
 
 def _representative(group: RelatedGroup) -> tuple[np.ndarray | None, list[float]]:
