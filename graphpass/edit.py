@@ -14,12 +14,7 @@ import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from graphpass.scopes import NameAllocator, Scope, all_value_and_node_names, build_scope_tree, iter_nodes, subgraphs_of
-from graphpass.weights import (
-    Replacement,
-    WeightRef,
-    constant_type_and_shape,
-    tensor_stored_bytes,
-)
+from graphpass.weights import Replacement, WeightRef, constant_type_and_shape
 
 
 class Model:
@@ -181,6 +176,12 @@ class Model:
             nodes.append(helper.make_node("Identity", [new], [old], name=node_name))
             return
         _redirect_readers(scope.body, old, new)
+
+    def structure_edited(self) -> None:
+        """Call after adding or removing nodes that hold subgraphs (a pass that builds a Loop,
+        say): the scope tree is rebuilt, so weights in the new bodies are seen."""
+        self._scopes = None
+        self._edited()
 
     def _edited(self) -> None:
         self._weights = None

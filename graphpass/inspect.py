@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from graphpass.analysis import ExactDuplicates
+from graphpass.blocks import RepeatedBlocks, describe_runs, render_runs
 from graphpass.manager import PassContext
 from graphpass.related import find_related
 from graphpass.report import human_bytes
@@ -40,6 +41,7 @@ def inspect_model(ctx: PassContext, tol: float = 1e-3) -> dict[str, Any]:
         "exact_duplicate_bytes": sum(g.saved_bytes for g in groups),
         "related": [_related_row(g) for g in find_related(ctx, tol, {"transposed", "scaled", "near"})],
         "near_tol": tol,
+        "repeated_blocks": describe_runs(ctx.analysis(RepeatedBlocks)),
     }
 
 
@@ -92,4 +94,5 @@ def render_inspection(found: dict[str, Any]) -> str:
     for group in related[:TOP_TENSORS]:
         for member in group["members"]:
             lines.append(f"  {member['kind']:<10} {member['weight']} of {group['root']}  (error {member['error']:.2e})")
+    lines += ["", render_runs(found["repeated_blocks"])]
     return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""fold and the repeated-block analysis: detection, rewrite, equivalence in onnxruntime."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import FIXTURES_DIR, load_fixture_module
+
+import graphpass
+from graphpass.blocks import RepeatedBlocks, describe_runs, render_runs
+from graphpass.edit import Model
+from graphpass.manager import PassContext
+from graphpass.scopes import iter_nodes
+
+
+@pytest.fixture(scope="module")
+def fixtures():
+    return load_fixture_module()
+
+
+def build(fixtures, name: str) -> onnx.ModelProto:
+    return fixtures.build(name)
+
+
+def runs_of(model: onnx.ModelProto) -> dict:
+    return describe_runs(PassContext(Model(model)).analysis(RepeatedBlocks))
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_same_outputs(reference: onnx.ModelProto, folded: onnx.ModelProto, feeds: dict, rtol=1e-5) -> None:
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        for want, got in zip(run_ort(reference, feeds, level), run_ort(folded, feeds, level)):
+            assert want.shape == got.shape
+            scale = max(float(np.abs(want).max()), 1e-6)
+            assert float(np.abs(want.astype(np.float64) - got).max()) <= rtol * scale
+
+
+def token_feeds(model: onnx.ModelProto, batch: int, seq: int, high: int = 500) -> dict:
+    rng = np.random.default_rng(batch * 100 + seq)
+    return {i.name: rng.integers(0, high, (batch, seq)).astype(np.int64) for i in model.graph.input}
+
+
+# -- detection ----------------------------------------------------------------------------
+
+
+def test_transformer_blocks_found_by_structure(fixtures):
+    found = runs_of(build(fixtures, "transformer"))
+    (run,) = found["runs"]
+    assert run["blocks"] == 4 and run["nodes_per_block"] == 34
+    assert run["per_block_weights"] == 16  # 4 projections + 2 MLP layers (weight, bias), 2 LayerNorms
+    assert [c["initial"] for c in run["carried"]] == ["/embed/Add_output_0"]  # the residual stream
+    assert run["invariants"] == ["/mask/Where_output_0"]
+    assert "4 blocks x 34 nodes" in render_runs(found)
+
+
+def test_albert_blocks_have_equal_weights(fixtures):
+    (run,) = runs_of(build(fixtures, "albert"))["runs"]
+    assert run["blocks"] == 4 and run["per_block_weights"] == 0 and run["shared_weights"] == 22
+    assert all(slot["equal"] for slot in run["slots"])
+
+
+def test_detection_ignores_names(fixtures):
+    model = build(fixtures, "transformer")
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{(i * 7919) % 1000}"  # meaningless, unordered names
+    (run,) = runs_of(model)["runs"]
+    assert run["blocks"] == 4 and run["nodes_per_block"] == 34
+
+
+def test_mlp_has_no_runs(fixtures):
+    found = runs_of(build(fixtures, "mlp"))
+    assert found == {"runs": [], "unsafe": []}
+    assert render_runs(found) == "repeated blocks: none"
+
+
+# -- fold ---------------------------------------------------------------------------------
+
+
+def test_fold_transformer_stacks_weights_and_matches(fixtures):
+    model = build(fixtures, "transformer")
+    result = graphpass.run(model, "fold")
+    assert result.passed
+    folded = result.model
+    assert ops(folded).count("Scan") == 1 and ops(folded).count("LayerNormalization") == 1  # ln_f
+    stats = result.report["passes"][0]
+    assert stats["nodes_before"] == 149 and stats["nodes_after"] == 48
+    assert stats["weight_bytes_after"] <= stats["weight_bytes_before"]
+    for batch, seq in ((1, 1), (2, 7), (3, 33)):  # dynamic batch and sequence keep working
+        assert_same_outputs(model, folded, token_feeds(model, batch, seq))
+
+
+@pytest.mark.parametrize("mode, op", [("scan", "Scan"), ("loop", "Loop")])
+def test_large_stacked_matmul_weights_are_read_by_gemm(fixtures, mode, op):
+    """Weights of 64K+ elements that only feed MatMul's B are stored transposed for
+    Gemm(transB=1), which onnxruntime packs faster per call; outputs stay the same."""
+    model = fixtures._transformer("wide", 7, vocab=128, d=256, heads=4, n_blocks=3, max_pos=32, d_ff=1024)
+    result = graphpass.run(model, f"fold(mode={mode})")
+    assert result.passed
+    folded = next(n for n in result.model.graph.node if n.op_type == op)
+    body = next(a.g for a in folded.attribute if a.name == "body")
+    assert sum(n.op_type == "Gemm" for n in body.node) == 6
+    assert not any(n.op_type == "MatMul" and "proj" in n.input[1] for n in body.node)
+    stacked = {t.name: t.dims for t in result.model.graph.initializer if t.name.endswith("fc1.weight.stacked")}
+    assert list(stacked.values()) == [[3, 1024, 256]]  # [blocks, N, K]: transposed
+    assert result.report["passes"][0]["details"]["runs"][0]["gemm_weights"] == 6
+    assert_same_outputs(model, result.model, token_feeds(model, 2, 9, high=128))
+
+
+def test_fold_loop_mode_gathers_per_iteration(fixtures):
+    model = build(fixtures, "transformer")
+    result = graphpass.run(model, "fold(mode=loop)")
+    assert result.passed and ops(result.model).count("Loop") == 1
+    loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    assert sum(n.op_type == "Gather" for n in body.node) == 16  # one slice per per-block weight
+    assert_same_outputs(model, result.model, token_feeds(model, 2, 9))
+
+
+def test_albert_after_tie_is_one_loop_over_one_copy(fixtures, tmp_path):
+    model = build(fixtures, "albert")
+    tied = graphpass.run(model, "tie", output=tmp_path / "tie.onnx")
+    folded = graphpass.run(model, "tie,fold", output=tmp_path / "tie_fold.onnx")
+    assert folded.passed
+    assert ops(folded.model).count("Loop") == 1 and "Scan" not in ops(folded.model)
+    loop = next(n for n in folded.model.graph.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    assert len(body.node) == 35  # the block and the loop condition
+    assert not any(n.op_type == "Gather" for n in body.node)  # weights are read, not sliced
+    one_block = sum(t.ByteSize() for t in body.initializer)
+    outside = sum(t.ByteSize() for t in folded.model.graph.initializer)
+    # The file shrinks to one block of weights plus the embeddings and head...
+    size = folded.report["output"]["file_bytes"]
+    assert size < 0.35 * len(model.SerializeToString())
+    assert size == pytest.approx(one_block + outside, rel=0.05)
+    # ... and the graph of the tied model to one block and a Loop.
+    assert size <= tied.report["output"]["file_bytes"]
+    assert folded.report["output"]["nodes"] == tied.report["output"]["nodes"] - 3 * 34 + 2
+    assert_same_outputs(model, folded.model, token_feeds(model, 2, 5))
+
+
+def test_fold_alone_shares_equal_weights(fixtures):
+    result = graphpass.run(build(fixtures, "albert"), "fold")
+    assert result.passed
+    stats = result.report["passes"][0]
+    assert stats["weight_bytes_after"] < 0.4 * stats["weight_bytes_before"]
+
+
+def test_fold_transformer_untied(fixtures):
+    model = build(fixtures, "transformer_untied")
+    result = graphpass.run(model, "tie,fold")
+    assert result.passed and ops(result.model).count("Scan") == 1
+    assert_same_outputs(model, result.model, token_feeds(model, 2, 11))
+
+
+def test_mlp_passes_unchanged_with_a_note(fixtures):
+    model = build(fixtures, "mlp")
+    result = graphpass.run(model, "fold")
+    assert result.passed
+    assert result.model.SerializeToString(deterministic=True) == model.SerializeToString(deterministic=True)
+    assert any("no repeated blocks" in n for n in result.report["passes"][0]["notes"])
+
+
+def test_side_outputs_leave_blocks_alone_and_say_why(fixtures):
+    model = build(fixtures, "transformer")
+    for i in (1, 2):  # attention probabilities of two middle blocks become model outputs
+        name = f"/blocks.{i}/attn/Softmax_output_0"
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    result = graphpass.run(model, "fold")
+    assert result.passed
+    assert result.model.SerializeToString(deterministic=True) == model.SerializeToString(deterministic=True)
+    notes = result.report["passes"][0]["notes"]
+    assert sum("Softmax_output_0' is read outside the run" in n for n in notes) == 2
+
+
+def test_block_output_used_outside_splits_the_run(fixtures):
+    model = build(fixtures, "albert")
+    hidden = "/blocks.1/Add_mlp_residual_output_0"
+    model.graph.output.append(onnx.helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
+    result = graphpass.run(model, "fold")
+    assert result.passed
+    assert ops(result.model).count("Loop") == 2  # blocks 0-1 and 2-3, the hidden state between them stays visible
+    assert_same_outputs(model, result.model, token_feeds(model, 2, 6))
+
+
+@pytest.mark.parametrize(
+    "source, blocks, start",
+    [
+        # From block 0's q projection: block 0 differs, blocks 1-3 fold, block 0 is reported.
+        ("/blocks.0/attn.q_proj/Add", 3, "/blocks.1/ln1/LayerNormalization"),
+        # From block 0's first LayerNorm: a run cut just after it still holds 4 blocks (the
+        # last one ends with ln_f, which has ln1's structure), the chain stays before it.
+        ("/blocks.0/ln1/LayerNormalization", 4, "/blocks.0/attn.q_proj/MatMul"),
+    ],
+)
+def test_first_block_sharing_a_shape_chain(fixtures, source, blocks, start):
+    """As TorchScript exports do, block 0 computes a Shape chain that every block then reads."""
+    model = build(fixtures, "transformer")
+    helper, graph = onnx.helper, model.graph
+    graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([0], np.int64), "chain.start"),
+        onnx.numpy_helper.from_array(np.array([2], np.int64), "chain.end"),
+        onnx.numpy_helper.from_array(np.array([2, 32], np.int64), "chain.heads"),
+    ])  # fmt: skip
+    chain = [
+        helper.make_node("Shape", [f"{source}_output_0"], ["chain.shape"]),
+        helper.make_node("Slice", ["chain.shape", "chain.start", "chain.end"], ["chain.batch_seq"]),
+        helper.make_node("Concat", ["chain.batch_seq", "chain.heads"], ["chain.heads_shape"], axis=0),
+    ]
+    nodes = list(graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.name == source) + 1
+    for node in nodes:
+        if node.name.endswith("/attn/Reshape_q"):
+            node.input[1] = "chain.heads_shape"
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + chain + nodes[at:])
+    found = runs_of(model)
+    (run,) = found["runs"]
+    assert run["blocks"] == blocks and run["start_node"] == start
+    assert "chain.heads_shape" in run["invariants"]
+    assert len(found["unsafe"]) == 4 - blocks
+    result = graphpass.run(model, "fold")
+    assert result.passed and ops(result.model).count("Scan") == 1
+    assert {"Shape", "Slice", "Concat"} <= set(ops(result.model))  # the chain stays outside
+    assert_same_outputs(model, result.model, token_feeds(model, 2, 5))
+
+
+def test_stack_false_and_short_runs_are_reported(fixtures):
+    model = build(fixtures, "transformer")
+    result = graphpass.run(model, "fold(stack=false)")
+    assert not result.report["passes"][0]["tensors_changed"]
+    assert any("stack=false" in n for n in result.report["passes"][0]["notes"])
+    short = graphpass.run(model, "fold(min_blocks=5)")
+    assert any("min_blocks=5" in n for n in short.report["passes"][0]["notes"])
+
+
+def test_fold_twice_is_a_no_op_and_deterministic(fixtures):
+    model = build(fixtures, "transformer")
+    once = graphpass.run(model, "fold", verify=False).model
+    again = graphpass.run(model, "fold", verify=False).model
+    assert once.SerializeToString(deterministic=True) == again.SerializeToString(deterministic=True)
+    twice = graphpass.run(once, "fold", verify=False)
+    assert any("no repeated blocks" in n for n in twice.report["passes"][0]["notes"])
+
+
+def test_lookup_weights_stack_indices_and_share_the_codebook(fixtures):
+    """Per-block weights stored as Gather(codebook, Cast(indices)) with one codebook for the
+    whole model (the shape a kmeans pass produces): the indices are stacked, the codebook is
+    stored once."""
+    model = build(fixtures, "transformer")
+    codebook = np.linspace(-0.3, 0.3, 16, dtype=np.float32)
+    graph = model.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(codebook, "shared.codebook"))
+    kept, lookups = [], []
+    for tensor in graph.initializer:
+        if tensor.name.startswith("blocks.") and tensor.name.endswith("proj.weight"):
+            values = onnx.numpy_helper.to_array(tensor)
+            indices = np.abs(values[..., None] - codebook).argmin(-1).astype(np.uint8)
+            kept.append(onnx.numpy_helper.from_array(indices, f"{tensor.name}.indices"))
+            lookups += [
+                onnx.helper.make_node(
+                    "Cast", [f"{tensor.name}.indices"], [f"{tensor.name}.idx"], to=onnx.TensorProto.INT64
+                ),
+                onnx.helper.make_node("Gather", ["shared.codebook", f"{tensor.name}.idx"], [tensor.name]),
+            ]
+        else:
+            kept.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = lookups + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    result = graphpass.run(model, "fold")
+    assert result.passed
+    (run,) = runs_of(model)["runs"]
+    assert run["nodes_per_block"] == 34 + 8  # the lookups belong to their block
+    slots = {tuple(s["names"]): s for s in run["slots"]}
+    assert slots[("shared.codebook",) * 4]["equal"]
+    scan = next(n for n in result.model.graph.node if n.op_type == "Scan")
+    stacked = {t.name: t for t in result.model.graph.initializer if t.name.endswith(".stacked")}
+    assert all(t.data_type == onnx.TensorProto.UINT8 for n, t in stacked.items() if "indices" in n)
+    assert sum("indices" in n for n in stacked) == 4 and not any("codebook" in n for n in stacked)
+    body = next(a.g for a in scan.attribute if a.name == "body")
+    assert [t.name for t in body.initializer if "codebook" in t.name] == ["shared.codebook"]
+    assert_same_outputs(model, result.model, token_feeds(model, 2, 8))
+
+
+# -- a real exporter's BERT -----------------------------------------------------------------
+
+
+def _real_models():
+    spec = importlib.util.spec_from_file_location("graphpass_real_models", FIXTURES_DIR / "real_models.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bert_path():
+    try:
+        return _real_models().fetch("paraphrase_minilm_l3")
+    except Exception as exc:  # no network and no cache: nothing to test against
+        pytest.skip(f"paraphrase_minilm_l3 unavailable: {exc}")
+
+
+def test_real_bert_three_layers_fold(bert_path):
+    model = onnx.load(bert_path)
+    (run,) = runs_of(model)["runs"]
+    assert run["blocks"] == 3 and run["nodes_per_block"] == 62
+    assert run["start_node"].endswith("layer.0/attention/self/query/MatMul")
+    result = graphpass.run(bert_path, "fold")
+    assert result.passed  # verified at ORT_ENABLE_ALL and ORT_DISABLE_ALL
+    assert ops(result.model).count("Scan") == 1
+    assert sum(1 for _ in iter_nodes(result.model.graph)) < 0.55 * len(model.graph.node)
+    ids = np.array([[101, 7592, 2088, 2003, 2307, 102, 0]] * 2)  # "[CLS] hello world is great [SEP] [PAD]"
+    feeds = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+    want, got = run_ort(model, feeds), run_ort(result.model, feeds)
+    for a, b in zip(want, got):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-5)
