@@ -1,0 +1,296 @@
+"""graphpass.lookup: layouts, index packing and the lookup nodes, run in onnxruntime.
+
+Every lookup here replaces the only weight of a model whose output is that weight, so running
+the model *is* reconstructing the weight; graphpass.verify runs it at both optimisation levels
+against a model that stores the expected values, with a zero error budget.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphpass import lookup
+from graphpass.edit import Model
+from graphpass.lookup import Layout, Outliers
+from graphpass.verify import Budget, verify
+from graphpass.weights import Replacement
+
+EXACT = Budget(atol=0.0, rtol=0.0)
+RNG_SEED = 7
+
+# (shape, output-channel axis): a MatMul weight, a Conv weight, an embedding, a vector.
+SHAPES = [((48, 40), 1), ((8, 3, 3, 3), 0), ((64, 32), 0), ((100,), None)]
+
+
+def weight_model(values: np.ndarray, opset: int, ir_version: int) -> onnx.ModelProto:
+    dtype = helper.np_dtype_to_tensor_dtype(values.dtype)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["W"], ["out"])], "weight", [],
+        [helper.make_tensor_value_info("out", dtype, list(values.shape))],
+        initializer=[numpy_helper.from_array(values, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def replaced(values: np.ndarray, opset: int, ir_version: int, build) -> tuple[onnx.ModelProto, lookup.LookupCost]:
+    """The weight model with W replaced by what `build(r)` emits."""
+    proto = weight_model(values, opset, ir_version)
+    weight = Model(proto).weights()[0]
+    r = Replacement(weight)
+    weight.replace_with(r, result=build(r))
+    onnx.checker.check_model(proto)
+    return proto, lookup.cost_of(r)
+
+
+def assert_rebuilds(candidate: onnx.ModelProto, expected: np.ndarray) -> None:
+    reference = weight_model(expected, 21, 10)
+    result = verify(reference.SerializeToString(), candidate.SerializeToString(), {}, EXACT)
+    assert result.passed, result.failures
+
+
+def layout_of(shape, axis, granularity: str, group_size: int = 16) -> Layout:
+    if granularity == "tensor":
+        return Layout.per_tensor(shape)
+    if granularity == "channel":
+        return Layout.per_channel(shape, axis)
+    return Layout.per_group(shape, axis, group_size)
+
+
+def random_binning(layout: Layout, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    codebook = np.sort(rng.normal(size=(layout.groups, k)), axis=1)
+    labels = rng.integers(0, k, size=(layout.groups, layout.group_size)).astype(np.uint16)
+    return codebook, labels
+
+
+def expected_weight(layout: Layout, codebook, labels, dtype=np.float32) -> np.ndarray:
+    values = np.take_along_axis(codebook.astype(dtype), labels.astype(np.intp), axis=1)
+    return np.ascontiguousarray(layout.merge(values).reshape(layout.shape))
+
+
+# -- layouts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_split_and_merge_are_inverse(shape, axis, granularity):
+    layout = layout_of(shape, axis, granularity)
+    array = np.arange(int(np.prod(shape))).reshape(shape)
+    groups = layout.split(array)
+    assert groups.shape == (layout.groups, layout.group_size)
+    assert np.array_equal(layout.merge(groups).reshape(shape), array)
+
+
+def test_channel_groups_follow_the_output_channel():
+    matmul = Layout.per_channel((6, 4), axis=1)  # [in, out]: a group is one column
+    assert np.array_equal(matmul.split(np.arange(24).reshape(6, 4))[1], np.arange(24).reshape(6, 4)[:, 1])
+    conv = Layout.per_channel((4, 2, 3, 3), axis=0)  # [out, in, kh, kw]: a group is one filter
+    assert np.array_equal(conv.split(np.arange(72).reshape(4, 2, 3, 3))[3], np.arange(54, 72))
+    blocks = Layout.per_group((8, 3), axis=1, group_size=4)  # column 0, rows 4..7 is group 3
+    assert np.array_equal(blocks.split(np.arange(24).reshape(8, 3))[3], [12, 15, 18, 21])
+
+
+def test_layout_fallbacks():
+    assert Layout.per_channel((100,), 0).granularity == "tensor"
+    assert Layout.per_channel((2, 5, 7), 1).channel_axis == 0  # a middle axis falls back to the first
+    assert Layout.per_group((64, 10), 1, 128).granularity == "channel"  # channel shorter than a group
+    odd = Layout.per_group((96, 10), 1, 64)  # 96 = 2 x 48: the largest divisor >= 32
+    assert (odd.granularity, odd.group_size) == ("group", 48)
+    assert Layout.per_group((97, 10), 1, 64).granularity == "channel"  # 97 is prime
+
+
+# -- packing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,opset,ir,name,bits", [
+    (16, 13, 8, "base16x2/uint8", 4),
+    (16, 21, 10, "uint4", 4),
+    (16, 21, 9, "base16x2/uint8", 4),  # UINT4 needs IR 10 as well
+    (4, 21, 10, "base4x4/uint8", 2),  # crumbs in a byte beat UINT4
+    (4, 25, 11, "uint2", 2),
+    (2, 25, 11, "base2x8/uint8", 1),
+    (3, 13, 8, "base3x5/uint8", 1.6),
+    (8, 21, 10, "base8x5/uint16", 3.2),
+    (5, 13, 8, "base5x13/int32", 32 / 13),
+    (64, 13, 8, "base64x5/int32", 6.4),
+    (256, 13, 8, "uint8", 8),
+    (1000, 13, 8, "base1000x3/int32", 32 / 3),
+    (40000, 13, 8, "uint16", 16),
+])
+def test_choose_packing(k, opset, ir, name, bits):
+    packing = lookup.choose_packing(k, opset, ir)
+    assert packing.name == name
+    assert packing.bits_per_index == pytest.approx(bits)
+
+
+def test_packing_needs_gather_elements():
+    with pytest.raises(ValueError, match="opset"):
+        lookup.choose_packing(16, 10, 8)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 7, 8, 16, 17, 64, 255, 256, 300])
+@pytest.mark.parametrize("opset,ir", [(13, 8), (21, 10), (25, 11)])
+def test_pack_unpack_roundtrip(k, opset, ir):
+    rng = np.random.default_rng(k)
+    indices = rng.integers(0, k, size=(7, 13))
+    packing = lookup.choose_packing(k, opset, ir)
+    stored = lookup.pack_indices(indices, packing)
+    assert np.array_equal(lookup.unpack_indices(stored, packing, indices.shape), indices)
+    assert numpy_helper.from_array(stored).ByteSize() < packing.stored_bytes(indices.size) + 32
+
+
+# -- lookups in onnxruntime -----------------------------------------------------------------
+
+# Each packing path at the lowest opset that has it (opset-13 models use digit arithmetic).
+PACKING_PATHS = [
+    (16, 13, 8),  # nibbles in uint8, Div/Mod on int32
+    (16, 21, 10),  # native UINT4
+    (4, 25, 11),  # native UINT2
+    (2, 21, 10),  # bits in uint8
+    (3, 13, 8),  # base-3 digits, 5 per byte
+    (8, 17, 8),  # base-8 digits, 5 per uint16
+    (64, 17, 8),  # base-64 digits, 5 per int32
+    (256, 13, 8),  # plain uint8
+    (300, 13, 8),  # base-300 digits, 3 per int32
+]
+
+
+@pytest.mark.parametrize("k,opset,ir", PACKING_PATHS)
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_lookup_rebuilds_codebook_values_exactly(k, opset, ir, granularity):
+    rng = np.random.default_rng(RNG_SEED)
+    for shape, axis in SHAPES[:3]:
+        layout = layout_of(shape, axis, granularity)
+        codebook, labels = random_binning(layout, k, rng)
+        values = rng.normal(size=shape).astype(np.float32)
+        model, cost = replaced(values, opset, ir, lambda r: lookup.emit_lookup(
+            r, codebook, labels, layout, opset=opset, ir_version=ir))
+        assert model.opset_import[0].version == opset  # never raised
+        assert_rebuilds(model, expected_weight(layout, codebook, labels))
+        packing = lookup.choose_packing(k, opset, ir)
+        assert cost.index_bytes == packing.stored_bytes(values.size)
+
+
+def test_opset_13_lookup_unpacks_with_integer_arithmetic():
+    rng = np.random.default_rng(1)
+    layout = Layout.per_tensor((64, 32))
+    codebook, labels = random_binning(layout, 16, rng)
+    model, _ = replaced(np.zeros((64, 32), np.float32), 13, 8,
+                        lambda r: lookup.emit_lookup(r, codebook, labels, layout, opset=13, ir_version=8))
+    ops = [n.op_type for n in model.graph.node]
+    assert {"Div", "Mod", "GatherElements"} <= set(ops)
+    assert all(t.data_type != TensorProto.UINT4 for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("dtype,table,opset", [
+    (np.float16, TensorProto.FLOAT16, 13),
+    (ml_dtypes.bfloat16, TensorProto.BFLOAT16, 13),
+    (np.float64, TensorProto.DOUBLE, 13),
+    (np.float32, TensorProto.FLOAT16, 21),  # float16 table, cast to float32 before the gather
+])
+def test_lookup_produces_the_weight_dtype(dtype, table, opset):
+    rng = np.random.default_rng(2)
+    layout = Layout.per_channel((32, 24), 1)
+    codebook, labels = random_binning(layout, 16, rng)
+    values = rng.normal(size=(32, 24)).astype(dtype)
+    weight_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    model, cost = replaced(values, opset, 10, lambda r: lookup.emit_lookup(
+        r, codebook, labels, layout, stored_dtype=table, opset=opset, ir_version=10))
+    rounded = lookup.stored_table(codebook, weight_type, table)
+    assert_rebuilds(model, expected_weight(layout, rounded, labels, dtype=rounded.dtype))
+    table_tensor = next(t for t in model.graph.initializer if "lut_codebook" in t.name)
+    assert table_tensor.data_type == table
+
+
+def test_row_lookup_rebuilds_shared_rows():
+    rng = np.random.default_rng(8)
+    rows = rng.normal(size=(5, 3, 4)).astype(np.float32)
+    indices = rng.integers(0, 5, size=12)
+    values = np.zeros((12, 3, 4), np.float32)
+    for opset, ir in ((13, 8), (21, 10)):
+        model, cost = replaced(values, opset, ir, lambda r: lookup.emit_row_lookup(
+            r, rows, indices, opset=opset, ir_version=ir))
+        assert_rebuilds(model, rows[indices])
+        assert cost.table_bytes == rows.nbytes
+
+
+def test_table_dtype_never_widens():
+    assert lookup.table_dtype(TensorProto.FLOAT16, TensorProto.FLOAT) == TensorProto.FLOAT16
+    assert lookup.table_dtype(TensorProto.FLOAT, TensorProto.FLOAT16) == TensorProto.FLOAT16
+    assert lookup.table_dtype(TensorProto.BFLOAT16, TensorProto.FLOAT16) == TensorProto.BFLOAT16
+
+
+@pytest.mark.parametrize("granularity,opset,ir,q_type", [
+    ("tensor", 13, 8, TensorProto.UINT8),
+    ("channel", 13, 8, TensorProto.UINT8),
+    ("channel", 21, 10, TensorProto.UINT4),
+    ("group", 21, 10, TensorProto.UINT4),
+])
+def test_dequantize_rebuilds_affine_codebook(granularity, opset, ir, q_type):
+    rng = np.random.default_rng(3)
+    layout = layout_of((64, 24), 1, granularity, group_size=32)
+    quantized = rng.integers(0, 16, size=(layout.groups, layout.group_size))
+    scale = rng.uniform(0.01, 0.1, size=layout.groups).astype(np.float32)
+    zero_point = rng.integers(0, 16, size=layout.groups)
+    model, cost = replaced(np.zeros((64, 24), np.float32), opset, ir, lambda r: lookup.emit_dequantize(
+        r, quantized, scale, zero_point, layout, opset=opset, ir_version=ir))
+    expected = (quantized - zero_point[:, None]).astype(np.float32) * scale[:, None]
+    assert_rebuilds(model, np.ascontiguousarray(layout.merge(expected).reshape(64, 24)))
+    assert next(t for t in model.graph.initializer if "lut_quantized" in t.name).data_type == q_type
+    assert cost.table_bytes > 0 and cost.index_bytes == (64 * 24 * (4 if q_type == TensorProto.UINT4 else 8)) // 8
+
+
+def test_blocked_dequantize_needs_opset_21():
+    layout = Layout.per_group((64, 24), 1, 32)
+    assert not lookup.dequantize_supported(layout, 20)
+    assert lookup.dequantize_supported(layout, 21)
+    assert lookup.dequantize_supported(Layout.per_channel((64, 24), 1), 13)
+
+
+def test_outliers_are_kept_exactly():
+    rng = np.random.default_rng(4)
+    layout = Layout.per_tensor((40, 30))
+    codebook, labels = random_binning(layout, 4, rng)
+    positions = np.array([0, 17, 599, 1199])
+    exact = np.array([9.5, -8.25, 7.0, 1e3], dtype=np.float32)
+
+    def build(r):
+        out = lookup.emit_lookup(r, codebook, labels, layout, opset=17, ir_version=8)
+        return lookup.emit_outliers(r, out, Outliers(positions, exact), (40, 30))
+
+    model, cost = replaced(np.zeros((40, 30), np.float32), 17, 8, build)
+    expected = expected_weight(layout, codebook, labels)
+    expected.ravel()[positions] = exact
+    assert_rebuilds(model, expected)
+    assert cost.outlier_bytes == 4 * (2 + 4)  # uint16 positions, float32 values
+
+
+def test_cost_is_what_the_file_holds():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(256, 256)).astype(np.float32)
+    layout = Layout.per_channel(values.shape, 1)
+    codebook, labels = random_binning(layout, 16, rng)
+    before = len(weight_model(values, 21, 10).SerializeToString())
+    model, cost = replaced(values, 21, 10, lambda r: lookup.emit_lookup(
+        r, codebook, labels, layout, stored_dtype=TensorProto.FLOAT16, opset=21, ir_version=10))
+    stored = sum(len(t.raw_data) for t in model.graph.initializer)
+    assert stored == cost.total_bytes  # every stored tensor is raw and packed
+    assert cost.index_bytes == 256 * 256 // 2 and cost.table_bytes == 256 * 16 * 2
+    after = len(model.SerializeToString())
+    assert 0 <= after - (before - values.nbytes + cost.total_bytes) < 600  # names and nodes only
+    assert cost.bits_per_weight == pytest.approx(8 * cost.total_bytes / values.size)
+
+
+def test_lookup_tables_are_recognised():
+    rng = np.random.default_rng(6)
+    layout = Layout.per_tensor((64, 32))
+    codebook, labels = random_binning(layout, 16, rng)
+    model, _ = replaced(np.zeros((64, 32), np.float32), 13, 8,
+                        lambda r: lookup.emit_lookup(r, codebook, labels, layout, opset=13, ir_version=8))
+    weights = Model(model).weights()
+    assert weights and all(lookup.is_lookup_table(w) for w in weights)
