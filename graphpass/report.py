@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,16 +94,24 @@ def render_passes(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def render_skips(report: dict[str, Any], limit: int = 10) -> str:
+def render_skips(report: dict[str, Any], examples: int = 3) -> str:
+    """What each pass left alone, grouped by reason (the JSON report lists every tensor)."""
     lines = []
     for s in report["passes"]:
-        for item in s["skipped"][:limit]:
-            lines.append(f"  {s['name']}: left {item['weight']} as it is: {item['reason']}")
-        if len(s["skipped"]) > limit:
-            lines.append(f"  {s['name']}: ... and {len(s['skipped']) - limit} more (see --report)")
+        by_reason: dict[str, list[str]] = {}
+        for item in s["skipped"]:
+            by_reason.setdefault(_reason_kind(item["reason"]), []).append(item["weight"])
+        for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
+            lines.append(f"  {s['name']}: left {len(names)} as they are: {reason} ({shown})")
     for note in report["notes"] + [n for s in report["passes"] for n in s["notes"]]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without the figures that make each tensor's unique ("12 values, below...")."""
+    return re.sub(r"^\d+ values?, ", "", re.sub(r" \((?:int|uint|bool|string)\w*\)", "", reason))
 
 
 def render_report(report: dict[str, Any], checked: VerifyResult | None) -> str:
