@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,14 +110,22 @@ RELATED_MIN_SIZE = 64
 ROUNDING_SLACK = 1e-6
 # Permutations exporters actually produce: matrix transposes, head-major swaps, ConvTranspose.
 COMMON_PERMUTATIONS = {2: [(1, 0)], 3: [(0, 2, 1), (1, 0, 2)], 4: [(1, 0, 2, 3), (0, 1, 3, 2)]}
+# Same-layout sketch: sums over this many contiguous blocks of the tensor, each divided by the
+# square root of its length. The blocks are disjoint, so this is an orthogonal projection and
+# moves no pair closer than it is: ||P(a) - P(b)|| <= ||a - b||. Unrelated tensors of n
+# elements land about sqrt(2 * LAYOUT_BLOCKS / n) apart (normalised), far above 2*tol for
+# n up to ~LAYOUT_BLOCKS / (2 tol^2): 128 M elements at tol 1e-3.
+LAYOUT_BLOCKS = 256
 
 
 @dataclass(frozen=True)
 class Sketch:
-    """An order-invariant summary of a float weight, computed in one pass.
+    """A summary of a float weight, computed in one pass.
 
-    Equal for a tensor and any transposition of it, mirrored for a negated copy, and moved
-    by at most a known bound by a small perturbation, so a near copy is never filtered out.
+    The scalar features are order-invariant: equal for a tensor and any transposition of it
+    (which must be bit-exact). `blocks` depends on the layout and is tight: a near, scaled or
+    negated copy lies within 2*tol of its root there (mirrored for a negative factor), an
+    unrelated tensor far outside.
     """
 
     size: int
@@ -126,6 +134,7 @@ class Sketch:
     abs_total: float
     high: float
     low: float
+    blocks: np.ndarray = field(compare=False, repr=False)  # the same-layout projection, unnormalised
 
     def features(self, mirrored: bool = False) -> np.ndarray:
         """Normalised by the norm, so a scaled copy has the same (or mirrored) features."""
@@ -149,22 +158,30 @@ class WeightSketches(Analysis):
 
 
 def _sketch(weight: WeightRef) -> Sketch:
-    values = weight.read().astype(np.float64, copy=False).ravel()
+    # Sums accumulate in float64 without a float64 copy of the tensor, and without BLAS
+    # (np.dot starts BLAS threads, which stall for milliseconds when the cores are busy).
+    values = weight.read().ravel()
+    count = min(LAYOUT_BLOCKS, values.size)
+    starts = np.arange(count, dtype=np.int64) * values.size // count
+    lengths = np.diff(np.append(starts, values.size))
     return Sketch(
         size=values.size,
-        norm=float(np.sqrt(np.dot(values, values))),
-        total=float(values.sum()),
-        abs_total=float(np.abs(values).sum()),
+        norm=float(np.sqrt(np.einsum("i,i->", values, values, dtype=np.float64))),
+        total=float(values.sum(dtype=np.float64)),
+        abs_total=float(np.abs(values).sum(dtype=np.float64)),
         high=float(values.max()),
         low=float(values.min()),
+        blocks=np.add.reduceat(values, starts, dtype=np.float64) / np.sqrt(lengths),
     )
 
 
 def candidate_pairs(sketches: dict[WeightRef, Sketch], tol: float) -> list[tuple[WeightRef, WeightRef, bool]]:
     """Pairs (a, b, mirrored) whose sketches allow b = op(a) within `tol`; nothing is missed.
 
-    If ||a-b|| <= tol*||a||, the normalised tensors differ by at most 2*tol in the 2-norm,
-    hence at most that in max and min, and at most sqrt(n) times that in the sums.
+    If ||a-b|| <= tol*||a||, the normalised tensors differ by at most 2*tol in the 2-norm, and
+    so do their block projections. A transposed copy is bit-exact, so only rounding separates
+    its order-invariant features from its root's: at most that in max and min, and at most
+    sqrt(n) times that in the sums.
     """
     buckets: dict[tuple[int, int], list[WeightRef]] = defaultdict(list)
     for weight, sketch in sketches.items():
@@ -172,17 +189,20 @@ def candidate_pairs(sketches: dict[WeightRef, Sketch], tol: float) -> list[tuple
     pairs = []
     for (_, size), members in buckets.items():
         if len(members) > 1:
-            pairs += _close_pairs(members, sketches, size, 2 * (tol + ROUNDING_SLACK))
+            pairs += _close_pairs(members, sketches, size, tol)
     return pairs
 
 
-def _close_pairs(members, sketches, size, bound) -> list[tuple[WeightRef, WeightRef, bool]]:
-    plain = np.stack([sketches[w].features() for w in members])
-    mirrored = np.stack([sketches[w].features(mirrored=True) for w in members])
-    limits = np.array([np.sqrt(size), np.sqrt(size), 1.0, 1.0]) * bound
+def _close_pairs(members, sketches, size, tol) -> list[tuple[WeightRef, WeightRef, bool]]:
+    invariant = np.stack([sketches[w].features() for w in members])
+    exact_limits = np.array([np.sqrt(size), np.sqrt(size), 1.0, 1.0]) * 2 * ROUNDING_SLACK
+    layout = np.stack([sketches[w].blocks / sketches[w].norm for w in members])
+    bound = 2 * (tol + ROUNDING_SLACK)
     pairs = []
     for i in range(len(members) - 1):
-        for is_mirrored, table in ((False, plain), (True, mirrored)):
-            close = np.all(np.abs(table[i + 1:] - plain[i]) <= limits, axis=1)
-            pairs += [(members[i], members[i + 1 + j], is_mirrored) for j in np.flatnonzero(close)]
+        transposed = np.all(np.abs(invariant[i + 1:] - invariant[i]) <= exact_limits, axis=1)
+        same = np.linalg.norm(layout[i + 1:] - layout[i], axis=1) <= bound
+        flipped = np.linalg.norm(layout[i + 1:] + layout[i], axis=1) <= bound
+        pairs += [(members[i], members[i + 1 + j], False) for j in np.flatnonzero(transposed | same)]
+        pairs += [(members[i], members[i + 1 + j], True) for j in np.flatnonzero(flipped)]
     return pairs

@@ -39,7 +39,10 @@ def inspect_model(ctx: PassContext, tol: float = 1e-3) -> dict[str, Any]:
             for g in sorted(groups, key=lambda g: -g.saved_bytes)
         ],
         "exact_duplicate_bytes": sum(g.saved_bytes for g in groups),
-        "related": [_related_row(g) for g in find_related(ctx, tol, {"transposed", "scaled", "near"})],
+        # Only one copy of each exact group is related to others: two transposes of one weight
+        # are an exact pair, and listing both as transposed too would count one of them twice.
+        "related": [_related_row(g) for g in find_related(ctx, tol, {"transposed", "scaled", "near"},
+                                                          exclude=frozenset(w for g in groups for w in g.members[1:]))],
         "near_tol": tol,
         "repeated_blocks": describe_runs(ctx.analysis(RepeatedBlocks)),
     }

@@ -43,10 +43,14 @@ class RelatedGroup:
         return all(rel.kind == "near" for _, rel in self.members)
 
 
-def find_related(ctx: PassContext, tol: float, kinds: set[RelationKind]) -> list[RelatedGroup]:
-    """Greedy groups in model order: each weight joins the first earlier root it relates to."""
+def find_related(ctx: PassContext, tol: float, kinds: set[RelationKind],
+                 exclude: frozenset[WeightRef] = frozenset()) -> list[RelatedGroup]:
+    """Greedy groups in model order: each weight joins the first earlier root it relates to.
+
+    `exclude`: weights to leave out, such as exact duplicates reported elsewhere.
+    """
     order = {w: i for i, w in enumerate(ctx.model.weights())}
-    sketches = {w: s for w, s in ctx.analysis(WeightSketches).items() if not w.overridable}
+    sketches = {w: s for w, s in ctx.analysis(WeightSketches).items() if not w.overridable and w not in exclude}
     pairs = sorted(candidate_pairs(sketches, tol), key=lambda p: (order[p[0]], order[p[1]]))
     groups: dict[WeightRef, RelatedGroup] = {}
     joined: set[WeightRef] = set()
@@ -87,11 +91,21 @@ def _scaled(root: np.ndarray, member: np.ndarray, tol: float) -> Relation | None
     scale = (member[pivot] / root[pivot]).astype(root.dtype)
     if scale == 1 or not np.isfinite(scale):
         return None
+    # member = round(root * c) puts the rounded ratio at c or at a neighbour of c (for c = 1.5,
+    # (x * 1.5) / x can round to 1.5000001), so try those before calling it inexact.
+    for factor in (scale, *_neighbours(scale)):
+        if factor != 1 and np.isfinite(factor) and np.array_equal(root * factor, member):
+            return Relation("scaled", scale=float(factor))
     rebuilt = root * scale
-    if np.array_equal(rebuilt, member):
-        return Relation("scaled", scale=float(scale))
     error = relative_error(member, rebuilt)
     return Relation("scaled", scale=float(scale), error=error) if 0 < tol and error <= tol else None
+
+
+def _neighbours(value: np.generic) -> tuple[np.generic, ...]:
+    try:
+        return tuple(np.nextafter(value, value.dtype.type(direction)) for direction in (np.inf, -np.inf))
+    except TypeError:  # a dtype numpy has no nextafter for (bfloat16 from ml_dtypes)
+        return ()
 
 
 def relative_error(member: np.ndarray, approximation: np.ndarray) -> float:

@@ -184,3 +184,18 @@ def test_near_rows_with_tolerance():
     result = graphpass.run(model, "tie(rows=true,tol=1e-5)")
     (row,) = result.report["passes"][0]["details"]["rows"]
     assert row["distinct"] == 4 and 0 < row["error"] <= 1e-5
+
+
+def test_scaled_copy_whose_ratio_rounds_off_is_still_exact():
+    """(a*1.5)/a can round to 1.5000001 at the pivot; the exact factor must still be found."""
+    a = np.random.default_rng(1).standard_normal(256).astype(np.float32)  # such a pivot, checked:
+    pivot = np.argmax(np.abs(a))
+    assert (a * np.float32(1.5))[pivot] / a[pivot] != np.float32(1.5)
+    model = _model_with(
+        [helper.make_node("Add", ["x", "A"], ["y"]), helper.make_node("Add", ["y", "B"], ["z"])],
+        {"A": a, "B": a * np.float32(1.5)}, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [256])],
+    )
+    result = graphpass.run(model, "tie")
+    (group,) = result.report["passes"][0]["details"]["ties"]
+    assert group["members"][0] == {"weight": "B", "kind": "scaled", "error": 0.0, "scale": 1.5}
