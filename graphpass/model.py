@@ -180,43 +180,59 @@ def save_model(proto: onnx.ModelProto, output: str | os.PathLike, *, external_da
         _atomic_write(output, [data])
         return len(data)
     data_name = output.name + ".data"
-    moved = _move_to_external(proto, data_name)
-    try:
-        chunks = [raw for _, raw in moved]
-        data_bytes = sum(len(c) for c in chunks)
-        _atomic_write(output.parent / data_name, chunks)
-        model_bytes = serialized_bytes(proto)
-        _atomic_write(output, [model_bytes])
-    finally:
-        _restore_inline(moved)
+    data_bytes, model_bytes = _write_external_data(proto, output.parent, data_name)
+    _atomic_write(output, [model_bytes])
     return len(model_bytes) + data_bytes
 
 
-def _move_to_external(proto: onnx.ModelProto, data_name: str) -> list[tuple[TensorProto, bytes]]:
-    """Point large tensors at the data file, remembering their bytes so the proto can be restored."""
+def _write_external_data(proto: onnx.ModelProto, folder: Path, data_name: str) -> tuple[int, bytes]:
+    """Stream large tensors into `data_name` and serialise the model pointing at it.
+
+    Each tensor's bytes are written as soon as they are read and read back from the file
+    afterwards, so the proto comes back unchanged while holding one tensor's copy at a time.
+    """
+    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{data_name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            moved = _move_to_external(proto, data_name, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            model_bytes = serialized_bytes(proto)
+        finally:
+            _restore_inline(moved, Path(handle.name))
+        os.replace(handle.name, folder / data_name)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return sum(length for _, _, length in moved), model_bytes
+
+
+def _move_to_external(proto: onnx.ModelProto, data_name: str, sink) -> list[tuple[TensorProto, int, int]]:
+    """Point large tensors at the data file as their bytes are written to `sink`."""
     moved = []
     offset = 0
     for tensor in iter_tensors(proto):
         if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_DATA_MIN_BYTES:
             continue
-        raw = tensor.raw_data
-        moved.append((tensor, raw))
+        length = sink.write(tensor.raw_data)
+        tensor.ClearField("raw_data")
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        offset += len(raw)
-    # Serialise with the data stripped; the caller writes it from the remembered bytes.
-    for tensor, _ in moved:
-        tensor.ClearField("raw_data")
+        moved.append((tensor, offset, length))
+        offset += length
     return moved
 
 
-def _restore_inline(moved: list[tuple[TensorProto, bytes]]) -> None:
-    for tensor, raw in moved:
-        del tensor.external_data[:]
-        tensor.ClearField("data_location")  # absent before, so absent again: same bytes
-        tensor.raw_data = raw
+def _restore_inline(moved: list[tuple[TensorProto, int, int]], data_path: Path) -> None:
+    with open(data_path, "rb") as source:
+        for tensor, offset, length in moved:
+            source.seek(offset)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")  # absent before, so absent again: same bytes
+            tensor.raw_data = source.read(length)
 
 
 def _atomic_write(target: Path, chunks: list[bytes]) -> None:
