@@ -7,3 +7,4 @@ the core: `ctx.model` (graphpass.edit.Model), `ctx.analysis(...)` and `graphpass
 from graphpass.passes import tie  # noqa: F401
 from graphpass.passes import binning  # noqa: F401
 from graphpass.passes import fold  # noqa: F401
+from graphpass.passes import codebook  # noqa: F401

@@ -1,0 +1,806 @@
+"""codebook: vector quantization. Sub-vectors of `dim` weights share a codebook of k vectors.
+
+Where scalar binning (`kmeans` and friends) gives each weight an index into a list of values,
+`codebook` cuts a weight into sub-vectors of `dim` consecutive weights and gives each sub-vector
+an index into a table of k vectors [k, dim], learnt by k-means in `dim` dimensions. Indices cost
+log2(k)/dim bits per weight (k=256, dim=4: 2 bits), and because k-means places the vectors where
+the weights' joint distribution is dense, the error at a given rate is lower than scalar k-means.
+
+Which weights form a sub-vector. Sub-vectors run along the axes the reader sums over (its fan-in),
+so that one sub-vector belongs to one output channel:
+
+    MatMul B [.., in, out]        along `in`            (axis -2; strided in memory)
+    MatMul A [.., out, in]        along `in`            (axis -1)
+    Gemm B   [in, out] / transB   along `in`            (axis 0 / axis 1)
+    Conv W   [out, in, kh, kw]    along in*kh*kw        (axes 1.. flattened, consecutive in memory)
+    Gather   [vocab, d]           along `d`             (one embedding row is read as a whole)
+    anything else                 along the last axis
+
+Conv flattens [in, kh, kw] rather than taking `in` alone: depthwise [C, 1, k, k] and RGB stems
+[C, 3, k, k] would otherwise be mostly padding, and the vectors are consecutive in memory.
+When `dim` does not divide that length, each line is zero-padded to a multiple of `dim`, the
+padded vectors are clustered like the others, and the lookup slices the padding off again (a
+Slice). Leaving such weights untouched would skip every 3x3 stem and odd vocabulary row.
+
+Options beyond the shape of the codebook:
+
+- `share=shape|all`: one codebook for every selected tensor of the same shape, or for all of
+  them (per dtype and per model-local function, which cannot see the graph). It is fitted once
+  over all members' sub-vectors, stored once in the innermost scope enclosing them, and every
+  member's Gather reads it: on deep models the table's cost per weight all but vanishes.
+- `stages=2`: a second codebook over the residual (additive quantization, as in AQLM): the
+  weight is the sum of two lookups, at twice the index rate.
+- `scale=channel`: each output channel is divided by its RMS before clustering, so channels of
+  different magnitude share codebook entries well, and multiplied back after the lookup (a Mul).
+  A tensor whose sub-vectors cross its channel axis (or a 1-D one) gets one scale for the whole
+  tensor, as every tensor does with `scale=tensor`, which costs one value per tensor and is what
+  lets tensors of different magnitude share one codebook. The k-means is weighted by the squared
+  scales, normalised to mean 1 per tensor: within a tensor it minimises the weights' own error,
+  across a shared codebook every tensor counts by its size and relative error.
+
+Which setting (bench/bench_codebook.py, 3-layer BERT, 17 M weights): at 2 bits per weight
+dim=4,k=256 with share=shape,scale=channel; at 1 bit dim=4,k=16 with share=all,scale=channel,
+codebook_dtype=float16; at 3.2 bits dim=2,k=64,scale=channel. Each beats kmeans at the same
+rate on output cosine, largest output error and weight error. On small models, whose tensors
+cannot carry a table each, share=all is what makes the rate.
+
+Lowering, for a weight W with sub-vectors along axis a:
+
+    Gather(codebook [k, dim], indices [outer, blocks, inner]) -> [outer, blocks, inner, dim]
+    (+ Gather(second codebook, second indices))             stages=2
+    Transpose to [outer, blocks, dim, inner]                  only when `inner` > 1
+    Reshape -> (Slice off the padding ->) Reshape to W's shape
+    Mul(scale [1.., C, ..1] or [1, .., 1])                    scale=channel or tensor
+
+Indices are packed by `graphpass.lookup.emit_indices` (uint8/uint16, UINT4/UINT2 where the opset
+has them, or several base-k digits per word), tables are stored in `codebook_dtype` and Cast to
+the weight's type. Every stored name carries `lookup.LUT_ROLE_PREFIX`, so later runs leave them.
+
+k-means: k-means++ seeding (or random rows, `init`) and Lloyd iterations on a sample of the
+sub-vectors (`sample`), then one assignment of every sub-vector and a final centroid update over
+all of them; deterministic for a given `seed`. Assignment is a brute-force distance matrix in
+chunks on two threads, or a k-d tree when k > 4096, where the matrix would be too large.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from onnx import NodeProto, TensorProto, helper
+from scipy.spatial import cKDTree
+from threadpoolctl import ThreadpoolController
+
+from graphpass import lookup
+from graphpass.analysis import common_scope
+from graphpass.codec import Plan
+from graphpass.lookup import LUT_ROLE_PREFIX
+from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.passes.binning import (
+    COMMON_OPTIONS, WeightFilter, _finite_or_none, _sqnr_db, output_channel_axis, scope_opset,
+)
+from graphpass.scopes import NameAllocator
+from graphpass.weights import Replacement, WeightRef, stored_bytes
+
+# The binning passes' options that mean the same here; their granularity is this pass's `share`.
+_SHARED_OPTION_NAMES = ("min_size", "include", "exclude", "codebook_dtype")
+
+_WORKERS = 2  # matmul and argmin release the GIL: two threads use both cores
+# Distance-matrix entries per chunk: 1 MB of float32 stays in cache between the matmul and the
+# argmin (measured 2-3x faster than 16 MB chunks), with BLAS itself held to one thread per chunk.
+_DISTANCE_CELLS = 1 << 18
+_KDTREE_MIN_K = 4096  # above this a k-d tree is faster than the distance matrix
+_KMEANS_PP_MAX_K = 1024  # init=auto seeds with k-means++ up to here, random rows beyond
+_MIN_SAMPLE, _SAMPLE_PER_CENTROID = 65536, 16
+_SEED_PER_CENTROID = 32  # k-means++ draws from at most this many sample points per centroid
+_CONVERGED = 1e-4  # relative drop in the sample's error below which Lloyd stops early
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-vector geometry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VectorLayout:
+    """A weight viewed as [outer, length, inner]; sub-vectors of `dim` run along `length`
+    (axes `start` to `stop` of the weight, flattened), zero-padded to `blocks * dim`."""
+
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    dim: int
+
+    @property
+    def outer(self) -> int:
+        return math.prod(self.shape[: self.start])
+
+    @property
+    def length(self) -> int:
+        return math.prod(self.shape[self.start : self.stop])
+
+    @property
+    def inner(self) -> int:
+        return math.prod(self.shape[self.stop :])
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.length // self.dim)
+
+    @property
+    def padding(self) -> int:
+        return self.blocks * self.dim - self.length
+
+    @property
+    def count(self) -> int:
+        return self.outer * self.blocks * self.inner
+
+    @property
+    def index_shape(self) -> tuple[int, ...]:
+        """One index per sub-vector; the Gather output adds `dim` as its last axis."""
+        return (self.outer, self.blocks, self.inner) if self.inner > 1 else (self.outer, self.blocks)
+
+    @property
+    def axes(self) -> str:
+        last = self.stop - 1
+        return f"axis {self.start}" if last == self.start else f"axes {self.start}-{last}"
+
+    def split(self, array: np.ndarray) -> np.ndarray:
+        """[count, dim] sub-vectors, in index order, padded with zeros."""
+        lines = np.asarray(array).reshape(self.outer, self.length, self.inner)
+        if self.padding:
+            lines = np.pad(lines, ((0, 0), (0, self.padding), (0, 0)))
+        cut = lines.reshape(self.outer, self.blocks, self.dim, self.inner)
+        return cut.transpose(0, 1, 3, 2).reshape(self.count, self.dim)
+
+    def merge(self, vectors: np.ndarray) -> np.ndarray:
+        """Inverse of `split`: the weight, padding dropped."""
+        cut = np.asarray(vectors).reshape(self.outer, self.blocks, self.inner, self.dim)
+        lines = cut.transpose(0, 1, 3, 2).reshape(self.outer, self.blocks * self.dim, self.inner)
+        return lines[:, : self.length].reshape(self.shape)
+
+
+def vector_layout(weight: WeightRef, dim: int) -> VectorLayout:
+    start, stop = fan_in_axes(weight)
+    return VectorLayout(tuple(weight.shape), start, stop, dim)
+
+
+def fan_in_axes(weight: WeightRef) -> tuple[int, int]:
+    """[start, stop) of the axes the first telling reader sums over; else the last axis."""
+    rank = len(weight.shape)
+    for node, index in weight.reader_nodes():
+        axes = _reader_fan_in(node, index, rank)
+        if axes is not None:
+            return axes
+    return (rank - 1, rank) if rank else (0, 0)
+
+
+def _reader_fan_in(node: NodeProto, index: int, rank: int) -> tuple[int, int] | None:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul" and index in (0, 1):
+        axis = rank - 2 if index == 1 and rank >= 2 else rank - 1  # B [.., in, out], A [.., out, in]
+        return axis, axis + 1
+    if node.op_type == "Gemm" and index in (0, 1) and rank == 2:
+        transposed = attrs.get("transB" if index == 1 else "transA", 0)
+        axis = (1 if transposed else 0) if index == 1 else (0 if transposed else 1)
+        return axis, axis + 1
+    if node.op_type in ("Conv", "ConvTranspose") and index == 1 and rank >= 2:
+        return 1, rank
+    if node.op_type == "Gather" and index == 0 and rank >= 2:
+        gathered = attrs.get("axis", 0) % rank  # whole slices are read: vectors run across them
+        return (gathered + 1, rank) if gathered < rank - 1 else (rank - 2, rank - 1)
+    return None
+
+
+def channel_scale_axis(weight: WeightRef, layout: VectorLayout) -> int | None:
+    """The output-channel axis a per-channel scale can use: not one the sub-vectors cross."""
+    axis = output_channel_axis(weight)
+    if axis is None or layout.start <= axis < layout.stop:
+        return None
+    return axis
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means in `dim` dimensions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KMeansSettings:
+    k: int
+    iterations: int
+    init: str  # auto | kmeans++ | random
+    sample: int  # 0: auto
+    seed: int
+
+
+def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each vector's nearest centroid and the squared distance to it."""
+    if len(centroids) > _KDTREE_MIN_K:
+        distance, labels = cKDTree(centroids).query(vectors, workers=_WORKERS)
+        return labels.astype(np.int64), distance**2
+    points = np.asarray(vectors, dtype=np.float32)
+    table = np.asarray(centroids, dtype=np.float32)
+    # |x - c|^2 = |x|^2 + 2 (|c|^2 / 2 - x.c): only the bracket decides the argmin.
+    half_norms = 0.5 * np.einsum("ij,ij->i", table, table)
+    labels = np.empty(len(points), dtype=np.int64)
+    distances = np.empty(len(points), dtype=np.float64)
+    rows = max(256, _DISTANCE_CELLS // len(table))
+
+    def chunk(begin: int) -> None:
+        block = points[begin : begin + rows]
+        scores = half_norms - block @ table.T
+        best = np.argmin(scores, axis=1)
+        labels[begin : begin + rows] = best
+        lowest = np.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+        distances[begin : begin + rows] = np.maximum(np.einsum("ij,ij->i", block, block) + 2.0 * lowest, 0.0)
+
+    starts = range(0, len(points), rows)
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        if len(starts) == 1:
+            chunk(0)
+        else:
+            with ThreadPoolExecutor(_WORKERS) as pool:
+                list(pool.map(chunk, starts))
+    return labels, distances
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """Found once: looking up the loaded BLAS libraries reads /proc and takes ~2 ms."""
+    return ThreadpoolController()
+
+
+def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None,
+                   settings: KMeansSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids [k', dim] (float64, k' <= k: unused ones dropped) and each vector's label.
+
+    Lloyd runs on a sample; then every vector is assigned once and the centroids move to the
+    means of their members, which can only lower the error for those labels.
+    """
+    if len(vectors) <= settings.k:  # an entry for every vector: exact
+        centroids, labels = np.unique(vectors, axis=0, return_inverse=True)
+        return centroids.astype(np.float64), labels.ravel()
+    rng = np.random.default_rng(settings.seed)
+    picked = _sample(len(vectors), settings, rng)
+    sample = vectors[picked]
+    sample_importance = None if importance is None else importance[picked]
+    centroids = _seed(sample, sample_importance, settings, rng)
+    centroids = _lloyd(sample, sample_importance, centroids, settings.iterations)
+    labels, _ = nearest(vectors, centroids)
+    centroids = _means(vectors, importance, labels, centroids)
+    return _drop_unused(centroids, labels)
+
+
+def _sample(count: int, settings: KMeansSettings, rng: np.random.Generator) -> np.ndarray:
+    size = settings.sample or max(_MIN_SAMPLE, _SAMPLE_PER_CENTROID * settings.k)
+    size = max(size, settings.k)
+    if size >= count:
+        return np.arange(count)
+    return np.sort(rng.choice(count, size, replace=False))
+
+
+def _seed(points: np.ndarray, importance: np.ndarray | None, settings: KMeansSettings,
+          rng: np.random.Generator) -> np.ndarray:
+    plus_plus = settings.init == "kmeans++" or (settings.init == "auto" and settings.k <= _KMEANS_PP_MAX_K)
+    if not plus_plus:
+        return points[np.sort(rng.choice(len(points), settings.k, replace=False))].astype(np.float64)
+    if len(points) > _SEED_PER_CENTROID * settings.k:  # each draw costs a pass: seed from fewer
+        picked = np.sort(rng.choice(len(points), _SEED_PER_CENTROID * settings.k, replace=False))
+        points, importance = points[picked], None if importance is None else importance[picked]
+    return _kmeans_plus_plus(points, importance, settings.k, rng)
+
+
+def _kmeans_plus_plus(points: np.ndarray, importance: np.ndarray | None, k: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Each next centroid is a point drawn with probability ~ importance x squared distance
+    to the centroids so far: spread out, and drawn to the tails that carry the error."""
+    weight = np.ones(len(points)) if importance is None else importance
+    chosen = [int(rng.choice(len(points), p=weight / weight.sum()))]
+    closest = weight * _squared_distances(points, points[chosen[0]])
+    for _ in range(1, k):
+        cumulative = np.cumsum(closest)
+        if cumulative[-1] <= 0:  # every point sits on a centroid: the rest go unused
+            chosen += [chosen[0]] * (k - len(chosen))
+            break
+        pick = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(points) - 1)
+        chosen.append(pick)
+        np.minimum(closest, weight * _squared_distances(points, points[pick]), out=closest)
+    return points[chosen].astype(np.float64)
+
+
+def _squared_distances(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    difference = points - centre
+    return np.einsum("ij,ij->i", difference, difference).astype(np.float64)
+
+
+def _lloyd(points: np.ndarray, importance: np.ndarray | None, centroids: np.ndarray, iterations: int) -> np.ndarray:
+    previous = math.inf
+    for _ in range(iterations):
+        labels, distances = nearest(points, centroids)
+        error = float(np.dot(distances, importance) if importance is not None else distances.sum())
+        if error >= previous * (1.0 - _CONVERGED):
+            break
+        previous = error
+        centroids = _means(points, importance, labels, centroids)
+        centroids = _reseed_empty(points, importance, labels, distances, centroids)
+    return centroids
+
+
+def _means(points, importance, labels, centroids) -> np.ndarray:
+    """Each centroid moved to the (importance-weighted) mean of its points; empty ones stay."""
+    k = len(centroids)
+    mass = np.bincount(labels, weights=importance, minlength=k)
+    weighted = points if importance is None else points * importance[:, None]
+    sums = np.stack([np.bincount(labels, weights=weighted[:, j], minlength=k) for j in range(points.shape[1])], axis=1)
+    filled = mass > 0
+    moved = centroids.copy()
+    moved[filled] = sums[filled] / mass[filled, None]
+    return moved
+
+
+def _reseed_empty(points, importance, labels, distances, centroids) -> np.ndarray:
+    """Centroids nobody chose restart at the points that are worst served."""
+    empty = np.flatnonzero(np.bincount(labels, minlength=len(centroids)) == 0)
+    if empty.size == 0:
+        return centroids
+    cost = distances if importance is None else distances * importance
+    worst = np.argsort(-cost, kind="stable")[: empty.size]
+    centroids = centroids.copy()
+    centroids[empty[: worst.size]] = points[worst]
+    return centroids
+
+
+def _drop_unused(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Only centroids some vector uses, in their order, so indices pack into fewer bits."""
+    used, labels = np.unique(labels, return_inverse=True)
+    return centroids[used], labels.ravel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights prepared for clustering, and the fitted stages
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One weight, read, scaled and cut into sub-vectors."""
+
+    weight: WeightRef
+    layout: VectorLayout
+    original: np.ndarray
+    scale_axis: int | None
+    scale_entries: np.ndarray | None  # [1.., C, ..1] as stored
+    scale: np.ndarray | None  # the same in the weight's dtype: what the Mul multiplies by
+    vectors: np.ndarray  # [count, dim] float32, divided by the scale
+    importance: np.ndarray | None  # per sub-vector: its squared scale, mean 1 over the tensor
+
+
+@dataclass
+class Stage:
+    """One codebook and the labels of every sub-vector of the group it was fitted on."""
+
+    entries: np.ndarray  # [k, dim] in the stored dtype
+    values: np.ndarray  # the same cast to the weights' dtype: what the Gather returns
+    labels: np.ndarray  # [group's sub-vectors]
+    shared_name: str | None = None  # set when the table is stored once for a group
+
+    @property
+    def k(self) -> int:
+        return len(self.entries)
+
+
+def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, table_type: int) -> list[Stage]:
+    """Codebooks fitted once over every member's sub-vectors, stage 2 on stage 1's residual."""
+    vectors = np.concatenate([m.vectors for m in members])
+    importance = None
+    if members[0].importance is not None:  # scaled: every member is
+        importance = np.concatenate([m.importance for m in members])
+    weight_type = members[0].weight.dtype
+    fitted = []
+    for stage in range(stages):
+        stage_settings = dataclasses.replace(settings, seed=settings.seed + stage)
+        centroids, labels = kmeans_vectors(vectors, importance, stage_settings)
+        entries = centroids.astype(lookup.np_dtype(table_type))
+        values = entries.astype(lookup.np_dtype(weight_type))
+        fitted.append(Stage(entries, values, labels))
+        vectors = vectors - values[labels].astype(np.float32)  # the next stage codes what is left
+    return fitted
+
+
+def rebuild(member: Member, stage_labels: list[np.ndarray], stages: list[Stage], upto: int | None = None) -> np.ndarray:
+    """What the lookup computes, in the weight's dtype and the order the graph adds/multiplies."""
+    summed = None
+    for stage, labels in list(zip(stages, stage_labels))[:upto]:
+        part = stage.values[labels]
+        summed = part if summed is None else summed + part
+    weight = member.layout.merge(summed)
+    return weight * member.scale if member.scale is not None else weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering
+# ---------------------------------------------------------------------------------------------
+
+
+def emit_vector_lookup(r: Replacement, member: Member, stages: list[Stage], stage_labels: list[np.ndarray],
+                       opset: int, ir_version: int) -> str:
+    """The nodes that rebuild the member's weight; returns the value standing in for it."""
+    layout, weight_type = member.layout, member.weight.dtype
+    summed = None
+    for number, (stage, labels) in enumerate(zip(stages, stage_labels), start=1):
+        suffix = "" if number == 1 else f"_stage{number}"
+        table = stage.shared_name or r.stored(f"{LUT_ROLE_PREFIX}codebook{suffix}", stage.entries)
+        if stage.entries.dtype != stage.values.dtype:  # cast k entries, not every weight
+            table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast{suffix}", to=weight_type)
+        index = lookup.emit_indices(r, labels.reshape(layout.index_shape), stage.k, opset, ir_version)
+        part = r.node("Gather", [table, index], f"{LUT_ROLE_PREFIX}vectors{suffix}", axis=0)
+        summed = part if summed is None else r.node("Add", [summed, part], f"{LUT_ROLE_PREFIX}vectors_sum")
+    out = _to_weight_shape(r, summed, layout)
+    if member.scale is None:
+        return out
+    scale = r.stored(f"{LUT_ROLE_PREFIX}scale", member.scale_entries)
+    if member.scale_entries.dtype != member.scale.dtype:
+        scale = r.node("Cast", [scale], f"{LUT_ROLE_PREFIX}scale_cast", to=weight_type)
+    return r.node("Mul", [out, scale], f"{LUT_ROLE_PREFIX}scaled")
+
+
+def _to_weight_shape(r: Replacement, gathered: str, layout: VectorLayout) -> str:
+    """[outer, blocks, (inner,) dim] -> the weight: dim back before inner, padding cut off."""
+    if layout.inner > 1:
+        gathered = r.node("Transpose", [gathered], f"{LUT_ROLE_PREFIX}transposed", perm=[0, 1, 3, 2])
+    if layout.padding:
+        lines = _reshape(r, gathered, (layout.outer, layout.blocks * layout.dim, layout.inner))
+        ends = r.stored(f"{LUT_ROLE_PREFIX}slice_ends", np.array([layout.length], dtype=np.int64))
+        starts = r.stored(f"{LUT_ROLE_PREFIX}slice_starts", np.array([0], dtype=np.int64))
+        axes = r.stored(f"{LUT_ROLE_PREFIX}slice_axes", np.array([1], dtype=np.int64))
+        gathered = r.node("Slice", [lines, starts, ends, axes], f"{LUT_ROLE_PREFIX}unpadded")
+    return _reshape(r, gathered, layout.shape)
+
+
+def _reshape(r: Replacement, name: str, shape: tuple[int, ...]) -> str:
+    target = r.stored(f"{LUT_ROLE_PREFIX}shape", np.array(shape, dtype=np.int64))
+    return r.node("Reshape", [name, target], f"{LUT_ROLE_PREFIX}reshaped")
+
+
+def dry_run(weight: WeightRef, emit: Callable[[Replacement], str]) -> lookup.LookupCost:
+    """The bytes `emit` stores, counted by emitting into a replacement with names of its own,
+    so the figure is exactly what applying will store and the model's names are untouched."""
+    scratch = dataclasses.replace(weight, model=SimpleNamespace(names=NameAllocator(set())))
+    r = Replacement(scratch)
+    emit(r)
+    return lookup.cost_of(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+
+
+@register
+class CodebookPass(Pass):
+    name = "codebook"
+    summary = "vector quantization: sub-vectors of dim weights share a k-vector codebook (Gather lookups)"
+    lossless = False
+    options = (
+        Option("dim", int, 4, "weights per sub-vector, along the reader's input axis (2, 4 or 8 usual)",
+               low=2, high=8),
+        Option("k", int, 256, "codebook vectors: log2(k)/dim index bits per weight", low=2, high=65536),
+        Option("share", str, "none", "one codebook per tensor, per shape, or for all selected tensors "
+               "(stored once; its cost per weight vanishes on deep models)", choices=("none", "shape", "all")),
+        Option("stages", int, 1, "2: a second codebook codes the first one's residual (twice the index bits)",
+               low=1, high=2),
+        Option("scale", str, "none", "channel: divide each output channel (tensor: each tensor) by its RMS "
+               "before clustering, multiply it back after the lookup", choices=("none", "tensor", "channel")),
+        Option("iterations", int, 20, "Lloyd iterations on the sample (stops early once converged)", low=1),
+        Option("init", str, "auto", "seeding: k-means++, random rows, or auto (k-means++ up to k=1024)",
+               choices=("auto", "kmeans++", "random")),
+        Option("sample", int, 0, "sub-vectors Lloyd runs on before every one is assigned "
+               "(0: max(65536, 16k))", low=0),
+        Option("seed", int, 0, "seed for sampling and seeding: the same seed gives the same bytes", low=0),
+        *(o for o in COMMON_OPTIONS if o.name in _SHARED_OPTION_NAMES),
+    )
+
+    # -- the WeightCodec protocol ------------------------------------------------------------
+
+    def plan(self, ctx: PassContext, weight: WeightRef) -> Plan | str:
+        """This weight alone with its own codebook, whatever `share` says, or the reason it stays."""
+        reason = self.reason_to_skip(ctx.model, weight)
+        if reason is not None:
+            return reason
+        (plan,), _ = self.plan_group(ctx, [weight])
+        return plan
+
+    def plan_group(self, ctx: PassContext, weights: list[WeightRef]) -> tuple[list[Plan], dict[str, Any] | None]:
+        """One codebook fitted over all `weights` and a plan per weight that reads it.
+
+        With several weights the tables are stored here, once, in the innermost scope that
+        encloses them all (returned: names, scope, bytes); a caller that drops the plans should
+        then call `ctx.model.remove_unused_weights()`. A single weight's plan stores its own.
+        """
+        members = [self.prepare(w) for w in weights]
+        stages = self.fit(members)
+        shared = self._store_shared(ctx, members, stages) if len(members) > 1 else None
+        group_weights = sum(m.weight.size for m in members)
+        plans, begin = [], 0
+        for member in members:
+            end = begin + member.layout.count
+            plans.append(self._plan(ctx, member, stages, [s.labels[begin:end] for s in stages], group_weights))
+            begin = end
+        return plans, shared
+
+    def fit(self, members: list[Member]) -> list[Stage]:
+        return fit_stages(members, self._settings(), self.config["stages"], self._table_type(members[0].weight))
+
+    # -- call ----------------------------------------------------------------------------
+
+    def call(self, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        model = ctx.model
+        if model.opset < lookup.MIN_OPSET:
+            result.notes.append(f"opset {model.opset} is below {lookup.MIN_OPSET}, which packed indices "
+                                "need: nothing changed")
+            return result
+        groups = self._select(model, result)
+        tensors, tables = [], []
+        with ctx.progress(f"{self.name}: fitting codebooks", sum(map(len, groups))) as advance:
+            for group in groups:
+                plans, shared = self.plan_group(ctx, group)
+                for plan in plans:
+                    plan.apply()
+                    tensors.append(plan.details)
+                tables += [shared] if shared else []
+                advance(len(group))
+        result.tensors_changed = len(tensors)
+        result.changed = bool(tensors)
+        result.details = self._details(tensors, tables)
+        result.notes.extend(self._notes(tensors))
+        return result
+
+    # -- selection -------------------------------------------------------------------------
+
+    def reason_to_skip(self, model, weight: WeightRef, own_table: bool = True) -> str | None:
+        """Why the weight stays; `own_table=False` leaves a shared table's cost to the group."""
+        reason = WeightFilter.from_config(self.config).reason_to_skip(weight)
+        if reason is not None:
+            return reason
+        opset = scope_opset(weight, model)
+        if opset < lookup.MIN_OPSET:
+            return f"its function imports opset {opset}, below the {lookup.MIN_OPSET} packed indices need"
+        if weight.dtype == TensorProto.BFLOAT16 and self._needs_arithmetic():
+            return "bfloat16 has no Add or Mul in onnxruntime's CPU kernels (use stages=1, scale=none)"
+        layout = vector_layout(weight, self.config["dim"])
+        predicted = self.predicted_bytes(weight, layout, opset, model.proto.ir_version, own_table)
+        if predicted >= weight.nbytes:
+            return f"a codebook lookup would not be smaller ({predicted} bytes for {weight.nbytes})"
+        if not np.isfinite(weight.read()).all():
+            return "holds NaN or infinite values"
+        return None
+
+    def predicted_bytes(self, weight: WeightRef, layout: VectorLayout, opset: int, ir_version: int,
+                        own_table: bool) -> int:
+        """Indices, scales and (unless shared) tables, before fitting: k as asked, or fewer
+        when the weight has fewer sub-vectors."""
+        k = min(self.config["k"], layout.count)
+        index_bytes = lookup.choose_packing(k, opset, ir_version).stored_bytes(layout.count)
+        table_bytes = stored_bytes(self._table_type(weight), (k, layout.dim)) if own_table else 0
+        scale_bytes = 0
+        if self.config["scale"] != "none":
+            axis = channel_scale_axis(weight, layout) if self.config["scale"] == "channel" else None
+            scale_bytes = stored_bytes(self._table_type(weight), (1 if axis is None else weight.shape[axis],))
+        return self.config["stages"] * (index_bytes + table_bytes) + scale_bytes
+
+    def _select(self, model, result: PassResult) -> list[list[WeightRef]]:
+        """The groups of weights that will share a codebook (one weight each with share=none)."""
+        own_table = self.config["share"] == "none"
+        chosen = []
+        for weight in model.weights():
+            reason = self.reason_to_skip(model, weight, own_table)
+            if reason:
+                result.skip(weight.name, reason)
+            else:
+                chosen.append(weight)
+        groups = []
+        for group in self._groups(chosen):
+            reason = self._group_reason_to_skip(model, group)
+            for weight in group if reason else []:
+                result.skip(weight.name, reason)
+            if not reason:
+                groups.append(group)
+        return groups
+
+    def _groups(self, chosen: list[WeightRef]) -> list[list[WeightRef]]:
+        """Weights that share one codebook: per share scope, dtype and root scope (a function
+        body cannot read a table stored outside it)."""
+        if self.config["share"] == "none":
+            return [[w] for w in chosen]
+        groups: dict[tuple, list[WeightRef]] = defaultdict(list)
+        for weight in chosen:
+            root = list(weight.scope.ancestors())[-1]
+            shape = weight.shape if self.config["share"] == "shape" else None
+            groups[(id(root), weight.dtype, shape)].append(weight)
+        return list(groups.values())
+
+    def _group_reason_to_skip(self, model, group: list[WeightRef]) -> str | None:
+        """Whether the group's lookups, with its table stored once, are smaller than its weights."""
+        if self.config["share"] == "none":
+            return None  # checked per weight, table included
+        layouts = [vector_layout(w, self.config["dim"]) for w in group]
+        alone = len(group) == 1
+        predicted = sum(self.predicted_bytes(w, layout, scope_opset(w, model), model.proto.ir_version, alone)
+                        for w, layout in zip(group, layouts))
+        if not alone:
+            k = min(self.config["k"], sum(layout.count for layout in layouts))
+            predicted += self.config["stages"] * stored_bytes(self._table_type(group[0]), (k, self.config["dim"]))
+        before = sum(w.nbytes for w in group)
+        if predicted < before:
+            return None
+        return f"a codebook shared by {len(group)} tensor(s) would not be smaller ({predicted} bytes for {before})"
+
+    # -- preparing and planning --------------------------------------------------------------
+
+    def prepare(self, weight: WeightRef) -> Member:
+        layout = vector_layout(weight, self.config["dim"])
+        original = np.asarray(weight.read())
+        values = original.astype(np.float64)
+        if self.config["scale"] == "none":
+            return Member(weight, layout, original, None, None, None, layout.split(values).astype(np.float32), None)
+        axis = channel_scale_axis(weight, layout) if self.config["scale"] == "channel" else None
+        entries = _storable(_rms(values, axis), lookup.np_dtype(self._table_type(weight)))
+        scale = entries.astype(original.dtype)
+        normalised = values / scale.astype(np.float64)
+        # Squared scales weight the k-means by each sub-vector's error in the weight itself;
+        # their mean is 1 per tensor, so in a shared codebook every tensor counts by its size
+        # and its relative error, however small its values.
+        squares = scale.astype(np.float64) ** 2
+        importance = layout.split(np.broadcast_to(squares / squares.mean(), values.shape))[:, 0]
+        return Member(weight, layout, original, axis, entries, scale,
+                      layout.split(normalised).astype(np.float32), importance)
+
+    def _plan(self, ctx: PassContext, member: Member, stages: list[Stage], labels: list[np.ndarray],
+              group_weights: int) -> Plan:
+        weight, model = member.weight, ctx.model
+        opset, ir_version = scope_opset(weight, model), model.proto.ir_version
+
+        def emit(r: Replacement) -> str:
+            return emit_vector_lookup(r, member, stages, labels, opset, ir_version)
+
+        reconstruction = rebuild(member, labels, stages)
+        cost = dry_run(weight, emit)
+        packing = "+".join(lookup.choose_packing(s.k, opset, ir_version).name for s in stages)
+        details = self._tensor_details(member, stages, labels, reconstruction, cost, packing)
+        shared_bytes = sum(s.entries.nbytes for s in stages if s.shared_name)
+        details["shared_codebook_bits_per_weight"] = round(8.0 * shared_bytes / group_weights, 3)
+        return Plan(weight, reconstruction, cost.total_bytes, emit, details)
+
+    def _store_shared(self, ctx: PassContext, members: list[Member], stages: list[Stage]) -> dict[str, Any]:
+        """Each stage's table stored once where every member can read it."""
+        home = common_scope([m.weight.scope for m in members])
+        shape = members[0].weight.shape
+        base = "codebook.shared" + ("" if self.config["share"] == "all" else "." + "x".join(map(str, shape)))
+        for number, stage in enumerate(stages, start=1):
+            role = f"{LUT_ROLE_PREFIX}codebook" + ("" if number == 1 else f"_stage{number}")
+            stage.shared_name = ctx.model.add_shared_tensor(home, f"{base}.{role}", stage.entries)
+        return {
+            "names": [s.shared_name for s in stages],
+            "scope": home.path,
+            "members": len(members),
+            "k": [s.k for s in stages],
+            "bytes": sum(s.entries.nbytes for s in stages),
+            "weights": sum(m.weight.size for m in members),
+        }
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def _tensor_details(self, member: Member, stages: list[Stage], labels: list[np.ndarray],
+                        reconstruction: np.ndarray, cost: lookup.LookupCost, packing: str) -> dict[str, Any]:
+        weight, layout = member.weight, member.layout
+        scale_bytes = 0 if member.scale_entries is None else member.scale_entries.nbytes
+        shared_bytes = sum(s.entries.nbytes for s in stages if s.shared_name)
+        details = {
+            "name": weight.name,
+            "shape": list(weight.shape),
+            "vector_axes": layout.axes,
+            "padded_values": layout.padding * layout.outer * layout.inner,
+            "dim": layout.dim,
+            "k": [s.k for s in stages],
+            "shared_codebooks": [s.shared_name for s in stages if s.shared_name],
+            "scale": _scale_label(member),
+            "weights": weight.size,
+            "bytes_before": weight.nbytes,
+            "bytes_after": cost.total_bytes,
+            "index_bytes": cost.index_bytes,
+            "codebook_bytes": cost.table_bytes - scale_bytes,  # this tensor's own tables
+            "shared_codebook_bytes": shared_bytes,  # stored once for the group, not in bytes_after
+            # (shared_codebook_bits_per_weight spreads it over the group's weights)
+            "scale_bytes": scale_bytes,
+            "other_bytes": cost.other_bytes,
+            "packing": packing,
+            "nominal_bits_per_weight": round(sum(math.log2(max(s.k, 2)) for s in stages) / layout.dim, 3),
+            "index_bits_per_weight": round(8.0 * cost.index_bytes / weight.size, 3),
+            "bits_per_weight": round(8.0 * cost.total_bytes / weight.size, 3),
+            "sqnr_db": _finite_or_none(_sqnr_db(member.original, reconstruction.astype(np.float64))),
+        }
+        if len(stages) > 1:
+            first = rebuild(member, labels, stages, upto=1)
+            details["sqnr_db_stage1"] = _finite_or_none(_sqnr_db(member.original, first.astype(np.float64)))
+        return details
+
+    def _details(self, tensors: list[dict[str, Any]], tables: list[dict[str, Any]]) -> dict[str, Any]:
+        """Overall figures: shared tables counted once, rates over every compressed weight."""
+        c = self.config
+        values = sum(t["weights"] for t in tensors)
+        shared = sum(t["bytes"] for t in tables)
+        after = shared + sum(t["bytes_after"] for t in tensors)
+
+        def bits(nbytes: int) -> float | None:
+            return round(8.0 * nbytes / values, 3) if values else None
+
+        return {
+            "method": self.name,
+            **{key: c[key] for key in ("share", "dim", "k", "stages", "scale")},
+            "bytes_before": sum(t["bytes_before"] for t in tensors),
+            "bytes_after": after,
+            "nominal_bits_per_weight": round(c["stages"] * math.log2(c["k"]) / c["dim"], 3),
+            "bits_per_weight": bits(after),
+            "index_bits_per_weight": bits(sum(t["index_bytes"] for t in tensors)),
+            "codebook_bits_per_weight": bits(shared + sum(t["codebook_bytes"] for t in tensors)),
+            "scale_bits_per_weight": bits(sum(t["scale_bytes"] for t in tensors)),
+            "codebooks_stored": sum(len(t["names"]) for t in tables)
+            + sum(len(t["k"]) - len(t["shared_codebooks"]) for t in tensors),
+            "shared_codebooks": tables,
+            "min_sqnr_db": min((t["sqnr_db"] for t in tensors if t["sqnr_db"] is not None), default=None),
+            "tensors": tensors,
+        }
+
+    def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
+        notes = []
+        if any(t["codebook_bytes"] > t["index_bytes"] for t in tensors):
+            notes.append("some codebooks outweigh their indices (see details.tensors): share=shape or "
+                         "share=all stores one codebook for many tensors")
+        if self.config["scale"] == "channel" and any(t["scale"] == "tensor" for t in tensors):
+            notes.append("some tensors have no output-channel axis the sub-vectors leave whole "
+                         "(1-D, or the vectors cross it): they get one scale for the tensor")
+        return notes
+
+    # -- small helpers -------------------------------------------------------------------------
+
+    def _settings(self) -> KMeansSettings:
+        c = self.config
+        return KMeansSettings(c["k"], c["iterations"], c["init"], c["sample"], c["seed"])
+
+    def _table_type(self, weight: WeightRef) -> int:
+        requested = helper.np_dtype_to_tensor_dtype(np.dtype(self.config["codebook_dtype"]))
+        return lookup.table_dtype(weight.dtype, requested)
+
+    def _needs_arithmetic(self) -> bool:
+        return self.config["stages"] > 1 or self.config["scale"] == "channel"
+
+
+def _scale_label(member: Member) -> str | None:
+    if member.scale is None:
+        return None
+    return "tensor" if member.scale_axis is None else f"channel axis {member.scale_axis}"
+
+
+def _storable(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The scales in their stored type; one that type cannot hold (float16 overflows past 65504
+    and flushes tiny values to 0) becomes 1, which leaves that channel unscaled but exact."""
+    stored = scale.astype(dtype)
+    return np.where(np.isfinite(stored) & (stored > 0), stored, np.ones((), dtype))
+
+
+def _rms(values: np.ndarray, axis: int | None) -> np.ndarray:
+    """Each output channel's RMS (the tensor's, without an axis), shaped to broadcast against
+    the weight; 1 where all values are zero."""
+    others = tuple(a for a in range(values.ndim) if a != axis)
+    rms = np.sqrt(np.mean(values**2, axis=others, keepdims=True))
+    return np.where(rms > 0, rms, 1.0)
