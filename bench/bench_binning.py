@@ -21,7 +21,6 @@ against loading and saving the same model untouched.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from graphpass.model import load_model, save_model, serialized_bytes
 from graphpass.verify import Budget, synthesize_inputs, verify
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpass wins
 METHODS = ("kmeans", "uniform", "adaptive", "gmm", "ternary", "binary")
 GRANULARITIES = ("tensor", "channel", "group")
 FIXED_BITS = {"gmm": [4], "ternary": [1.6], "binary": [1]}  # what the codebook size implies
@@ -180,11 +180,10 @@ def _fmt(value, pattern: str) -> str:
 
 
 def fixture_path(name: str, folder: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("graphpass_fixtures_generate", ROOT / "fixtures" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from fixtures import generate
+
     path = folder / f"{name}.onnx"
-    module.write(module.build(name), str(path))
+    generate.write(generate.build(name), str(path))
     return path
 
 

@@ -28,7 +28,6 @@ Tables (figures only; nothing is asserted):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from graphpass.model import load_model, save_model
 from graphpass.verify import Budget, synthesize_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpass wins
 NO_BUDGET = Budget()  # structural checks only: the tables report the error, they do not judge it
 
 # Per rate: the scalar baseline first, then the codebook settings compared with it.
@@ -203,19 +203,15 @@ def verdicts(rows: list[Row]) -> list[str]:
 
 
 def fixture_model(name: str) -> onnx.ModelProto:
-    spec = importlib.util.spec_from_file_location("graphpass_fixtures_generate", ROOT / "fixtures" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(name)
+    from fixtures import generate
+
+    return generate.build(name)
 
 
 def bert_path() -> Path:
-    path = ROOT / "fixtures" / "real_models.py"
-    spec = importlib.util.spec_from_file_location("graphpass_fixtures_real_models", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.fetch("paraphrase_minilm_l3")
+    from fixtures import real_models
+
+    return real_models.fetch("paraphrase_minilm_l3")
 
 
 def bert_inputs() -> dict[str, np.ndarray]:

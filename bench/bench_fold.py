@@ -19,7 +19,6 @@ what gives stable pairs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,9 @@ from graphpass.edit import Model
 from graphpass.scopes import iter_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpass wins
+
+from fixtures import generate, real_models  # noqa: E402
 BATCH, SEQ = 1, 128
 SESSION_REPEATS = 3
 
@@ -52,14 +54,6 @@ class Variant:
     run_ms: float = 0.0  # median
     best_ms: float = 0.0  # minimum: what the model costs when the machine leaves it alone
     ratio: float = 1.0
-
-
-def load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_variant(label: str, source: Path, spec: str | None, out: Path) -> Variant:
@@ -159,12 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--more", action="store_true", help="also the int8 MiniLM-L6 and the T5 encoder")
     args = parser.parse_args(argv)
 
-    fixtures = load_module("graphpass_fixtures_generate", ROOT / "fixtures" / "generate.py")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-fold-") as tmp:
         work = Path(tmp)
         for name in ("transformer", "albert"):
-            fixtures.write(fixtures.build(name), str(work / f"{name}.onnx"))
+            generate.write(generate.build(name), str(work / f"{name}.onnx"))
         rows += case("transformer", work / "transformer.onnx", [
             ("unrolled", None), ("fold (auto: scan)", "fold"), ("fold(mode=loop)", "fold(mode=loop)"),
         ], work, args, (0, 512))  # fmt: skip
@@ -172,15 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             ("unrolled", None), ("tie", "tie"), ("tie,fold (loop)", "tie,fold"), ("fold alone", "fold"),
         ], work, args, (0, 512))  # fmt: skip
         if not args.no_real:
-            real = load_module("graphpass_real_models", ROOT / "fixtures" / "real_models.py")
-            rows += case("paraphrase_minilm_l3", real.fetch("paraphrase_minilm_l3"), [
+            rows += case("paraphrase_minilm_l3", real_models.fetch("paraphrase_minilm_l3"), [
                 ("unrolled", None), ("fold (auto: scan)", "fold"), ("fold(mode=loop)", "fold(mode=loop)"),
             ], work, args, (1000, 2000))  # fmt: skip
             if args.more:
-                rows += case("minilm_l6_int8", real.fetch("minilm_l6_int8"), [
+                rows += case("minilm_l6_int8", real_models.fetch("minilm_l6_int8"), [
                     ("unrolled", None), ("fold (auto: scan)", "fold"),
                 ], work, args, (1000, 2000))  # fmt: skip
-                rows += case("t5_title_encoder", real.fetch("t5_title_encoder"), [
+                rows += case("t5_title_encoder", real_models.fetch("t5_title_encoder"), [
                     ("unrolled", None), ("fold (auto: scan)", "fold"),
                 ], work, args, (10, 2000))  # fmt: skip
     threads = args.threads or "default"

@@ -13,25 +13,12 @@ smoke run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-
-def load_binning():
-    try:
-        from graphpass import binning
-    except ImportError:  # package not assembled yet: load the module by path
-        path = Path(__file__).resolve().parents[1] / "graphpass" / "binning.py"
-        spec = importlib.util.spec_from_file_location("graphpass_binning", path)
-        binning = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = binning
-        spec.loader.exec_module(binning)
-    return binning
+from graphpass import binning
 
 
 def heavy_tailed(shape, seed: int = 0) -> np.ndarray:
@@ -96,7 +83,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     args = parser.parse_args()
-    binning = load_binning()
     sizes = [100_000, 200_000] if args.quick else [1_000_000, 4_000_000]
     channel_groups, channel_sample = (96, 16) if args.quick else (768, 96)
 

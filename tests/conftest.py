@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = REPO_ROOT / "fixtures"
+# Appended, not prepended: the installed graphpass still wins, while `fixtures` (never
+# installed) comes from the checkout.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
 
 
 def load_fixture_module() -> ModuleType:
-    """Import fixtures/generate.py by path (fixtures/ is not an installed package)."""
-    name = "graphpass_fixtures_generate"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, FIXTURES_DIR / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """fixtures/generate.py, the fixture model generator."""
+    from fixtures import generate
 
+    return generate
 
 import pytest  # noqa: E402
 

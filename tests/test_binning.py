@@ -7,24 +7,14 @@ KMeans(n_init=1, random_state=0) on realistic tensors (the bar to beat).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-try:
-    from graphpass import binning
-except ImportError:  # package not assembled yet: load the module by path
-    _path = Path(__file__).resolve().parents[1] / "graphpass" / "binning.py"
-    _spec = importlib.util.spec_from_file_location("graphpass_binning", _path)
-    binning = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = binning  # dataclasses look the module up
-    _spec.loader.exec_module(binning)
+from graphpass import binning
 
 
 # ---------------------------------------------------------------------------

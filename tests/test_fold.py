@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import FIXTURES_DIR, load_fixture_module
+from conftest import load_fixture_module
+from fixtures import real_models
 
 import graphpass
 from graphpass.blocks import RepeatedBlocks, describe_runs, render_runs
@@ -303,18 +302,10 @@ def test_lookup_weights_stack_indices_and_share_the_codebook(fixtures):
 # -- a real exporter's BERT -----------------------------------------------------------------
 
 
-def _real_models():
-    spec = importlib.util.spec_from_file_location("graphpass_real_models", FIXTURES_DIR / "real_models.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bert_path():
     try:
-        return _real_models().fetch("paraphrase_minilm_l3")
+        return real_models.fetch("paraphrase_minilm_l3")
     except Exception as exc:  # no network and no cache: nothing to test against
         pytest.skip(f"paraphrase_minilm_l3 unavailable: {exc}")
 

@@ -6,8 +6,6 @@ verified in onnxruntime against the original at both optimization levels.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import numpy as np
 import pytest
@@ -17,21 +15,12 @@ from graphpass.cli import main
 from graphpass.edit import Model
 from graphpass.model import load_model
 from graphpass.verify import Budget, verify
-from conftest import FIXTURES_DIR
-
-
-def _real_models():
-    name = "graphpass_fixtures_real_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, FIXTURES_DIR / "real_models.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+import conftest  # noqa: F401  (makes `fixtures` importable)
+from fixtures import real_models
 
 
 def fetch(name: str):
-    return _real_models().fetch(name)
+    return real_models.fetch(name)
 
 
 def _ids(rng, vocab, shape=(2, 12)):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import re
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -26,18 +24,8 @@ from onnx.external_data_helper import set_external_data
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_module():
-    name = "graphpass_real_models"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "fixtures" / "real_models.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rm = _load_module()
+import conftest  # noqa: F401,E402  (makes `fixtures` importable)
+from fixtures import real_models as rm  # noqa: E402
 
 
 @pytest.fixture
