@@ -394,3 +394,16 @@ def test_candidate_with_external_data_loads_from_path(tmp_path, weight):
     model = matmul_model(weight)
     result = gv.verify(model, candidate, gv.synthesize_inputs(model), gv.LOSSLESS_BUDGET)
     assert result.passed and result.outputs["y"].max_abs_error == 0.0
+
+
+def test_budget_can_apply_to_some_outputs_only():
+    weight = np.eye(4, dtype=np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Identity", ["x"], ["b"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("a", "b")]
+    reference = _model(nodes, inputs, outputs, [numpy_helper.from_array(weight, "W")])
+    candidate = _model(nodes, inputs, outputs, [numpy_helper.from_array(weight * 1.5, "W")])
+    feeds = {"x": np.ones((1, 4), np.float32)}
+    assert not gv.verify(reference, candidate, feeds, TIGHT).passed
+    only_b = gv.verify(reference, candidate, feeds, TIGHT, budget_outputs=["b"])
+    assert only_b.passed and only_b.outputs["a"].max_abs_error == pytest.approx(0.5)
