@@ -7,6 +7,12 @@ every group with the numeric engine `graphpass.binning`, and replaces the weight
 (`graphpass.lookup`): packed indices plus a small table, rebuilt in the graph. The classes at
 the end only say how they fit and which options they add.
 
+Every pass here is a `graphpass.codec.WeightCodec`: `plan(ctx, weight)` fits one weight and
+returns its exact reconstruction (what onnxruntime will compute), its real stored bytes (from
+emitting once into a scratch replacement) and the emitter; `call` plans every selected weight,
+two fits at a time, and applies the plans in order. `auto` plans many settings per weight and
+applies only the ones it keeps.
+
 Spec syntax: `include=` and `exclude=` take `|`-separated tokens (commas separate options); a
 token matches a weight when one of its readers has that op type (MatMul, Gemm, Conv, Gather,
 ...) or when the weight's name matches it as an fnmatch pattern (`*.attn.*`).
@@ -21,8 +27,7 @@ drift of ~1e-2 relative at ORT_ENABLE_ALL that ORT_DISABLE_ALL does not show.
 
 from __future__ import annotations
 
-import fnmatch
-import math
+import dataclasses
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,11 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper
+from onnx import TensorProto
 
 from graphpass import binning, lookup
+from graphpass.codec import (
+    CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, layout_for, scope_opset, sqnr_db, sqnr_figure,
+)
 from graphpass.lookup import Layout, Outliers
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.scopes import NameAllocator
 from graphpass.weights import Replacement, WeightRef
 
 # Fitting is numpy work that releases the GIL for long stretches: two threads use both cores.
@@ -47,128 +56,15 @@ COMMON_OPTIONS = (
            "of group_size values of an output channel; each codebook costs k entries, so channel and "
            "group only pay on large channels", choices=("tensor", "channel", "group")),
     Option("group_size", int, 128, "values per codebook with granularity=group", low=2),
-    Option("min_size", int, 1024, "leave weights with fewer values as they are", low=1),
-    Option("include", str, "", "only these weights: |-separated reader op types and name patterns"),
-    Option("exclude", str, "", "not these weights: |-separated reader op types and name patterns"),
-    Option("codebook_dtype", str, "float32", "how codebook entries are stored (never wider than the weight)",
-           choices=("float32", "float16")),
+    *WEIGHT_FILTER_OPTIONS,
+    CODEBOOK_DTYPE_OPTION,
     Option("outliers", float, 0.0, "percent of each tensor's largest magnitudes kept exactly", low=0.0, high=10.0),
 )
 
+# Options whose effect a weight's layout and codebook size say in full (see effect_key).
+_SHAPING_OPTIONS = frozenset({"bits", "k", "granularity", "group_size"})
+
 _CODEBOOK_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
-
-# Ops whose float inputs are quantization parameters or already-quantized data.
-_QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "MatMulInteger", "ConvInteger", "MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul",
-})
-# (op type, input index) of inputs that are shapes, sizes, axes or index ranges, not data.
-_SHAPE_LIKE_INPUTS = frozenset({
-    ("Reshape", 1), ("Expand", 1), ("Tile", 1), ("ConstantOfShape", 0), ("Range", 0), ("Range", 1),
-    ("Range", 2), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4), ("Pad", 1), ("Pad", 3),
-    ("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("TopK", 1), ("Squeeze", 1),
-    ("Unsqueeze", 1), ("Split", 1), ("OneHot", 1), ("CumSum", 1), ("Gather", 1), ("GatherElements", 1),
-    ("GatherND", 1), ("ScatterND", 1), ("ScatterElements", 1), ("NonMaxSuppression", 2),
-})
-
-
-# ---------------------------------------------------------------------------------------------
-# Which weights
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WeightFilter:
-    include: tuple[str, ...]
-    exclude: tuple[str, ...]
-    min_size: int
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> WeightFilter:
-        return cls(_tokens(config["include"]), _tokens(config["exclude"]), config["min_size"])
-
-    def reason_to_skip(self, weight: WeightRef) -> str | None:
-        """Why this weight stays as it is, or None when it is shared."""
-        if lookup.is_lookup_table(weight):
-            return "a lookup table stored by an earlier run (codebook or indices)"
-        if not weight.is_float:
-            kind = helper.tensor_dtype_to_string(weight.dtype).removeprefix("TensorProto.").lower()
-            return f"not a float tensor ({kind}): integer, quantized or index data"
-        if weight.overridable:
-            return "initializer is also a graph input, so a caller may override it"
-        if weight.consumer_ops & _QUANTIZED_OPS:
-            return "read by a quantized op (" + ", ".join(sorted(weight.consumer_ops & _QUANTIZED_OPS)) + ")"
-        if any(reader in _SHAPE_LIKE_INPUTS for reader in weight.consumers):
-            return "read as a shape, size or index input"
-        if not weight.consumers:
-            return "nothing reads it"
-        if weight.size < self.min_size:
-            return f"{weight.size} value{'s' if weight.size != 1 else ''}, below min_size={self.min_size}"
-        if self.include and not _matches(weight, self.include):
-            return f"not selected by include={'|'.join(self.include)}"
-        if _matches(weight, self.exclude):
-            return f"excluded by exclude={'|'.join(self.exclude)}"
-        return None
-
-
-def _tokens(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split("|") if t.strip())
-
-
-def _matches(weight: WeightRef, tokens: tuple[str, ...]) -> bool:
-    return any(t in weight.consumer_ops or fnmatch.fnmatchcase(weight.name, t) for t in tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout: the output channel of each weight
-# ---------------------------------------------------------------------------------------------
-
-
-def output_channel_axis(weight: WeightRef) -> int | None:
-    """The axis that indexes output channels, from the first reader that tells; else axis 0."""
-    rank = len(weight.shape)
-    if rank < 2:
-        return None
-    for node, index in weight.reader_nodes():
-        axis = _reader_channel_axis(node, index, rank)
-        if axis is not None:
-            return axis
-    return 0
-
-
-def _reader_channel_axis(node: NodeProto, index: int, rank: int) -> int | None:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "MatMul":  # [.., in, out] on the right, [.., out, in] on the left
-        return rank - 1 if index == 1 else rank - 2
-    if node.op_type == "Gemm" and index in (0, 1):
-        transposed = attrs.get("transB" if index == 1 else "transA", 0)
-        return (1 - transposed) if index == 1 else transposed
-    if node.op_type in ("Conv", "ConvTranspose") and index == 1:
-        return 0  # Conv: [out, in, kh, kw]; ConvTranspose: input channels, the end axis nearest
-    if node.op_type == "Gather" and index == 0:
-        return attrs.get("axis", 0) % rank  # one row per token
-    return None
-
-
-def scope_opset(weight: WeightRef, model) -> int:
-    """The default-domain opset the weight's nodes run at: a model-local function's own import,
-    else the model's (subgraphs share it)."""
-    root = list(weight.scope.ancestors())[-1]
-    if root.is_function:
-        for entry in root.body.opset_import:
-            if entry.domain in ("", "ai.onnx"):
-                return entry.version
-    return model.opset
-
-
-def layout_for(weight: WeightRef, granularity: str, group_size: int) -> Layout:
-    if granularity == "tensor":
-        return Layout.per_tensor(weight.shape)
-    axis = output_channel_axis(weight)
-    if granularity == "channel":
-        return Layout.per_channel(weight.shape, axis)
-    return Layout.per_group(weight.shape, axis, group_size)
-
 
 # ---------------------------------------------------------------------------------------------
 # The engine
@@ -181,10 +77,17 @@ class Job:
 
     weight: WeightRef
     layout: Layout
-    values: np.ndarray  # [groups, group_size], float32 or float64, outliers clipped
-    original: np.ndarray  # the same before clipping, for the error figure
+    values: np.ndarray | None  # [groups, group_size], float32 or float64, outliers clipped
+    original: np.ndarray | None  # the same before clipping, for the error figure
     outliers: Outliers | None
     outlier_mask: np.ndarray | None  # [groups, group_size]
+    opset: int  # of the weight's scope: decides packings and lowerings
+    ir_version: int
+    sample_weight: np.ndarray | None = None  # [groups, group_size]: how much each value's error counts
+
+    def for_emit(self) -> Job:
+        """The job without its weight-sized arrays: all that emitting needs, so a plan stays small."""
+        return dataclasses.replace(self, values=None, original=None, outlier_mask=None, sample_weight=None)
 
 
 @dataclass
@@ -193,6 +96,7 @@ class Fit:
     labels: np.ndarray  # [groups, group_size]
     sqnr_db: float
     extra: dict[str, Any] = field(default_factory=dict)
+    rebuilt: np.ndarray | None = None  # [groups, group_size] float64: exactly what the emitted nodes compute
 
 
 class BinningPass(Pass):
@@ -200,6 +104,8 @@ class BinningPass(Pass):
 
     lossless = False
     method_options: ClassVar[tuple[Option, ...]] = ()
+    # Methods whose fit can weight each value's error (binning.kmeans's sample_weight).
+    supports_value_weight: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -209,24 +115,42 @@ class BinningPass(Pass):
         """Codebook per row of `values` [groups, n]; extra figures for the report."""
         raise NotImplementedError
 
+    def fit_weighted(self, values: np.ndarray, sample_weight: np.ndarray) -> tuple[binning.Binning, dict[str, Any]]:
+        """`fit_groups` with each value's squared error weighted (when supports_value_weight)."""
+        raise NotImplementedError
+
     def call(self, ctx: PassContext) -> PassResult:
         result = PassResult()
         model = ctx.model
         if model.opset < lookup.MIN_OPSET:
-            result.notes.append(f"opset {model.opset} has no GatherElements (opset {lookup.MIN_OPSET}): "
-                                "nothing changed")
+            result.notes.append(f"{_no_lookup(model.opset)}: nothing changed")
             return result
         chosen = self._select(model, result)
         tensors = []
         with ctx.progress(f"{self.name}: sharing weight values", len(chosen)) as advance:
-            for job, fit in self._fitted(chosen):
-                tensors.append(self._replace(ctx, job, fit))
+            for plan in self._planned(chosen):
+                plan.apply()
+                tensors.append(plan.details)
                 advance(1)
         result.tensors_changed = len(tensors)
         result.changed = bool(tensors)
         result.details = self._details(tensors)
         result.notes.extend(self._notes(tensors))
         return result
+
+    def plan(self, ctx: PassContext, weight: WeightRef, *, value_weight: np.ndarray | None = None) -> Plan | str:
+        """This pass's plan for one weight (graphpass.codec.WeightCodec), or why it stays as it is.
+
+        `value_weight` (broadcastable to the weight) says how much each value's squared error
+        counts, e.g. the energy of the activations it multiplies; methods that cannot weight
+        their fit (`supports_value_weight` False) ignore it.
+        """
+        if ctx.model.opset < lookup.MIN_OPSET:
+            return _no_lookup(ctx.model.opset)
+        found = self._layout_or_reason(weight, ctx.model)
+        if isinstance(found, str):
+            return found
+        return self._plan_job(self._job(weight, found, value_weight))
 
     def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
         if any(t["table_bytes"] > t["index_bytes"] for t in tensors):
@@ -238,20 +162,37 @@ class BinningPass(Pass):
         """Entries per codebook row before fitting, to predict what a lookup costs."""
         return _entries(self.config)
 
+    def expected_bytes(self, weight: WeightRef, model) -> int:
+        return self.predicted_bytes(weight, self._layout(weight), scope_opset(weight, model), model.proto.ir_version)
+
+    def effect_key(self, weight: WeightRef) -> tuple:
+        layout = self._layout(weight)
+        others = tuple(sorted((k, v) for k, v in self.config.items() if k not in _SHAPING_OPTIONS))
+        return (self.name, self.codebook_entries(), layout.granularity, layout.group_size, others)
+
+    def row_local(self, weight: WeightRef) -> bool:
+        layout = self._layout(weight)
+        return layout.granularity != "tensor" and layout.channel_axis == 0
+
+    def _layout(self, weight: WeightRef) -> Layout:
+        return layout_for(weight, self.config["granularity"], self.config["group_size"])
+
     def _select(self, model, result: PassResult) -> list[tuple[WeightRef, Layout]]:
-        weight_filter = WeightFilter.from_config(self.config)
         chosen = []
         for weight in model.weights():
-            reason = weight_filter.reason_to_skip(weight)
-            layout = None
-            if reason is None:
-                layout = layout_for(weight, self.config["granularity"], self.config["group_size"])
-                reason = self._unfit(weight, layout, model)
-            if reason:
-                result.skip(weight.name, reason)
+            found = self._layout_or_reason(weight, model)
+            if isinstance(found, str):
+                result.skip(weight.name, found)
             else:
-                chosen.append((weight, layout))
+                chosen.append((weight, found))
         return chosen
+
+    def _layout_or_reason(self, weight: WeightRef, model) -> Layout | str:
+        reason = WeightFilter.from_config(self.config).reason_to_skip(weight)
+        if reason:
+            return reason
+        layout = self._layout(weight)
+        return self._unfit(weight, layout, model) or layout
 
     def _unfit(self, weight: WeightRef, layout: Layout, model) -> str | None:
         """Reasons found by looking closer: the scope's opset, the values, the predicted size."""
@@ -276,22 +217,19 @@ class BinningPass(Pass):
 
     # -- fitting ---------------------------------------------------------------------------
 
-    def _fitted(self, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[tuple[Job, Fit]]:
-        """Fits in order, two at a time. Weights are read here, on the calling thread, because
-        replacing a weight edits the protobuf lists that reading walks."""
-        pending: deque[tuple[Job, Future]] = deque()
+    def _planned(self, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
+        """Plans in order, two at a time. Weights are read here, on the calling thread, because
+        applying a plan edits the protobuf lists that reading walks."""
+        pending: deque[Future] = deque()
         with ThreadPoolExecutor(_WORKERS) as pool:
             for weight, layout in chosen:
-                job = self._job(weight, layout)
-                pending.append((job, pool.submit(self._fit, job)))
+                pending.append(pool.submit(self._plan_job, self._job(weight, layout)))
                 if len(pending) >= _IN_FLIGHT:
-                    done, future = pending.popleft()
-                    yield done, future.result()
+                    yield pending.popleft().result()
             while pending:
-                done, future = pending.popleft()
-                yield done, future.result()
+                yield pending.popleft().result()
 
-    def _job(self, weight: WeightRef, layout: Layout) -> Job:
+    def _job(self, weight: WeightRef, layout: Layout, value_weight: np.ndarray | None = None) -> Job:
         array = np.asarray(weight.read())
         work_type = np.float64 if array.dtype == np.float64 else np.float32
         array = array.astype(work_type)
@@ -302,15 +240,26 @@ class BinningPass(Pass):
             flat_mask = np.zeros(array.size, dtype=bool)
             flat_mask[outliers.positions] = True
             mask = layout.split(flat_mask)
-        return Job(weight, layout, layout.split(clipped), layout.split(array), outliers, mask)
+        sample_weight = None
+        if value_weight is not None and self.supports_value_weight:
+            sample_weight = layout.split(np.broadcast_to(np.asarray(value_weight, dtype=np.float64), array.shape))
+        return Job(weight, layout, layout.split(clipped), layout.split(array), outliers, mask,
+                   scope_opset(weight, weight.model), weight.model.proto.ir_version, sample_weight)
 
     def _fit(self, job: Job) -> Fit:
-        found, extra = self.fit_groups(job.values)
+        if job.sample_weight is None:
+            found, extra = self.fit_groups(job.values)
+        else:
+            found, extra = self.fit_weighted(job.values, job.sample_weight)
         codebook, labels = self.final_codebook(found)
-        rebuilt = np.take_along_axis(self._stored_values(job.weight, codebook), labels.astype(np.intp), axis=1)
+        rebuilt = self.rebuilt_groups(job, codebook, labels)
         if job.outlier_mask is not None:
             rebuilt = np.where(job.outlier_mask, job.original, rebuilt)
-        return Fit(codebook, labels, _sqnr_db(job.original, rebuilt), extra)
+        return Fit(codebook, labels, sqnr_db(job.original, rebuilt), extra, rebuilt)
+
+    def rebuilt_groups(self, job: Job, codebook: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """[groups, group_size] float64: the values the emitted lookup produces, before outliers."""
+        return np.take_along_axis(self._stored_values(job.weight, codebook), labels.astype(np.intp), axis=1)
 
     def final_codebook(self, found: binning.Binning) -> tuple[np.ndarray, np.ndarray]:
         """The codebook to store: unused entries dropped, so indices pack into fewer bits."""
@@ -321,26 +270,41 @@ class BinningPass(Pass):
 
     # -- rewriting -------------------------------------------------------------------------
 
-    def _replace(self, ctx: PassContext, job: Job, fit: Fit) -> dict[str, Any]:
-        weight, model = job.weight, ctx.model
-        r = Replacement(weight)
-        out, how = self.emit(r, job, fit, scope_opset(weight, model), model.proto.ir_version)
-        if job.outliers is not None:
-            out = lookup.emit_outliers(r, out, job.outliers, weight.shape)
-        weight.replace_with(r, result=out)
-        cost = lookup.cost_of(r, how)
-        return {
+    def _plan_job(self, job: Job) -> Plan:
+        """Fit, then everything the plan promises: the exact reconstruction and the real stored
+        bytes, measured by emitting once into a scratch replacement (same nodes, private names)."""
+        fit = self._fit(job)
+        weight = job.weight
+        reconstruction = job.layout.merge(fit.rebuilt).reshape(weight.shape).astype(lookup.np_dtype(weight.dtype))
+        # The emitter keeps codebook, labels and layout only: a plan waiting to be applied stays small.
+        slim_job, slim_fit = job.for_emit(), dataclasses.replace(fit, rebuilt=None)
+
+        def emit(r: Replacement) -> str:
+            return self._emit_all(r, slim_job, slim_fit)[0]
+
+        scratch = Replacement(dataclasses.replace(weight, model=_ScratchNames()))
+        cost = lookup.cost_of(scratch, self._emit_all(scratch, slim_job, slim_fit)[1])
+        details = {
             "name": weight.name,
             "shape": list(weight.shape),
             "granularity": job.layout.granularity,
             "group_size": job.layout.group_size,
             "groups": job.layout.groups,
             "k": int(fit.codebook.shape[1]),
-            "sqnr_db": _finite_or_none(fit.sqnr_db),
+            "sqnr_db": sqnr_figure(fit.sqnr_db),
             "outliers": 0 if job.outliers is None else int(job.outliers.positions.size),
             **cost.to_dict(),
             **fit.extra,
         }
+        return Plan(weight, reconstruction, cost.total_bytes, emit, details)
+
+    def _emit_all(self, r: Replacement, job: Job, fit: Fit) -> tuple[str, str]:
+        """The lookup (or lowering) and its outlier patch; returns (output, how indices are stored).
+        Reads the weight's shape and type from `r`, so a plan may be applied to a copy of the model."""
+        out, how = self.emit(r, job, fit, job.opset, job.ir_version)
+        if job.outliers is not None:
+            out = lookup.emit_outliers(r, out, job.outliers, r.weight.shape)
+        return out, how
 
     def emit(self, r: Replacement, job: Job, fit: Fit, opset: int, ir_version: int) -> tuple[str, str]:
         """Nodes rebuilding the weight; returns (output name, how the indices are stored)."""
@@ -382,18 +346,15 @@ def _clip_to_bulk(array: np.ndarray, outliers: Outliers) -> np.ndarray:
     return np.clip(array, -limit, limit)
 
 
-def _finite_or_none(value: float) -> float | None:
-    """Report figures stay strict JSON: an exact reconstruction (infinite SQNR) reads null."""
-    return round(value, 2) if math.isfinite(value) else None
+class _ScratchNames:
+    """Stands in for the model in a scratch replacement: fresh names that touch no real allocator."""
+
+    def __init__(self):
+        self.names = NameAllocator(set())
 
 
-def _sqnr_db(reference: np.ndarray, rebuilt: np.ndarray) -> float:
-    reference = reference.astype(np.float64)
-    noise = float(np.sum((reference - rebuilt) ** 2))
-    signal = float(np.sum(reference**2))
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+def _no_lookup(opset: int) -> str:
+    return f"opset {opset} has no GatherElements (opset {lookup.MIN_OPSET})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,8 +377,13 @@ class KMeansPass(BinningPass):
         Option("k", int, 0, "codebook entries per group (overrides bits; 0: 2**bits)", low=0, high=65536),
     )
 
+    supports_value_weight = True
+
     def fit_groups(self, values):
         return binning.kmeans(values, _entries(self.config)), {}
+
+    def fit_weighted(self, values, sample_weight):
+        return binning.kmeans(values, _entries(self.config), sample_weight=sample_weight), {}
 
 
 @register
@@ -451,12 +417,24 @@ class UniformPass(BinningPass):
         return super().final_codebook(found)
 
     def emit(self, r, job, fit, opset, ir_version):
-        affine = affine_form(fit.codebook, fit.labels) if self.config["lower"] == "dequantize" else None
-        if affine is None or not lookup.dequantize_supported(job.layout, opset):
+        affine = self._lowered_affine(job, fit.codebook, fit.labels)
+        if affine is None:
             return super().emit(r, job, fit, opset, ir_version)  # e.g. blocked scales before opset 21
         quantized, scale, zero_point = affine
         out = lookup.emit_dequantize(r, quantized, scale, zero_point, job.layout, opset=opset, ir_version=ir_version)
         return out, "dequantize/" + lookup.dequantize_packing(quantized, opset, ir_version)
+
+    def rebuilt_groups(self, job, codebook, labels):
+        affine = self._lowered_affine(job, codebook, labels)
+        if affine is None:
+            return super().rebuilt_groups(job, codebook, labels)
+        return dequantized(*affine, job.weight.dtype, job.opset).astype(np.float64)
+
+    def _lowered_affine(self, job: Job, codebook: np.ndarray, labels: np.ndarray):
+        """(quantized, scale, zero_point) when this weight lowers to DequantizeLinear, else None."""
+        if self.config["lower"] != "dequantize" or not lookup.dequantize_supported(job.layout, job.opset):
+            return None
+        return affine_form(codebook, labels)
 
     def _notes(self, tensors):
         notes = super()._notes(tensors)
@@ -479,6 +457,16 @@ def integer_zero_point(found: binning.Binning, values: np.ndarray) -> binning.Bi
     codebook = (np.arange(k) - zero_point[:, None]) * scale[:, None]
     labels = np.clip(np.rint(values / scale[:, None]) + zero_point[:, None], 0, k - 1)
     return binning.Binning(codebook, labels.astype(found.labels.dtype))
+
+
+def dequantized(quantized: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, weight_dtype: int,
+                opset: int) -> np.ndarray:
+    """What onnxruntime's DequantizeLinear (as `lookup.emit_dequantize` lays it out) computes, per
+    group row: float32 (q - zero_point) times the stored scale, cast to the weight's type."""
+    half = weight_dtype in (TensorProto.FLOAT16, TensorProto.BFLOAT16) and opset >= lookup.HALF_SCALE_DQ_MIN_OPSET
+    stored_scale = np.asarray(scale).astype(lookup.np_dtype(weight_dtype) if half else np.float32)
+    steps = (np.asarray(quantized, dtype=np.int32) - np.asarray(zero_point, dtype=np.int32)[:, None]).astype(np.float32)
+    return (steps * stored_scale.astype(np.float32)[:, None]).astype(lookup.np_dtype(weight_dtype))
 
 
 def affine_form(codebook: np.ndarray, labels: np.ndarray):

@@ -81,17 +81,15 @@ from threadpoolctl import ThreadpoolController
 
 from graphpass import lookup
 from graphpass.analysis import common_scope
-from graphpass.codec import Plan
+from graphpass.codec import (
+    CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, output_channel_axis, scope_opset, sqnr_db,
+    sqnr_figure,
+)
 from graphpass.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
-from graphpass.passes.binning import (
-    COMMON_OPTIONS, WeightFilter, _finite_or_none, _sqnr_db, output_channel_axis, scope_opset,
-)
 from graphpass.scopes import NameAllocator
 from graphpass.weights import Replacement, WeightRef, stored_bytes
 
-# The binning passes' options that mean the same here; their granularity is this pass's `share`.
-_SHARED_OPTION_NAMES = ("min_size", "include", "exclude", "codebook_dtype")
 
 _WORKERS = 2  # matmul and argmin release the GIL: two threads use both cores
 # Distance-matrix entries per chunk: 1 MB of float32 stays in cache between the matmul and the
@@ -506,7 +504,8 @@ class CodebookPass(Pass):
         Option("sample", int, 0, "sub-vectors Lloyd runs on before every one is assigned "
                "(0: max(65536, 16k))", low=0),
         Option("seed", int, 0, "seed for sampling and seeding: the same seed gives the same bytes", low=0),
-        *(o for o in COMMON_OPTIONS if o.name in _SHARED_OPTION_NAMES),
+        *WEIGHT_FILTER_OPTIONS,
+        CODEBOOK_DTYPE_OPTION,
     )
 
     # -- the WeightCodec protocol ------------------------------------------------------------
@@ -518,6 +517,15 @@ class CodebookPass(Pass):
             return reason
         (plan,), _ = self.plan_group(ctx, [weight])
         return plan
+
+    def expected_bytes(self, weight: WeightRef, model) -> int:
+        return int(weight.size * math.log2(self.config["k"]) / self.config["dim"] / 8)
+
+    def effect_key(self, weight: WeightRef) -> tuple:
+        return (self.name, tuple(sorted(self.config.items())))
+
+    def row_local(self, weight: WeightRef) -> bool:
+        return False  # one codebook serves every row
 
     def plan_group(self, ctx: PassContext, weights: list[WeightRef]) -> tuple[list[Plan], dict[str, Any] | None]:
         """One codebook fitted over all `weights` and a plan per weight that reads it.
@@ -727,11 +735,11 @@ class CodebookPass(Pass):
             "nominal_bits_per_weight": round(sum(math.log2(max(s.k, 2)) for s in stages) / layout.dim, 3),
             "index_bits_per_weight": round(8.0 * cost.index_bytes / weight.size, 3),
             "bits_per_weight": round(8.0 * cost.total_bytes / weight.size, 3),
-            "sqnr_db": _finite_or_none(_sqnr_db(member.original, reconstruction.astype(np.float64))),
+            "sqnr_db": sqnr_figure(sqnr_db(member.original, reconstruction.astype(np.float64))),
         }
         if len(stages) > 1:
             first = rebuild(member, labels, stages, upto=1)
-            details["sqnr_db_stage1"] = _finite_or_none(_sqnr_db(member.original, first.astype(np.float64)))
+            details["sqnr_db_stage1"] = sqnr_figure(sqnr_db(member.original, first.astype(np.float64)))
         return details
 
     def _details(self, tensors: list[dict[str, Any]], tables: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import graphpass
 from graphpass import binning, lookup
 from graphpass.edit import Model
 from graphpass.model import load_model
-from graphpass.passes.binning import layout_for, output_channel_axis
+from graphpass.codec import layout_for, output_channel_axis
 from graphpass.verify import Budget, verify
 
 ANY = Budget()  # structural checks only; the figures are asserted where they matter
