@@ -41,6 +41,7 @@ def run(
     inputs: dict[str, np.ndarray] | str | os.PathLike | None = None,
     shapes: dict[str, tuple[int, ...]] | None = None,
     budget: verification.Budget | None = None,
+    budget_outputs: Sequence[str] | None = None,
     verify: bool = True,
     external_data: bool = False,
     in_place: bool = False,
@@ -52,7 +53,8 @@ def run(
 
     The output file appears only when verification passes (or `keep_failed`), and is written
     atomically. Without `output`, the result is written to a temporary folder so that its size
-    and outputs are still measured on real bytes.
+    and outputs are still measured on real bytes. `budget_outputs` names the outputs the budget
+    applies to (default: all); the others get the structural checks only.
     """
     loaded = load_model(_private_copy(model))
     pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
@@ -62,8 +64,10 @@ def run(
     reference = loaded.path if loaded.path is not None else serialized_bytes(loaded.proto)
     feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify else None
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
+    budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
 
-    ctx = PassContext(Model(loaded.proto), progress)
+    ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
+                      calibration_inputs=feeds)
     start = time.perf_counter()
     stats = manager.run(ctx)
     pass_seconds = time.perf_counter() - start
@@ -76,13 +80,16 @@ def run(
         checked = None
         if verify:
             chosen = budget or (verification.LOSSLESS_BUDGET if manager.lossless else verification.Budget())
-            checked = verification.verify(reference, staged, feeds, chosen)
+            checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs)
         written = None
         if output is not None and (checked is None or checked.passed or keep_failed):
             written = _move_into_place(staged, Path(output))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(before, after, stats, pass_seconds, checked, manager.lossless)
+    if budget_outputs:
+        report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
+                               "the others get the structural checks only")
     return RunResult(ctx.model.proto, report, written, checked)
 
 

@@ -93,11 +93,20 @@ class PassStats:
 
 
 class PassContext:
-    """What a pass sees: the model, shared analyses (computed once), and a progress hook."""
+    """What a pass sees: the model, shared analyses (computed once), and a progress hook.
 
-    def __init__(self, model: Model, progress: ProgressFactory | None = None):
+    `budget` (a graphpass.verify.Budget), `budget_outputs` (the outputs it applies to; None: all)
+    and `calibration_inputs` (name -> array) are what the run will be verified against; passes
+    that search for the smallest model within a budget (auto) read them. None when not known.
+    """
+
+    def __init__(self, model: Model, progress: ProgressFactory | None = None, *, budget: Any = None,
+                 budget_outputs: Sequence[str] | None = None, calibration_inputs: dict[str, Any] | None = None):
         self.model = model
         self._progress = progress
+        self.budget = budget
+        self.budget_outputs = budget_outputs
+        self.calibration_inputs = calibration_inputs
         self._analyses: dict[type, tuple[int, Any]] = {}
 
     def analysis(self, kind: type[Analysis]) -> Any:

@@ -584,6 +584,18 @@ def verify(
     )
 
 
+def budget_output_names(proto: onnx.ModelProto, names: Sequence[str] | None) -> list[str]:
+    """The outputs a budget applies to: `names` (each must exist), or all outputs. For a
+    --budget-output the user got wrong, one line that lists the real ones."""
+    available = [value.name for value in proto.graph.output]
+    if not names:
+        return available
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        raise VerifyInputError(f"unknown budget output(s) {', '.join(unknown)}; the model's outputs: {', '.join(available)}")
+    return list(dict.fromkeys(names))
+
+
 def _checked_levels(levels: Sequence[str]) -> tuple[str, ...]:
     if isinstance(levels, str):
         levels = (levels,)
