@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from graphpass import __version__
+from graphpass import sweep as sweeping
 from graphpass import verify as verification
 from graphpass.api import run as run_pipeline
 from graphpass.edit import Model
@@ -81,13 +82,16 @@ def _shapes(specs) -> dict | None:
     return verification.parse_shapes(specs) if specs else None
 
 
+input_options = [
+    click.option("--inputs", "inputs", type=click.Path(dir_okay=False), help="Real inputs as .npz (name -> array)."),
+    click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD", help="Size of dynamic dims, e.g. input_ids=1x128."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
+]
 budget_options = [
     click.option("--atol", type=float, help="Elementwise budget: |cand-ref| <= atol + rtol*|ref|."),
     click.option("--rtol", type=float, help="Elementwise relative budget (see --atol)."),
     click.option("--min-cosine", type=float, help="Budget: cosine similarity of every output at least this."),
-    click.option("--inputs", "inputs", type=click.Path(dir_okay=False), help="Real inputs as .npz (name -> array)."),
-    click.option("--shape", "shapes", multiple=True, metavar="NAME=DxD", help="Size of dynamic dims, e.g. input_ids=1x128."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs."),
+    *input_options,
 ]
 
 
@@ -120,17 +124,19 @@ def main(verbose: bool) -> None:
 @click.option("--passes", "spec", default="tie", show_default=True, help='Pass spec, e.g. "tie,kmeans(bits=4),fold".')
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
 @with_options(budget_options)
+@click.option("--budget-output", "budget_outputs", multiple=True, metavar="NAME",
+              help="Apply the budget to this output only (repeatable); the others get structural checks.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the budget is not met.")
 @click.option("--external-data", is_flag=True, help="Store large tensors in OUTPUT.data (automatic above 2 GB).")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be the input file.")
-def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes, seed, no_verify, keep_failed,
-        external_data, in_place):
+def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes, seed, budget_outputs, no_verify,
+        keep_failed, external_data, in_place):
     """Run passes on MODEL, write OUTPUT, and verify it against MODEL in onnxruntime."""
     result = run_pipeline(
         model, spec, output=output, inputs=inputs, shapes=_shapes(shapes), budget=_budget(atol, rtol, min_cosine),
-        verify=not no_verify, external_data=external_data, in_place=in_place, keep_failed=keep_failed,
-        progress=delayed_progress, seed=seed,
+        budget_outputs=budget_outputs or None, verify=not no_verify, external_data=external_data, in_place=in_place,
+        keep_failed=keep_failed, progress=delayed_progress, seed=seed,
     )
     click.echo(render_report(result.report, result.verify_result))
     if report_path:
@@ -184,6 +190,36 @@ def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, r
         Path(report_path).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
     if not result.passed:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--methods", help="Comma-separated codecs (default: kmeans,uniform,codebook).")
+@click.option("--bits", "bits_text", default="2..8", show_default=True, help="Index bits: a range 2..8 or a list 2,4,8.")
+@click.option("--granularities", default="tensor,channel,group", show_default=True,
+              help="Comma-separated granularities of the scalar codecs.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="Values per codebook with granularity group.")
+@with_options(input_options)
+@click.option("--model-output", "model_outputs", multiple=True, metavar="NAME",
+              help="Measure this output only (repeatable; default: all).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table here (.csv or .json).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the rate-distortion plot here (.svg).")
+@click.option("--no-baselines", is_flag=True, help="Leave out onnxruntime's MatMulNBits and int8 reference points.")
+def sweep(model, methods, bits_text, granularities, group_size, inputs, shapes, seed, model_outputs, output, plot,
+          no_baselines):
+    """Rate-distortion table of MODEL: file size against output error per method x bits x granularity."""
+    sweeping.check_destinations(output, plot)
+    rows = sweeping.sweep(model, sweeping.parse_methods(methods), sweeping.parse_bits(bits_text),
+                          sweeping.parse_list(granularities), inputs=inputs, shapes=_shapes(shapes), seed=seed,
+                          outputs=model_outputs or None, group_size=group_size, baselines=not no_baselines,
+                          progress=delayed_progress)
+    click.echo(sweeping.render_text(rows))
+    if output:
+        sweeping.write_table(rows, output)
+        click.echo(f"wrote {output}")
+    if plot:
+        sweeping.write_svg(rows, plot, f"{Path(model).name}: size against output error")
+        click.echo(f"wrote {plot}")
 
 
 if __name__ == "__main__":

@@ -8,3 +8,4 @@ from graphpass.passes import tie  # noqa: F401
 from graphpass.passes import binning  # noqa: F401
 from graphpass.passes import fold  # noqa: F401
 from graphpass.passes import codebook  # noqa: F401
+from graphpass.passes import auto  # noqa: F401

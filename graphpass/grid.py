@@ -1,0 +1,154 @@
+"""The settings of the weight codecs that `auto` chooses from and `sweep` tabulates.
+
+A setting is one configured codec (kmeans(bits=3,granularity=channel), say). The grid is laid
+out per codec family: the binning family over bits x granularity, vector codebooks over the
+rates where they pay off. Both auto and sweep read it from here, so the table sweep writes
+shows exactly the options auto weighs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from graphpass import lookup
+from graphpass.codec import Plan
+from graphpass.edit import Model
+from graphpass.errors import UsageError
+from graphpass.manager import Pass, PassContext, registered_passes
+from graphpass.weights import WeightRef
+
+# Codecs auto chooses from when `methods` is empty, in this order.
+DEFAULT_METHODS = ("kmeans", "codebook")
+
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configured codec: `options` are the grid's (the codec's defaults fill in the rest)."""
+
+    method: str
+    options: tuple[tuple[str, Any], ...]
+    codec: Pass
+
+    @property
+    def label(self) -> str:
+        """The setting as a pass spec, e.g. kmeans(bits=3,granularity=channel)."""
+        return f"{self.method}({','.join(f'{k}={v}' for k, v in self.options)})"
+
+    def plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None) -> Plan | str:
+        if value_weight is not None and getattr(self.codec, "supports_value_weight", False):
+            return self.codec.plan(ctx, weight, value_weight=value_weight)
+        return self.codec.plan(ctx, weight)
+
+    def expected_bytes(self, weight: WeightRef, model: Model) -> int:
+        return self.codec.expected_bytes(weight, model)
+
+    def effective(self, weight: WeightRef) -> tuple:
+        return self.codec.effect_key(weight)
+
+    def row_local(self, weight: WeightRef) -> bool:
+        return self.codec.row_local(weight)
+
+
+def index_bits(config: dict[str, Any]) -> float:
+    """Index bits per weight a codec's options imply: `bits`, or log2(k)/dim for vector codebooks
+    (an int when whole, so that tables print 2, not 2.0)."""
+    bits = config.get("bits") or math.log2(config.get("k", 256)) / config.get("dim", 1)
+    return int(bits) if float(bits).is_integer() else bits
+
+
+def _tokens(text: str) -> list[str]:
+    return [t.strip() for t in text.split("|") if t.strip()]
+
+
+def _bits(config: dict[str, Any]) -> list[int]:
+    try:
+        return sorted({int(token) for token in _tokens(config["bits"])})
+    except ValueError:
+        raise UsageError(f"bits={config['bits']!r}: expected |-separated integers, e.g. 2|3|4") from None
+
+
+def densest_k(bits: int, opset: int, ir_version: int) -> int:
+    """The most codebook entries whose indices pack as tightly as 2**bits entries: below opset 21
+    indices are base-k digits in words, and k=21 costs the same 4.57 bits as k=16 (35 vs 32,
+    73 vs 64): extra levels for free."""
+    cost = lookup.choose_packing(2**bits, opset, ir_version).bits_per_index
+    k = 2**bits
+    while k < 2 ** (bits + 1) and lookup.choose_packing(k + 1, opset, ir_version).bits_per_index <= cost:
+        k += 1
+    return k
+
+
+def binning_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[dict[str, Any]]:
+    """Option sets for a codec with bits and granularity options (the binning family).
+
+    Per-tensor codebooks take the densest k their index packing allows (their one table costs
+    nothing); per-channel and per-group ones keep 2**bits entries and store them as float16,
+    since there the tables are a real share of the bytes."""
+    known = {o.name for o in cls.options}
+    grid = []
+    for granularity in _tokens(config["granularities"]) if "granularity" in known else [None]:
+        for bits in _bits(config) if "bits" in known else [None]:
+            options = {"bits": bits, "granularity": granularity}
+            if granularity == "tensor" and bits is not None and "k" in known:
+                k = densest_k(bits, model.opset, model.proto.ir_version)
+                options["k"] = k if k != 2**bits else None
+            if granularity in ("channel", "group") and "codebook_dtype" in known:
+                options["codebook_dtype"] = "float16"
+            if granularity == "group" and "group_size" in known:
+                options["group_size"] = config["group_size"]
+            grid.append({k: v for k, v in options.items() if v is not None})
+    return grid
+
+
+# Vector codebooks pay off at low rates; past 4 bits per weight scalar k-means is as good and
+# k-means over tens of thousands of vectors would dominate auto's time.
+CODEBOOK_MAX_BITS = 4
+# Tables beyond 256 vectors fit slowly and cost more than they save on weights of this size.
+CODEBOOK_MAX_K = 256
+
+
+def codebook_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[dict[str, Any]]:
+    """Vector codebooks at each rate of `bits` up to CODEBOOK_MAX_BITS bits per weight: the
+    longest sub-vectors whose k = 2**(bits*dim) stays within CODEBOOK_MAX_K, one scale per
+    output channel (channels of different magnitude then share the vectors well)."""
+    grid = []
+    for bits in _bits(config):
+        dims = [dim for dim in (8, 4, 2) if 2 ** (bits * dim) <= CODEBOOK_MAX_K]
+        if bits <= CODEBOOK_MAX_BITS and dims:
+            grid.append({"dim": dims[0], "k": 2 ** (bits * dims[0]), "scale": "channel"})
+    return grid
+
+
+# How each method's settings are laid out; a codec with other knobs registers its grid here.
+# Any other codec gets `binning_grid` over the options it has.
+SETTING_GRIDS: dict[str, Callable[[type[Pass], dict[str, Any], Model], list[dict[str, Any]]]] = {
+    "codebook": codebook_grid,
+}
+
+
+def is_codec(cls: type[Pass]) -> bool:
+    """Whether a registered pass implements graphpass.codec.WeightCodec."""
+    return all(hasattr(cls, method) for method in ("plan", "expected_bytes", "effect_key", "row_local"))
+
+
+def candidate_settings(config: dict[str, Any], model: Model) -> list[Setting]:
+    """Every setting of the grid `config` describes: `methods`, `bits` and `granularities`
+    (|-separated), `group_size`, and the weight filter options every codec shares."""
+    passes = registered_passes()
+    methods = _tokens(config["methods"]) or list(DEFAULT_METHODS)
+    settings = []
+    for method in methods:
+        cls = passes.get(method)
+        if cls is None or not is_codec(cls):
+            codecs = [name for name, c in passes.items() if is_codec(c)]
+            raise UsageError(f"method '{method}' is not a weight codec; valid: {', '.join(codecs)}")
+        shared = {o.name: config[o.name] for o in cls.options if o.name in ("min_size", "include", "exclude")}
+        for options in SETTING_GRIDS.get(method, binning_grid)(cls, config, model):
+            settings.append(Setting(method, tuple(options.items()), cls(**{**shared, **options})))
+    return settings

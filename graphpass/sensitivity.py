@@ -1,0 +1,367 @@
+"""What compressing one weight does to a model's outputs, measured in onnxruntime.
+
+`auto` asks this module, for many (weight, setting) pairs, how much of the error budget the
+model's outputs use when that one weight alone is replaced by its reconstruction. Building a
+model per pair would cost a serialisation and a session each, so there is one *probe* model
+instead: the weights under study are its graph inputs (their initializer or Constant removed,
+an input of the same name and type added), one session per worker thread is created once, and
+each measurement feeds the original values for every weight but the one under test.
+
+Which weights a probe can take: initializers and Constant nodes of the main graph, and those
+of If/Loop/Scan bodies when their name is defined once in the model (a subgraph reads outer
+values, so the weight becomes a main-graph input that the body reads). Weights in model-local
+functions cannot be fed from outside a function call: `hoist_reason` says so and auto leaves
+them alone.
+
+Error units. `error_units` says how much of a `verify.Budget` an output's deviation uses, on a
+scale where independent weight errors add: (1 - cosine) / (1 - min_cosine), since 1 - cosine
+grows with the squared error, and (|d| / (atol + rtol |ref|))**2 for the elementwise check.
+1.0 is the budget's edge; the model's predicted error is the sum over compressed weights.
+
+Also here: the energy of each MatMul's input channels on calibration data (for
+activation-aware clustering) and the rows of each embedding table that calibration reads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnxruntime as ort
+from onnx import helper
+
+from graphpass import verify as verification
+from graphpass.edit import Model
+from graphpass.errors import UsageError
+from graphpass.scopes import build_scope_tree
+from graphpass.weights import WeightRef
+
+# Below this, 1 - cosine is float64 rounding of a dot product over normalised vectors.
+_COSINE_NOISE = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Error units
+# ---------------------------------------------------------------------------------------------
+
+
+def error_units(name: str, reference: np.ndarray, candidate: np.ndarray, budget: verification.Budget,
+                ) -> tuple[float, verification.LevelMetrics]:
+    """The share of `budget` that one output's deviation uses (see the module docstring), with
+    verify's own figures for it. Structural failures (shape, dtype, non-finite values, a changed
+    integer output) use more than any budget: infinity."""
+    metrics = verification.compare_arrays(name, reference, candidate, verification.Budget())
+    if not metrics.passed:
+        return math.inf, metrics
+    if metrics.cosine is None:  # an integer or bool output, and it matched exactly
+        return 0.0, metrics
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    finite = np.isfinite(ref)
+    units = max(_cosine_units(metrics.cosine, budget.min_cosine), _elementwise_units(ref[finite], cand[finite], budget))
+    return units, metrics
+
+
+def _cosine_units(cosine: float, min_cosine: float | None) -> float:
+    if min_cosine is None:
+        return 0.0
+    gap = max(0.0, 1.0 - cosine)
+    return _ratio(gap if gap > _COSINE_NOISE else 0.0, 1.0 - min_cosine)
+
+
+def _elementwise_units(ref: np.ndarray, cand: np.ndarray, budget: verification.Budget) -> float:
+    if not budget.has_elementwise or ref.size == 0:
+        return 0.0
+    allowed = (budget.atol or 0.0) + (budget.rtol or 0.0) * np.abs(ref)
+    diff = np.abs(cand - ref)
+    over_zero = diff[allowed == 0]
+    if over_zero.size and over_zero.max() > 0:
+        return math.inf
+    worst = float(np.max(diff[allowed > 0] / allowed[allowed > 0], initial=0.0))
+    return worst**2
+
+
+def _ratio(used: float, allowed: float) -> float:
+    if used == 0.0:
+        return 0.0
+    return used / allowed if allowed > 0 else math.inf
+
+
+def verified_units(result: verification.VerifyResult, budget: verification.Budget,
+                   outputs: Sequence[str] | None = None) -> float:
+    """Error units of a verification result, from its figures (worst output, worst level).
+
+    The elementwise part is read off max_abs_error against atol (or max_rel_error against
+    rtol), a close estimate used only to steer auto's search: pass or fail is verify's.
+    """
+    worst = 0.0
+    for name, metrics in result.outputs.items():
+        if outputs and name not in outputs:
+            continue
+        if not metrics.passed and metrics.cosine is None:
+            return math.inf  # missing, misshapen or mismatched: no figures to weigh
+        if metrics.cosine is not None:
+            worst = max(worst, _cosine_units(metrics.cosine, budget.min_cosine))
+        worst = max(worst, _elementwise_units_of(metrics, budget))
+    return worst
+
+
+def _elementwise_units_of(metrics: verification.OutputMetrics, budget: verification.Budget) -> float:
+    if budget.atol:
+        return (metrics.max_abs_error or 0.0) ** 2 / budget.atol**2
+    if budget.rtol:
+        return (metrics.max_rel_error or 0.0) ** 2 / budget.rtol**2
+    if budget.has_elementwise:  # atol=0 (and no rtol): exact equality
+        return 0.0 if not metrics.max_abs_error else math.inf
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One probe run against the reference: error units per output and overall (the worst)."""
+
+    units: float
+    per_output: dict[str, float]
+    cosine: dict[str, float]
+    max_abs_error: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "units": _finite(self.units),
+            "cosine": {name: _finite(v) for name, v in self.cosine.items()},
+            "max_abs_error": {name: _finite(v) for name, v in self.max_abs_error.items()},
+        }
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+class ErrorMeter:
+    """Compares probe outputs with the reference outputs, in error units of a budget."""
+
+    def __init__(self, reference: Mapping[str, np.ndarray], budget: verification.Budget):
+        self.reference = dict(reference)
+        self.budget = budget
+
+    def measure(self, outputs: Mapping[str, np.ndarray]) -> Measurement:
+        per_output, cosine, max_abs = {}, {}, {}
+        for name, ref in self.reference.items():
+            per_output[name], metrics = error_units(name, ref, np.asarray(outputs[name]), self.budget)
+            if metrics.cosine is not None:
+                cosine[name], max_abs[name] = metrics.cosine, metrics.max_abs_error
+        return Measurement(max(per_output.values(), default=0.0), per_output, cosine, max_abs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe
+# ---------------------------------------------------------------------------------------------
+
+
+def hoist_reason(model: Model, weight: WeightRef) -> str | None:
+    """Why this weight cannot become an input of the probe, or None when it can."""
+    if any(scope.is_function for scope in weight.scope.ancestors()):
+        return "lives in a model-local function, which reads nothing from outside: auto cannot feed it"
+    if weight.scope.parent is not None and _definitions(model).get(weight.name, 0) != 1:
+        return "lives in a subgraph under a name defined more than once: auto cannot feed it"
+    if weight.name in {v.name for v in model.proto.graph.input}:
+        return "is also a graph input"
+    return None
+
+
+def _definitions(model: Model) -> dict[str, int]:
+    """How many scopes define each name."""
+    counts: dict[str, int] = {}
+    for scope in model.scopes:
+        for name in scope.local_names():
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class Probe:
+    """One onnxruntime model in which `weights` are graph inputs, and one session per thread.
+
+    `run` is safe to call from several threads at once: each gets its own single-threaded
+    session (onnxruntime releases the GIL while it runs), so two threads use both cores.
+    """
+
+    def __init__(self, model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
+                 outputs: Sequence[str], extra_outputs: Sequence[tuple[str, int]] = ()):
+        self.outputs = list(outputs) + [name for name, _ in extra_outputs]
+        self._bytes = _probe_model(model.proto, weights, list(outputs), extra_outputs).SerializeToString()
+        self.originals = {w.name: np.ascontiguousarray(w.read()) for w in weights}
+        feeds = {**{name: np.asarray(value) for name, value in inputs.items()}, **self.originals}
+        self._local = threading.local()
+        wanted = self._session().get_inputs()
+        missing = [i.name for i in wanted if i.name not in feeds]
+        if missing:
+            raise UsageError(f"no value for model input(s) {', '.join(missing)} "
+                             f"(provided: {', '.join(sorted(inputs)) or 'none'})")
+        # OrtValues made once: each run hands onnxruntime the same buffers, without copies.
+        self._feed = {i.name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[i.name])) for i in wanted}
+
+    def run(self, overrides: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Outputs with the given weights replaced (every other weight at its original value)."""
+        feed = dict(self._feed)
+        for name, value in (overrides or {}).items():
+            feed[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+        values = self._session().run_with_ort_values(self.outputs, feed)
+        return {name: value.numpy() for name, value in zip(self.outputs, values)}
+
+    def _session(self) -> ort.InferenceSession:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 4
+            session = ort.InferenceSession(self._bytes, sess_options=options, providers=["CPUExecutionProvider"])
+            self._local.session = session
+        return session
+
+
+def _probe_model(proto: onnx.ModelProto, weights: Sequence[WeightRef], outputs: list[str],
+                 extra_outputs: Sequence[tuple[str, int]]) -> onnx.ModelProto:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    scopes = {scope.path: scope for scope in build_scope_tree(probe)}
+    for weight in weights:
+        _remove_definition(scopes[weight.scope.path].body, weight)
+        probe.graph.input.append(helper.make_tensor_value_info(weight.name, weight.dtype, weight.shape))
+    kept = [value for value in probe.graph.output if value.name in outputs]
+    del probe.graph.output[:]
+    probe.graph.output.extend(kept)
+    for name, dtype in extra_outputs:
+        probe.graph.output.append(helper.make_tensor_value_info(name, dtype, None))
+    return probe
+
+
+def _remove_definition(body, weight: WeightRef) -> None:
+    if weight.source == "initializer":
+        index = next(i for i, t in enumerate(body.initializer) if t.name == weight.name)
+        del body.initializer[index]
+        return
+    index = next(i for i, node in enumerate(body.node)
+                 if node.op_type == "Constant" and node.output and node.output[0] == weight.name)
+    del body.node[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation energy: which input channels of a MatMul weight matter
+# ---------------------------------------------------------------------------------------------
+
+
+def input_channel_energy(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
+                         ) -> dict[str, np.ndarray]:
+    """For each 2-D weight read as a main-graph MatMul's right operand (or Gemm's B), the mean
+    square of every input channel of the activations it multiplies: diag(X^T X) / rows, shaped
+    to broadcast against the weight ([in, 1], or [1, in] for Gemm with transB).
+
+    Output error from a weight error dW is X dW, whose squared norm is close to
+    sum_i energy[i] * |dW[i, :]|^2 when channels are weakly correlated: the weight that
+    activation-aware clustering gives each value's squared error.
+    """
+    readers = _matmul_readers(model, weights)
+    captured = _capture(model, inputs, {act for uses in readers.values() for act, _ in uses})
+    return {weight: _energy(captured, uses) for weight, uses in readers.items()}
+
+
+def gathered_rows(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
+                  ) -> dict[str, np.ndarray]:
+    """For each weight read only as the table of main-graph Gathers on axis 0 (an embedding), the
+    sorted rows those Gathers read on the calibration inputs. Nothing else of such a table reaches
+    the outputs, which lets per-row settings be measured on these rows alone."""
+    tables = _gather_tables(model, weights)
+    captured = _capture(model, inputs, {index for indices in tables.values() for index in indices})
+    rows = {}
+    for name, indices in tables.items():
+        count = next(w.shape[0] for w in weights if w.name == name)
+        seen = np.concatenate([np.asarray(captured[i], dtype=np.int64).ravel() for i in indices])
+        rows[name] = np.unique(np.where(seen < 0, seen + count, seen))
+    return rows
+
+
+def _gather_tables(model: Model, weights: Sequence[WeightRef]) -> dict[str, list[str]]:
+    """table weight name -> names of the index tensors that read it."""
+    top = {w.name: w for w in weights if w.scope.parent is None and not w.scope.is_function and len(w.shape) >= 1}
+    tables: dict[str, list[str]] = {}
+    for node in model.proto.graph.node:
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and node.input[0] in top and axis == 0:
+            tables.setdefault(node.input[0], []).append(node.input[1])
+    return {name: indices for name, indices in tables.items() if len(indices) == len(top[name].consumers)}
+
+
+def _capture(model: Model, inputs: Mapping[str, np.ndarray], names: set[str]) -> dict[str, np.ndarray]:
+    """Values of main-graph tensors on the calibration inputs (one run, the original weights)."""
+    captured = {name: np.asarray(inputs[name]) for name in names if name in inputs}
+    wanted = [(name, _value_dtype(model, name)) for name in sorted(names) if name not in captured]
+    if wanted:
+        captured.update(Probe(model, [], inputs, [], extra_outputs=wanted).run())
+    return captured
+
+
+def row_subset(model: Model, weight: WeightRef, rows: np.ndarray) -> tuple[Model, WeightRef]:
+    """A one-node model whose only weight is `weight`'s `rows`, under the same name, type, opset
+    and reader (a Gather on axis 0), so that a codec plans it as it would plan those rows."""
+    values = np.asarray(weight.read())[rows]
+    index = helper.make_tensor_value_info("rows", onnx.TensorProto.INT64, [None])
+    out = helper.make_tensor_value_info("values", weight.dtype, None)
+    node = helper.make_node("Gather", [weight.name, "rows"], ["values"], axis=0)
+    graph = helper.make_graph([node], "rows", [index], [out], [onnx.numpy_helper.from_array(values, weight.name)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", model.opset)])
+    proto.ir_version = model.proto.ir_version
+    subset = Model(proto)
+    return subset, subset.weights()[0]
+
+
+def _matmul_readers(model: Model, weights: Sequence[WeightRef]) -> dict[str, list[tuple[str, bool]]]:
+    """weight name -> [(activation name, energy along the weight's last axis?)]."""
+    by_name = {w.name: w for w in weights if len(w.shape) == 2 and w.scope.parent is None and not w.scope.is_function}
+    readers: dict[str, list[tuple[str, bool]]] = {}
+    for node in model.proto.graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in by_name:
+            readers.setdefault(node.input[1], []).append((node.input[0], False))
+        elif node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in by_name:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if not attrs.get("transA", 0):
+                readers.setdefault(node.input[1], []).append((node.input[0], bool(attrs.get("transB", 0))))
+    # A weight also read in another way (Transpose for a tied embedding, say) keeps plain k-means.
+    return {name: uses for name, uses in readers.items()
+            if len(uses) == len(by_name[name].consumers) and len({axis for _, axis in uses}) == 1}
+
+
+def _value_dtype(model: Model, name: str) -> int:
+    value_type = model.value_types().get(name)
+    if value_type is not None and value_type.tensor_type.elem_type:
+        return value_type.tensor_type.elem_type
+    return onnx.TensorProto.FLOAT
+
+
+def _energy(captured: Mapping[str, np.ndarray], uses: list[tuple[str, bool]]) -> np.ndarray:
+    last_axis = uses[0][1]
+    total = None
+    for activation, _ in uses:
+        x = np.asarray(captured[activation], dtype=np.float64)
+        energy = np.mean(np.square(x.reshape(-1, x.shape[-1])), axis=0)
+        total = energy if total is None else total + energy
+    return total[None, :] if last_axis else total[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models that compute chosen outputs only
+# ---------------------------------------------------------------------------------------------
+
+
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of the model that computes only the named outputs."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    kept = [value for value in copy.graph.output if value.name in set(names)]
+    del copy.graph.output[:]
+    copy.graph.output.extend(kept)
+    return copy

@@ -1,0 +1,607 @@
+"""auto: the smallest model that meets an error budget, measured in onnxruntime.
+
+    graphpass run model.onnx --passes tie,auto,fold --min-cosine 0.999 --inputs calib.npz
+
+auto needs the run's budget (--min-cosine, --atol, --rtol; a usage error without one: the
+budget is the whole point, and a silent default would hide the most important choice) and
+calibration inputs (--inputs, else the generated verification inputs). It spends the whole
+budget against the model it receives, so it goes before any other lossy pass.
+
+1. Settings (graphpass.grid). A grid over codecs (passes implementing graphpass.codec.WeightCodec:
+   kmeans and codebook by default), index bits and granularity. Per-channel and per-group codebooks
+   are stored as float16, whose rounding is far below the index error and whose tables are a
+   real share of the bytes there; per-tensor tables stay float32.
+2. Sensitivity (graphpass.sensitivity). Each candidate weight's settings are tried in order of
+   expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
+   in the probe model on the calibration inputs. A weight stops at the first setting whose
+   error is below a floor, 1/(4N) of the budget for N weights: more bytes could buy almost
+   nothing there. Two weights are measured at once (two threads, one session each).
+   With aware=true, k-means weights each value's squared error by the energy of the
+   activation channel it multiplies (MatMul and Gemm weights of the main graph).
+3. Allocation. Each weight's measured settings and "kept as is" (bytes, error) are reduced to
+   their Pareto front; one point per weight is chosen for the fewest bytes whose predicted error
+   (the sum over weights: errors of independent weights add in these units) fits a target, by
+   an exact knapsack over error steps (no greedy overshoot when one weight's steps are coarse).
+4. Check. The model with the chosen plans is built and verified with graphpass.verify at both
+   optimisation levels, against the budget less HEADROOM (later passes may reorder float
+   operations). A failure shrinks the target by the measured/predicted ratio (always by at least
+   one upgrade); a pass with room to spare grows it, to find a smaller model. The smallest
+   model that passed is kept. When none passes within MAX_ROUNDS builds, or when no weight can
+   be compressed within the budget at all, auto stops with BudgetError (exit 1).
+
+Weights in model-local functions, and in subgraphs under names defined more than once, are
+left alone (the probe cannot feed them; see graphpass.sensitivity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphpass import verify as verification
+from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
+from graphpass.edit import Model
+from graphpass.errors import BudgetError, UsageError
+from graphpass.grid import Setting, candidate_settings
+from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.model import save_model
+from graphpass.scopes import all_value_and_node_names
+from graphpass.sensitivity import (
+    ErrorMeter, Measurement, Probe, gathered_rows, hoist_reason, input_channel_energy, row_subset,
+    verified_units, with_outputs,
+)
+from graphpass.weights import WeightRef
+
+# A weight whose error alone is below this share of the budget, divided by the number of
+# weights, needs no more bytes: together such weights use at most a quarter of the budget.
+FLOOR_SHARE = 0.25
+# auto accepts a model using at most this share of the budget: passes after it (fold) may
+# reorder float operations, and the run's final verification must still pass.
+HEADROOM = 0.98
+MAX_ROUNDS = 6  # models built and verified
+MAX_STEPS = 4 * MAX_ROUNDS  # targets tried, counting allocations recalled from an earlier build
+# A passing model using less than this share of the budget is worth a bolder try.
+LOOSEN_BELOW = 0.7
+# Activation energy below this fraction of the mean still counts a little: a channel silent on
+# the calibration inputs may not be silent on others.
+ENERGY_FLOOR = 1e-2
+_WORKERS = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured points and their fronts
+# ---------------------------------------------------------------------------------------------
+
+KEPT = "kept as is"
+
+
+@dataclass
+class Point:
+    """One way to store one weight: its bytes and the error it causes alone."""
+
+    label: str
+    bytes: int
+    measured: Measurement | None  # None: kept as is, no error
+    plan: Plan | None = None  # None: kept as is, released (off the front) or not fitted yet (see Trial)
+    seconds: float = 0.0  # planning and measuring it
+    setting: Setting | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"setting": self.label, "bytes": self.bytes, "error_units": _finite(self.units),
+                "seconds": round(self.seconds, 2)}
+
+    @property
+    def kept(self) -> bool:
+        return self.measured is None
+
+    @property
+    def units(self) -> float:
+        return 0.0 if self.measured is None else self.measured.units
+
+
+@dataclass
+class Study:
+    """A candidate weight, every setting tried on it and the front allocation chooses from."""
+
+    weight: WeightRef
+    points: list[Point] = field(default_factory=list)
+    unplanned: list[tuple[str, str]] = field(default_factory=list)  # (setting, reason)
+    front: list[Point] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.weight.scope.path, self.weight.name
+
+
+def pareto_front(points: Sequence[Point]) -> list[Point]:
+    """The points no other point beats on both bytes and error, cheapest first: the only ones
+    a choice of fewest bytes within an error budget can ever pick."""
+    front: list[Point] = []
+    for point in sorted((p for p in points if math.isfinite(p.units)), key=lambda p: (p.bytes, p.units)):
+        if not front or point.units < front[-1].units:
+            front.append(point)
+    return front
+
+
+# The allocation counts error in steps of target / ALLOCATION_STEPS, each weight's error rounded
+# up: the summed error never exceeds the target, and at most N steps of it go unused.
+ALLOCATION_STEPS = 2000
+
+
+def allocate(fronts: Sequence[Sequence[Point]], target: float) -> list[int]:
+    """Index into each front: the fewest bytes whose summed error fits `target`.
+
+    A multiple-choice knapsack, solved exactly by dynamic programming over the error (in steps,
+    see ALLOCATION_STEPS): fewest_bytes[b] is the cheapest choice so far using at most b steps.
+    Every front holds "kept as is" at zero error, so a choice always exists."""
+    fewest_bytes = np.zeros(ALLOCATION_STEPS + 1)
+    choices, costs = [], []
+    for front in fronts:
+        cost = [_steps(p.units, target) for p in front]
+        best, choice = np.full(ALLOCATION_STEPS + 1, np.inf), np.zeros(ALLOCATION_STEPS + 1, dtype=np.int64)
+        for index, (point, steps) in enumerate(zip(front, cost)):
+            if steps is None:
+                continue
+            candidate = np.full(ALLOCATION_STEPS + 1, np.inf)
+            candidate[steps:] = fewest_bytes[: ALLOCATION_STEPS + 1 - steps] + point.bytes
+            better = candidate < best  # ties keep the cheaper point listed first
+            best[better], choice[better] = candidate[better], index
+        fewest_bytes = best
+        choices.append(choice)
+        costs.append(cost)
+    chosen, budget = [0] * len(fronts), ALLOCATION_STEPS
+    for i in reversed(range(len(fronts))):
+        chosen[i] = int(choices[i][budget])
+        budget -= costs[i][chosen[i]]
+    return chosen
+
+
+def _steps(units: float, target: float) -> int | None:
+    if units == 0.0:
+        return 0
+    if target <= 0 or not units <= target:
+        return None
+    return math.ceil(units / target * ALLOCATION_STEPS)
+
+
+def predicted_units(fronts: Sequence[Sequence[Point]], chosen: Sequence[int]) -> float:
+    return sum(front[i].units for front, i in zip(fronts, chosen))
+
+
+# ---------------------------------------------------------------------------------------------
+# Builds
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """One built and verified model."""
+
+    target: float
+    chosen: list[int]
+    predicted: float
+    measured: float
+    passed: bool
+    file_bytes: int
+    proto: onnx.ModelProto | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, compressed: int) -> dict[str, Any]:
+        return {"target_units": round(self.target, 6), "predicted_units": round(self.predicted, 6),
+                "measured_units": _finite(self.measured), "passed": self.passed, "file_bytes": self.file_bytes,
+                "tensors_compressed": compressed}
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 6) if math.isfinite(value) else None
+
+
+class Builder:
+    """Builds candidate models from chosen plans on copies of the base model, and verifies them
+    against the reference in onnxruntime (both optimisation levels)."""
+
+    def __init__(self, base: onnx.ModelProto, outputs: list[str], inputs, budget: verification.Budget, folder: Path):
+        self.base = base
+        self.inputs = inputs
+        self.budget = budget
+        self.outputs = outputs
+        self.folder = folder
+        self.reference = folder / "reference.onnx"
+        save_model(with_outputs(base, outputs), self.reference)
+        self.accept = _with_headroom(budget, HEADROOM)
+
+    def build(self, picks: Sequence[tuple[Study, Point]]) -> onnx.ModelProto:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.base)
+        trial = Model(copy)
+        weights = {(w.scope.path, w.name): w for w in trial.weights()}
+        for study, point in picks:
+            # A plan may be applied to a copy: its emitter reads the weight from the replacement.
+            dataclasses.replace(point.plan, weight=weights[study.key]).apply()
+        return trial.proto
+
+    def check(self, proto: onnx.ModelProto) -> tuple[bool, float, int, dict[str, Any]]:
+        """(passed with headroom, error units of the real budget, file bytes, figures)."""
+        path = self.folder / "candidate.onnx"
+        file_bytes = save_model(proto, path)
+        result = verification.verify(self.reference, path, self.inputs, self.accept)
+        figures = {name: {"cosine": m.cosine, "max_abs_error": m.max_abs_error} for name, m in result.outputs.items()}
+        return result.passed, verified_units(result, self.budget), file_bytes, figures
+
+
+def _with_headroom(budget: verification.Budget, share: float) -> verification.Budget:
+    """The budget shrunk to `share` of its error: atol and rtol scale by sqrt(share) (error units
+    are squared there), 1 - min_cosine by share."""
+    scale = math.sqrt(share)
+    return verification.Budget(
+        atol=None if budget.atol is None else budget.atol * scale,
+        rtol=None if budget.rtol is None else budget.rtol * scale,
+        min_cosine=None if budget.min_cosine is None else 1.0 - (1.0 - budget.min_cosine) * share)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    """A setting tried on one weight: the values to measure and what storing them costs."""
+
+    reconstruction: np.ndarray
+    bytes: int
+    plan: Plan | None  # None: planned on the rows calibration reads; the whole weight is planned if chosen
+
+
+@dataclass
+class Calibration:
+    """What every measurement shares: the probe, the reference outputs, and per-weight facts
+    from the calibration inputs."""
+
+    probe: Probe
+    meter: ErrorMeter
+    value_weights: dict[str, np.ndarray]  # activation energy per value, for aware k-means
+    rows: dict[str, np.ndarray]  # rows of each embedding table that the inputs read
+    floor: float  # error units below which a weight needs no more bytes
+
+
+@register
+class AutoPass(Pass):
+    name = "auto"
+    summary = "the smallest codec setting per weight that keeps the outputs within the run's budget (needs a budget)"
+    lossless = False
+    options = (
+        Option("methods", str, "", "|-separated codecs to choose from (kmeans, codebook, uniform, ...); "
+               "empty: kmeans|codebook"),
+        Option("bits", str, "2|3|4|5|6|8", "|-separated index bits per weight to try"),
+        Option("granularities", str, "tensor|channel|group", "|-separated granularities to try (scalar codecs)"),
+        Option("group_size", int, 128, "values per codebook with granularity group", low=2),
+        Option("aware", bool, True, "weight k-means by the activation energy of each input channel "
+               "(MatMul and Gemm weights, measured on the calibration inputs)"),
+        *WEIGHT_FILTER_OPTIONS,
+    )
+
+    def requires(self, ctx: PassContext) -> None:
+        budget = ctx.budget
+        if budget is None or (budget.min_cosine is None and not budget.has_elementwise):
+            raise UsageError("auto needs an error budget: give --min-cosine (e.g. 0.999) and/or --atol/--rtol")
+        if not candidate_settings(self.config, ctx.model):  # a bad `methods` is a usage error before any work
+            raise UsageError("auto: no setting to try; check methods, bits and granularities")
+
+    def call(self, ctx: PassContext) -> PassResult:
+        started = time.perf_counter()
+        result = PassResult()
+        inputs = ctx.calibration_inputs or verification.synthesize_inputs(ctx.model.proto)
+        outputs = verification.budget_output_names(ctx.model.proto, ctx.budget_outputs)
+        weights = self._candidates(ctx, result)
+        calibration = self._calibrate(ctx, weights, inputs, outputs) if weights else None
+        studies = self._measure(ctx, weights, calibration) if weights else []
+        if not any(not p.kept for s in studies for p in s.points):
+            result.notes.append("no weight could be compressed: nothing changed")
+            return result
+        measured_at = time.perf_counter()
+        best, rounds = self._search(ctx, studies, inputs, outputs, calibration)
+        self._commit(ctx, best.proto)
+        picks = [s.front[i] for s, i in zip(studies, best.chosen)]
+        result.changed = True
+        result.tensors_changed = sum(1 for point in picks if not point.kept)
+        for study, point in zip(studies, picks):
+            if point.kept:
+                result.skip(study.weight.name, _why_kept(study))
+        result.details = _details(ctx.budget, outputs, inputs, studies, best, rounds,
+                                  {"measure": measured_at - started, "search": time.perf_counter() - measured_at})
+        return result
+
+    # -- candidates and measurements ----------------------------------------------------------
+
+    def _candidates(self, ctx: PassContext, result: PassResult) -> list[WeightRef]:
+        weight_filter = WeightFilter.from_config(self.config)
+        chosen = []
+        for weight in ctx.model.weights():
+            reason = weight_filter.reason_to_skip(weight) or hoist_reason(ctx.model, weight)
+            if reason:
+                result.skip(weight.name, reason)
+            else:
+                chosen.append(weight)
+        return chosen
+
+    def _calibrate(self, ctx: PassContext, weights: list[WeightRef], inputs, outputs: list[str]) -> Calibration:
+        probe = Probe(ctx.model, weights, inputs, outputs)
+        return Calibration(probe, ErrorMeter(probe.run(), ctx.budget), self._value_weights(ctx, weights, inputs),
+                           gathered_rows(ctx.model, weights, inputs), FLOOR_SHARE / len(weights))
+
+    def _value_weights(self, ctx: PassContext, weights: list[WeightRef], inputs) -> dict[str, np.ndarray]:
+        if not self.config["aware"]:
+            return {}
+        energy = input_channel_energy(ctx.model, weights, inputs)
+        return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
+
+    def _measure(self, ctx: PassContext, weights: list[WeightRef], calibration: Calibration) -> list[Study]:
+        settings = candidate_settings(self.config, ctx.model)
+        studies = [Study(w) for w in weights]
+        lock = threading.Lock()
+        with ctx.progress("auto: measuring each weight's settings", len(weights) * len(settings)) as advance:
+            def locked_advance(n: int) -> None:  # two workers report progress
+                with lock:
+                    advance(n)
+
+            # Largest first, so that the two workers finish together.
+            order = sorted(studies, key=lambda s: -s.weight.nbytes)
+            with ThreadPoolExecutor(_WORKERS) as pool:
+                list(pool.map(lambda study: self._study(ctx, study, settings, calibration, locked_advance), order))
+        return studies
+
+    def _study(self, ctx, study: Study, settings: list[Setting], calibration: Calibration, advance) -> None:
+        """Settings from cheapest to dearest, each measured alone, until one is below the floor."""
+        weight = study.weight
+        study.points.append(Point(KEPT, weight.nbytes, None))
+        ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), s.label))
+        seen = set()
+        for done, setting in enumerate(ordered, 1):
+            advance(1)
+            if setting.effective(weight) in seen:
+                continue
+            seen.add(setting.effective(weight))
+            started = time.perf_counter()
+            trial = self._trial(ctx, setting, weight, calibration)
+            if isinstance(trial, str):
+                study.unplanned.append((setting.label, trial))
+                continue
+            measured = calibration.meter.measure(calibration.probe.run({weight.name: trial.reconstruction}))
+            # Measured: from here on a plan only needs its emitter, not a weight-sized copy.
+            plan = None if trial.plan is None else dataclasses.replace(trial.plan, reconstruction=_MEASURED)
+            study.points.append(Point(setting.label, trial.bytes, measured, plan, time.perf_counter() - started,
+                                      setting))
+            if measured.units <= calibration.floor:
+                advance(len(ordered) - done)
+                break
+        study.front = pareto_front(study.points)
+        on_front = {id(point) for point in study.front}
+        for point in study.points:
+            if id(point) not in on_front:
+                point.plan = None  # never chosen: free its labels now
+
+    def _trial(self, ctx, setting: Setting, weight: WeightRef, calibration: Calibration) -> Trial | str:
+        rows = calibration.rows.get(weight.name)
+        if rows is not None and setting.row_local(weight):
+            subset, rows_weight = row_subset(ctx.model, weight, rows)
+            plan = setting.plan(PassContext(subset), rows_weight, None)
+            if not isinstance(plan, str):  # else the whole weight decides (min_size, say)
+                values = calibration.probe.originals[weight.name].copy()
+                values[rows] = plan.reconstruction
+                return Trial(values, setting.expected_bytes(weight, ctx.model), None)
+        plan = setting.plan(ctx, weight, calibration.value_weights.get(weight.name))
+        if isinstance(plan, str):
+            return plan
+        return Trial(plan.reconstruction, plan.stored_bytes, plan)
+
+    # -- allocation, builds and checks ----------------------------------------------------------
+
+    def _search(self, ctx: PassContext, studies: list[Study], inputs, outputs: list[str],
+                calibration: Calibration) -> tuple[Round, list[Round]]:
+        """Allocate, build, verify; move the target until the budget's edge is found. An
+        allocation already built is not built again: its verdict only narrows the bracket."""
+        fronts = [s.front for s in studies]
+        rounds: list[Round] = []
+        verdicts: dict[tuple[int, ...], Round] = {}
+        passed_target, failed_target, target = 0.0, math.inf, HEADROOM
+        with tempfile.TemporaryDirectory(prefix=".graphpass-auto-") as folder, \
+                ctx.progress("auto: building and verifying", MAX_ROUNDS) as advance:
+            builder = Builder(ctx.model.proto, outputs, inputs, ctx.budget, Path(folder))
+            for _ in range(MAX_STEPS):
+                chosen = allocate(fronts, target)
+                if all(s.front[i].kept for s, i in zip(studies, chosen)):
+                    raise BudgetError(_impossible(ctx.budget, studies))
+                if not self._fit_whole(ctx, studies, chosen, calibration):
+                    fronts = [s.front for s in studies]
+                    continue  # a chosen setting failed on the whole weight: its front changed
+                if tuple(chosen) not in verdicts:
+                    if len(rounds) == MAX_ROUNDS:
+                        break
+                    verdicts[tuple(chosen)] = self._try(builder, studies, chosen, target)
+                    rounds.append(verdicts[tuple(chosen)])
+                    advance(1)
+                last = verdicts[tuple(chosen)]
+                if last.passed:
+                    passed_target = max(passed_target, target)
+                else:
+                    failed_target = min(failed_target, target)
+                target = _next_target(last, target, passed_target, failed_target, fronts)
+                if target is None:
+                    break
+        passing = [r for r in rounds if r.passed]
+        if not passing:
+            raise BudgetError(_not_converged(ctx.budget, rounds))
+        return min(passing, key=lambda r: (r.file_bytes, rounds.index(r))), rounds
+
+    def _fit_whole(self, ctx, studies: list[Study], chosen: list[int], calibration: Calibration) -> bool:
+        """Plan the whole weight for every chosen setting measured on rows alone. False when one
+        cannot be planned after all (it leaves its weight's front)."""
+        for study, index in zip(studies, chosen):
+            point = study.front[index]
+            if point.kept or point.plan is not None:
+                continue
+            plan = point.setting.plan(ctx, study.weight, calibration.value_weights.get(study.weight.name))
+            if isinstance(plan, str):
+                study.unplanned.append((point.label, plan))
+                study.points.remove(point)
+                study.front = pareto_front(study.points)
+                return False
+            point.plan, point.bytes = dataclasses.replace(plan, reconstruction=_MEASURED), plan.stored_bytes
+        return True
+
+    def _try(self, builder: Builder, studies: list[Study], chosen: list[int], target: float) -> Round:
+        picks = [(s, s.front[i]) for s, i in zip(studies, chosen) if not s.front[i].kept]
+        proto = builder.build(picks)
+        passed, measured, file_bytes, figures = builder.check(proto)
+        predicted = predicted_units([s.front for s in studies], chosen)
+        return Round(target, chosen, predicted, measured, passed, file_bytes, proto if passed else None, figures)
+
+    def _commit(self, ctx: PassContext, proto: onnx.ModelProto) -> None:
+        """Make the verified model the context's model: the very bytes that were checked."""
+        model = ctx.model
+        model.proto.CopyFrom(proto)
+        for name in all_value_and_node_names(model.proto):
+            model.names.reserve(name)
+        model.structure_edited()
+
+
+# Stands in for a reconstruction once measured, so that waiting plans hold no weight-sized copy.
+_MEASURED = np.empty(0, dtype=np.float32)
+
+
+def _next_target(last: Round, target: float, passed_target: float, failed_target: float,
+                 fronts) -> float | None:
+    """The target after `last` was built (or recalled) for `target`, or None when done.
+
+    Errors do not add exactly: the measured/predicted ratio of the build says what predicted
+    error lands at the edge of the budget (less 5%). The next target stays between the largest
+    target that passed and the smallest that failed; after a failure it is below the failed
+    prediction, so at least one weight gets a less lossy setting."""
+    if last.passed and last.measured >= LOOSEN_BELOW * HEADROOM:
+        return None  # close enough to the edge
+    if last.predicted > 0 and last.measured > 0:
+        proposal = 0.95 * HEADROOM * last.predicted / last.measured
+    else:
+        proposal = 4.0 * target  # nothing measurable yet: be bolder
+    if not last.passed:
+        proposal = min(proposal, last.predicted * (1.0 - 1e-9))
+    if not passed_target < proposal < failed_target:
+        if not math.isfinite(failed_target) or passed_target <= 0:
+            return None if last.passed else proposal
+        if failed_target / passed_target < 1.05:
+            return None
+        proposal = math.sqrt(passed_target * failed_target)
+    if last.passed and allocate(fronts, proposal) == last.chosen:
+        return None  # a larger target would change nothing
+    return proposal
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages and the report
+# ---------------------------------------------------------------------------------------------
+
+
+def _impossible(budget: verification.Budget, studies: list[Study]) -> str:
+    least = min((p for s in studies for p in s.points if not p.kept),
+                key=lambda p: p.units, default=None)
+    detail = ""
+    if least is not None:
+        name = next(s.weight.name for s in studies if least in s.points)
+        cosine = min(least.measured.cosine.values(), default=None)
+        figure = f"cosine {cosine:.9f}" if cosine is not None else f"{least.units:.3g} times the budget"
+        detail = f"; the least lossy setting measured, {least.label} on {name}, alone gives {figure}"
+    return f"auto: no weight can be compressed within the budget ({budget.describe()}){detail}"
+
+
+def _not_converged(budget: verification.Budget, rounds: list[Round]) -> str:
+    best = min(rounds, key=lambda r: r.measured)
+    return (f"auto: no model met the budget ({budget.describe()}) in {len(rounds)} builds; the closest used "
+            f"{best.measured:.2f} times it")
+
+
+def _why_kept(study: Study) -> str:
+    measured = [p for p in study.points if not p.kept]
+    if not measured:
+        label, reason = study.unplanned[0]
+        return f"kept as is: no setting applies ({label}: {reason})"
+    if len(study.front) == 1:
+        least = min(measured, key=lambda p: p.units)
+        return f"kept as is: even {least.label} alone uses {least.units:.3g} times the budget"
+    cheapest = study.front[0]  # fronts run from the fewest bytes to kept-as-is
+    return (f"kept as is: its cheapest useful setting, {cheapest.label}, alone uses {100 * cheapest.units:.1f}% "
+            "of the budget, a worse trade than the others'")
+
+
+def _details(budget, outputs, inputs, studies: list[Study], best: Round, rounds: list[Round],
+             seconds: dict[str, float]) -> dict[str, Any]:
+    tensors = [_tensor_report(s, i) for s, i in zip(studies, best.chosen)]
+    compressed = [t for t in tensors if t["setting"] != KEPT]
+    return {
+        "budget": budget.to_dict(),
+        "outputs": outputs,
+        "calibration": {name: list(np.shape(value)) for name, value in inputs.items()},
+        "settings_measured": sum(len(s.points) - 1 for s in studies),
+        "bytes_before": sum(t["bytes_before"] for t in tensors),
+        "bytes_after": sum(t["bytes_after"] for t in tensors),
+        "predicted": _predicted(studies, best.chosen, outputs),
+        "measured": {"units": _finite(best.measured), "file_bytes": best.file_bytes, "outputs": best.figures},
+        "rounds": [r.to_dict(sum(1 for s, i in zip(studies, r.chosen) if not s.front[i].kept))
+                   for r in rounds],
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "tensors_compressed": len(compressed),
+        "tensors": tensors,
+    }
+
+
+def _tensor_report(study: Study, index: int) -> dict[str, Any]:
+    point = study.front[index]
+    cheaper = study.front[index - 1] if index > 0 else None
+    report = {
+        "name": study.weight.name,
+        "shape": list(study.weight.shape),
+        "setting": point.label,
+        "bytes_before": study.weight.nbytes,
+        "bytes_after": point.bytes,
+        "error_units": round(point.units, 6),
+        "why": _why(point, cheaper),
+    }
+    report["tried"] = [p.to_dict() for p in study.points if not p.kept]
+    if not point.kept:
+        report["alone"] = point.measured.to_dict()
+        report["plan"] = {k: point.plan.details[k] for k in ("k", "packing", "sqnr_db", "bits_per_weight")
+                          if k in point.plan.details}
+    return report
+
+
+def _why(point: Point, cheaper: Point | None) -> str:
+    share = f"alone uses {100 * point.units:.2f}% of the budget at {point.bytes} bytes"
+    if cheaper is None:
+        return f"the cheapest setting measured; {share}"
+    return (f"{share}; the next cheaper choice, {cheaper.label}, would save {point.bytes - cheaper.bytes} bytes "
+            f"for {100 * (cheaper.units - point.units):.2f}% more of the budget, a worse trade than the others'")
+
+
+def _predicted(studies: list[Study], chosen: list[int], outputs: list[str]) -> dict[str, Any]:
+    """Per output: 1 - cosine adds over weights, max abs errors add in quadrature."""
+    measured = [s.front[i].measured for s, i in zip(studies, chosen) if s.front[i].measured is not None]
+    cosine, max_abs = {}, {}
+    for name in outputs:
+        gaps = [1.0 - m.cosine[name] for m in measured if name in m.cosine]
+        errors = [m.max_abs_error[name] for m in measured if name in m.max_abs_error]
+        if gaps:
+            cosine[name] = 1.0 - sum(gaps)
+            max_abs[name] = math.sqrt(sum(e * e for e in errors))
+    return {"units": round(predicted_units([s.front for s in studies], chosen), 6), "cosine": cosine,
+            "max_abs_error": max_abs}
