@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 import graphpass
 from graphpass.model import load_model, save_model
@@ -44,6 +43,9 @@ from graphpass.verify import Budget, synthesize_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpass wins
+from fixtures import generate, real_models  # noqa: E402
+from fixtures.generate import heavy_tailed, one_matmul  # noqa: E402
+
 NO_BUDGET = Budget()  # structural checks only: the tables report the error, they do not judge it
 
 # Per rate: the scalar baseline first, then the codebook settings compared with it.
@@ -69,15 +71,6 @@ MODEL_GRID[2].append("codebook(dim=8,k=256,stages=2,share=all,scale=channel,code
 # ---------------------------------------------------------------------------------------------
 
 
-def heavy_tailed(shape, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_t(4, shape) * 0.02
-    flat = x.reshape(-1)
-    picked = rng.choice(flat.size, max(1, flat.size // 1000), replace=False)
-    flat[picked] *= rng.uniform(5, 20, picked.size)
-    return x.astype(np.float32)
-
-
 def raw_tensors(quick: bool) -> dict[str, np.ndarray]:
     side, wide = (256, 1024) if quick else (768, 3072)
     rng = np.random.default_rng(1)
@@ -89,18 +82,6 @@ def raw_tensors(quick: bool) -> dict[str, np.ndarray]:
         f"t4 {side}x{side}, input-row scales": rows,
         f"t4 {side}x{side}, output-column scales": cols,
     }
-
-
-def one_matmul(weight: np.ndarray) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])], "raw",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight.shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
-        [numpy_helper.from_array(weight, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def raw_table(quick: bool) -> str:
@@ -203,14 +184,10 @@ def verdicts(rows: list[Row]) -> list[str]:
 
 
 def fixture_model(name: str) -> onnx.ModelProto:
-    from fixtures import generate
-
     return generate.build(name)
 
 
 def bert_path() -> Path:
-    from fixtures import real_models
-
     return real_models.fetch("paraphrase_minilm_l3")
 
 

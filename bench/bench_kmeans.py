@@ -13,21 +13,17 @@ smoke run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 from graphpass import binning
 
-
-def heavy_tailed(shape, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_t(4, shape) * 0.02
-    flat = x.reshape(-1)
-    picked = rng.choice(flat.size, max(1, flat.size // 1000), replace=False)
-    flat[picked] *= rng.uniform(5, 20, picked.size)
-    return x.astype(np.float32)
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `fixtures`; appended, so the installed graphpass wins
+from fixtures.generate import heavy_tailed  # noqa: E402
 
 
 def sse(x: np.ndarray, codebook: np.ndarray, labels: np.ndarray) -> float:

@@ -118,17 +118,22 @@ class PassContext:
         self._analyses[kind] = (self.model.generation, value)
         return value
 
-    @contextmanager
-    def progress(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
-        """Yields `advance(n)`; the CLI shows a bar on stderr, the API stays silent."""
-        if self._progress is None:
-            yield lambda n=1: None
-            return
-        with self._progress(label, total) as advance:
-            yield advance
+    def progress(self, label: str, total: int):
+        """A context yielding `advance(n)`; the CLI shows a bar on stderr, the API stays silent."""
+        return progress_of(self._progress, label, total)
 
 
 ProgressFactory = Callable[[str, int], Any]
+
+
+@contextmanager
+def progress_of(factory: ProgressFactory | None, label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(n)` from `factory`'s bar, or a no-op without one."""
+    if factory is None:
+        yield lambda n=1: None
+        return
+    with factory(label, total) as advance:
+        yield advance
 
 
 class Analysis(ABC):

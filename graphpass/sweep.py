@@ -33,8 +33,9 @@ from graphpass import verify as verification
 from graphpass.api import run as run_pipeline
 from graphpass.edit import Model
 from graphpass.errors import UsageError
-from graphpass.model import load_model, serialized_bytes
 from graphpass.grid import candidate_settings, index_bits
+from graphpass.manager import progress_of
+from graphpass.model import load_model, serialized_bytes
 
 STRUCTURAL = verification.Budget()  # the table reports the error; it does not judge it
 
@@ -94,7 +95,7 @@ def sweep(model, methods: Sequence[str], bits: Sequence[int], granularities: Seq
               "group_size": group_size, "min_size": 1024, "include": "", "exclude": ""}
     settings = candidate_settings(config, Model(loaded.proto))
     rows = []
-    with _progress(progress, "sweep: one model per setting", len(settings) + 2 * baselines) as advance:
+    with progress_of(progress, "sweep: one model per setting", len(settings) + 2 * baselines) as advance:
         for setting in settings:
             rows.append(_setting_row(loaded, setting, feeds, measured))
             advance(1)
@@ -178,17 +179,6 @@ BASELINES = (  # (name, bits per weight, build: ModelProto -> file bytes)
     ("onnxruntime MatMulNBits 4-bit block 32", 4, matmul_nbits_baseline),
     ("onnxruntime int8 quantize_dynamic", 8, int8_dynamic_baseline),
 )
-
-
-class _progress:
-    def __init__(self, factory, label: str, total: int):
-        self._context = factory(label, total) if factory else None
-
-    def __enter__(self):
-        return self._context.__enter__() if self._context else (lambda n=1: None)
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc) if self._context else None
 
 
 # ---------------------------------------------------------------------------------------------

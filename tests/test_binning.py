@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 
+from fixtures.generate import heavy_tailed
 from graphpass import binning
 
 
@@ -36,15 +37,6 @@ def sklearn_sse(x, k: int) -> float:
         model = KMeans(n_clusters=k, n_init=1, random_state=0).fit(np.asarray(x)[:, None])
     centers = model.cluster_centers_[:, 0].astype(np.float64)
     return float(((np.asarray(x, dtype=np.float64) - centers[model.labels_]) ** 2).sum())
-
-
-def heavy_tailed(n: int, seed: int) -> np.ndarray:
-    """Student-t (df=4) weights with 0.1% outliers blown up 5-20x."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_t(4, n) * 0.02
-    picked = rng.choice(n, max(1, n // 1000), replace=False)
-    x[picked] *= rng.uniform(5, 20, picked.size)
-    return x.astype(np.float32)
 
 
 def bimodal(n: int, seed: int) -> np.ndarray:

@@ -7,33 +7,20 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fixtures.generate import one_matmul
 from graphpass.errors import InputError, UsageError
 from graphpass.model import check_output_path, load_model, save_model
-
-
-def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight.shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weight.shape[1]])],
-        [numpy_helper.from_array(weight, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def _with_external_data(tmp_path: Path, location: str, *, length: int | None = None) -> Path:
     """A model whose weight points at `location`, written with its data at tmp_path/w.bin."""
     weight = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
     (tmp_path / "w.bin").write_bytes(weight.tobytes())
-    model = _matmul_model(weight)
+    model = one_matmul(weight)
     tensor = model.graph.initializer[0]
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
@@ -114,7 +101,7 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_save_is_deterministic_and_leaves_no_temporary_files(tmp_path):
-    model = _matmul_model(np.ones((8, 4), np.float32))
+    model = one_matmul(np.ones((8, 4), np.float32))
     save_model(model, tmp_path / "a.onnx")
     save_model(model, tmp_path / "b.onnx")
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
@@ -122,7 +109,7 @@ def test_save_is_deterministic_and_leaves_no_temporary_files(tmp_path):
 
 
 def test_failed_write_leaves_the_target_absent(tmp_path, monkeypatch):
-    model = _matmul_model(np.ones((8, 4), np.float32))
+    model = one_matmul(np.ones((8, 4), np.float32))
 
     def broken_replace(src, dst):
         raise OSError("disk full")
@@ -135,7 +122,7 @@ def test_failed_write_leaves_the_target_absent(tmp_path, monkeypatch):
 
 def test_external_data_round_trip_runs_and_restores_the_proto(tmp_path):
     weight = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
-    model = _matmul_model(weight)
+    model = one_matmul(weight)
     before = model.SerializeToString(deterministic=True)
     written = save_model(model, tmp_path / "ext.onnx", external_data=True)
     assert model.SerializeToString(deterministic=True) == before
@@ -170,7 +157,7 @@ def test_models_over_the_protobuf_limit_get_external_data(tmp_path, monkeypatch)
     import graphpass.model as model_io
 
     weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
-    model = _matmul_model(weight)
+    model = one_matmul(weight)
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1000)  # stand-in for 2 GB
     save_model(model, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").stat().st_size == weight.nbytes
@@ -183,7 +170,7 @@ def test_a_model_onnxruntime_cannot_load_is_exit_2(tmp_path):
 
     from graphpass.cli import main
 
-    model = _matmul_model(np.ones((4, 4), np.float32))
+    model = one_matmul(np.ones((4, 4), np.float32))
     model.graph.node[0].op_type = "NoSuchOp"
     model.graph.node[0].domain = "custom.domain"
     model.opset_import.append(helper.make_opsetid("custom.domain", 1))
