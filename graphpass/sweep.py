@@ -136,7 +136,7 @@ def _baseline_row(loaded, reference, name: str, bits: int, build, feeds, outputs
         with _quiet_logging():
             data = build(loaded.proto)
     except Exception as exc:  # onnxruntime's quantizers reject some graphs; the sweep goes on
-        return SweepRow(name, bits, None, f"{name} (failed: {type(exc).__name__})", 0, 0.0, None, None, 0.0, True)
+        return SweepRow(name, bits, None, f"{name} (failed: {type(exc).__name__}: {exc})", 0, 0.0, None, None, 0.0, True)
     checked = verification.verify(reference, data, feeds, STRUCTURAL)
     return _row(name, bits, None, name, len(data), loaded.file_bytes, checked, outputs,
                 time.perf_counter() - start, baseline=True)
