@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from graphpass import report as reporting
 from graphpass import verify as verification
 from graphpass.edit import Model
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
-from graphpass.model import LoadedModel, check_output_path, load_model, save_model, serialized_bytes
+from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, file_chunks, load_model, save_model,
+                             serialized_bytes)
 
 
 @dataclass
@@ -68,15 +70,20 @@ def run(
 
     ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
                       calibration_inputs=feeds)
-    start = time.perf_counter()
-    stats = manager.run(ctx)
-    pass_seconds = time.perf_counter() - start
+    with ThreadPoolExecutor(max_workers=1) as background:
+        # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
+        input_zip_bytes = background.submit(loaded.zip_bytes)
+        start = time.perf_counter()
+        stats = manager.run(ctx)
+        pass_seconds = time.perf_counter() - start
+        before["zip_bytes"] = input_zip_bytes.result()
 
     stage = Path(tempfile.mkdtemp(prefix=".graphpass-", dir=Path(output).parent if output else None))
     try:
         staged = stage / (Path(output).name if output else "candidate.onnx")
         file_bytes = save_model(ctx.model.proto, staged, external_data=external_data)
         after = reporting.model_summary(ctx.model, file_bytes, Path(output) if output else None)
+        after["zip_bytes"] = deflated_bytes(file_chunks(p for p in (staged, _data_file(staged)) if p.exists()))
         checked = None
         if verify:
             chosen = budget or (verification.LOSSLESS_BUDGET if manager.lossless else verification.Budget())
@@ -110,10 +117,14 @@ def _verification_inputs(loaded: LoadedModel, inputs, shapes, seed) -> dict[str,
     return verification.load_inputs(inputs)
 
 
+def _data_file(model_file: Path) -> Path:
+    return model_file.with_name(model_file.name + ".data")
+
+
 def _move_into_place(staged: Path, output: Path) -> Path:
-    data = staged.with_name(staged.name + ".data")
+    data = _data_file(staged)
     if data.exists():
         # Data first: a model file that appears must find its data already there.
-        os.replace(data, output.with_name(output.name + ".data"))
+        os.replace(data, _data_file(output))
     os.replace(staged, output)
     return output

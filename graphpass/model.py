@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,13 @@ class LoadedModel:
     proto: onnx.ModelProto
     path: Path | None
     file_bytes: int | None  # the model file plus its external data, as read from disk
+    data_files: tuple[Path, ...] = ()  # the external data files it read, in first-use order
+
+    def zip_bytes(self) -> int:
+        """What the model costs to download: `zip -9` of its file(s)."""
+        if self.path is None:
+            return deflated_bytes([serialized_bytes(self.proto)])
+        return deflated_bytes(file_chunks([self.path, *self.data_files]))
 
 
 def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedModel:
@@ -49,9 +58,9 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedMod
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     proto = _parse(data, str(path))
-    external_bytes = _load_external_data(proto, path)
+    external_bytes, data_files = _load_external_data(proto, path)
     check_structure(proto, label=str(path))
-    return LoadedModel(proto, path, len(data) + external_bytes)
+    return LoadedModel(proto, path, len(data) + external_bytes, data_files)
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -65,10 +74,10 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     return proto
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> int:
-    """Read external tensors from the model's own folder only; return the bytes read."""
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, tuple[Path, ...]]:
+    """Read external tensors from the model's own folder only; return the bytes and files read."""
     base = path.resolve().parent
-    total = 0
+    total, files = 0, {}
     for tensor in iter_tensors(proto):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
@@ -88,7 +97,22 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> int:
         tensor.ClearField("data_location")
         del tensor.external_data[:]
         total += length
-    return total
+        files.setdefault(data_path, None)
+    return total, tuple(files)
+
+
+def deflated_bytes(chunks: Iterable[bytes]) -> int:
+    """The size of `chunks` after deflate at level 9, the compression `zip -9` stores."""
+    compressor = zlib.compressobj(9)
+    size = sum(len(compressor.compress(chunk)) for chunk in chunks)
+    return size + len(compressor.flush())
+
+
+def file_chunks(paths: Iterable[Path], chunk_bytes: int = 1 << 22) -> Iterator[bytes]:
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                yield chunk
 
 
 def _confined_data_path(base: Path, location: str, path: Path, tensor_name: str) -> Path:

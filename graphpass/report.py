@@ -87,6 +87,11 @@ def render_passes(report: dict[str, Any]) -> str:
         f"{'file size':<28} {human_bytes(before['file_bytes'])} -> {human_bytes(after['file_bytes'])} "
         f"({_ratio(after['file_bytes'], before['file_bytes'])} of the input)"
     )
+    if before.get("zip_bytes") is not None and after.get("zip_bytes") is not None:
+        rows.append(
+            f"{'zip -9 (download) size':<28} {human_bytes(before['zip_bytes'])} -> {human_bytes(after['zip_bytes'])} "
+            f"({_ratio(after['zip_bytes'], before['zip_bytes'])})"
+        )
     rows.append(
         f"{'weight bytes':<28} {human_bytes(before['weight_bytes'])} -> {human_bytes(after['weight_bytes'])} "
         f"({_ratio(after['weight_bytes'], before['weight_bytes'])})"

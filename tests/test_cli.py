@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["inspect"], ["passes"], ["verify"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["inspect"], ["passes"], ["verify"], ["sweep"]])
 def test_help_everywhere(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output
@@ -36,6 +37,10 @@ def test_run_writes_output_and_json_report(fixture_dir, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["input"]["file_bytes"] == (fixture_dir / "albert.onnx").stat().st_size
     assert report["output"]["file_bytes"] == out.stat().st_size
+    # Downloads are compressed, so the report gives what zip -9 (deflate level 9) stores too.
+    assert report["input"]["zip_bytes"] == len(zlib.compress((fixture_dir / "albert.onnx").read_bytes(), 9))
+    assert report["output"]["zip_bytes"] == len(zlib.compress(out.read_bytes(), 9))
+    assert "zip -9 (download) size" in result.output
     (tie,) = report["passes"]
     assert {"name", "options", "seconds", "weight_bytes_before", "weight_bytes_after"} <= tie.keys()
     assert report["verify"]["passed"] is True

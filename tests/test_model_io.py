@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ def test_loads_external_data_from_the_models_folder(tmp_path):
     weight = numpy_helper.to_array(loaded.proto.graph.initializer[0])
     assert np.array_equal(weight, np.arange(512, dtype=np.float32).reshape(64, 8))
     assert loaded.file_bytes == (tmp_path / "model.onnx").stat().st_size + 512 * 4
+    both = (tmp_path / "model.onnx").read_bytes() + (tmp_path / "w.bin").read_bytes()
+    assert loaded.zip_bytes() == len(zlib.compress(both, 9))
 
 
 @pytest.mark.parametrize(
