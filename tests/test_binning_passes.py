@@ -296,7 +296,7 @@ def test_outliers_are_kept_exactly_and_paid_for(fixture_dir):
     assert any(n.op_type == "ScatterND" for n in result.model.graph.node)
 
 
-def test_uniform_lowers_to_dequantize_linear_at_opset_21(fixture_dir):
+def test_uniform_lowers_to_dequantize_linear_at_opset_21(fixture_dir, tmp_path):
     model = with_opset(fixture(fixture_dir, "mlp"), 21, 10)
     result = graphpass.run(model, "uniform(bits=4,granularity=group,group_size=32,lower=dequantize)",
                            budget=Budget(min_cosine=0.98))
@@ -306,6 +306,18 @@ def test_uniform_lowers_to_dequantize_linear_at_opset_21(fixture_dir):
     assert details["bits_per_weight"] < 4 + 2 * 32 / 32  # 4-bit levels, float32 scale + uint4 zero per 32
     ops = [n.op_type for n in result.model.graph.node]
     assert ops.count("DequantizeLinear") == 3 and "GatherElements" not in ops
+    # onnxruntime keeps the weights packed: the MatMul fed straight by its DequantizeLinear
+    # becomes MatMulNBits. (The two followed by an Add turn into Gemm first and stay unfused.)
+    assert optimized_op_types(result.model, tmp_path).count("MatMulNBits") >= 1
+
+
+def optimized_op_types(model, folder) -> list[str]:
+    """The op types onnxruntime runs at ORT_ENABLE_ALL, read from its optimized model."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(folder / "optimized.onnx").graph.node]
 
 
 def test_blocked_dequantize_before_opset_21_stays_a_lookup(fixture_dir):

@@ -157,6 +157,7 @@ PACKING_PATHS = [
     (64, 17, 8),  # base-64 digits, 5 per int32
     (256, 13, 8),  # plain uint8
     (300, 13, 8),  # base-300 digits, 3 per int32
+    (2000, 13, 8),  # plain uint16 (base-2000 digits would take 16 bits each too)
 ]
 
 
