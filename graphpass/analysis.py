@@ -22,8 +22,12 @@ _WORKERS = 2
 
 
 def weight_bytes_view(weight: WeightRef) -> memoryview:
-    """The weight's values as raw bytes, however the file stored them."""
-    return memoryview(np.ascontiguousarray(weight.read())).cast("B")
+    """The weight's values as raw bytes, however the file stored them.
+
+    Viewed as uint8 rather than cast: the buffer protocol has no code for ml_dtypes' bfloat16,
+    int4 or float8, and memoryview.cast refuses them.
+    """
+    return memoryview(np.ascontiguousarray(weight.read()).reshape(-1).view(np.uint8))
 
 
 @dataclass(frozen=True)

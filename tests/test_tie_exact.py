@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
+from click.testing import CliRunner
 
 import graphpass
+from graphpass.cli import main
 from graphpass.edit import Model
 from graphpass.model import load_model
 from test_weights import function_model, overridable_model
@@ -89,3 +92,26 @@ def test_scalar_duplicates_stay_scalars():
     assert result.passed
     (weight,) = Model(result.model).weights()
     assert weight.shape == ()
+
+
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT4])
+def test_weights_of_ml_dtypes_types_are_tied_and_inspected(dtype, tmp_path):
+    """bfloat16, float8 and int4 have no buffer-protocol code; hashing must not depend on one."""
+    from onnx import helper, numpy_helper
+
+    values = np.random.default_rng(0).normal(size=(64, 32)).clip(-7, 7)
+    target = helper.tensor_dtype_to_np_dtype(dtype)
+    copies = [numpy_helper.from_array(values.astype(target), name) for name in ("A", "B")]
+    nodes = [helper.make_node("Cast", [name], [f"{name}f"], to=onnx.TensorProto.FLOAT) for name in ("A", "B")]
+    nodes += [helper.make_node("MatMul", ["x", "Af"], ["ya"]), helper.make_node("MatMul", ["x", "Bf"], ["yb"]),
+              helper.make_node("Add", ["ya", "yb"], ["y"])]
+    graph = helper.make_graph(nodes, "ml_dtypes", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])], copies)
+    path = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), path)
+
+    result = graphpass.run(path, "tie", output=tmp_path / "out.onnx")
+    assert result.passed and result.report["passes"][0]["tensors_changed"] == 1
+    assert len(Model(result.model).weights()) == 1
+    inspected = CliRunner().invoke(main, ["inspect", str(path)])
+    assert inspected.exit_code == 0 and "Traceback" not in inspected.output, inspected.output
