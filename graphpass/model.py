@@ -43,7 +43,7 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedMod
     """Read a model and check it is whole; every problem becomes an InputError with one line."""
     if isinstance(source, onnx.ModelProto):
         check_structure(source, label="model")
-        return LoadedModel(source, None, None)
+        return LoadedModel(source, None, source.ByteSize())  # what it would take as a file
     if isinstance(source, bytes):
         proto = _parse(source, "model bytes")
         check_structure(proto, label="model bytes")

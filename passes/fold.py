@@ -181,6 +181,8 @@ class _Rewrite:
         opset = self.model.opset
         transposed = {id(s) for s in run.per_block_slots if feeds_matmul_b_only(run, s, opset)}
         stacked = {id(s): self._stack(s, id(s) in transposed) for s in run.per_block_slots}
+        for slot in run.per_block_slots:
+            stacked[id(slot)] = self._widen(slot, stacked[id(slot)], min(run.all_positions()))
         self.stacked_originals.update(name for s in run.per_block_slots for name in s.names)
         for slot in run.slots:
             self.retired.update(slot.names if not slot.equal else slot.names[1:])
@@ -211,6 +213,17 @@ class _Rewrite:
             "gemm_weights": len(transposed),
             "carried": initial,
         }
+
+    def _widen(self, slot: WeightSlot, stacked: str, position: int) -> str:
+        """onnxruntime can neither slice (Scan) nor Gather (Loop) a sub-byte tensor, so 4-bit
+        and 2-bit indices stay packed in the file and are widened to bytes by a Cast before
+        the loop; the body casts each slice back, so its readers see the type they expect."""
+        wide = widened_dtype(slot.dtype)
+        if wide is None:
+            return stacked
+        name = self.model.names.fresh(f"{stacked}.bytes")
+        self.added.append((position, helper.make_node("Cast", [stacked], [name], name=name, to=wide)))
+        return name
 
     def _move_into_body(self, run: BlockRun) -> list[TensorProto]:
         """Shared weights that only this run reads become the body's own initializers.
@@ -249,14 +262,9 @@ class _Rewrite:
         if transposed:
             arrays = [a.T for a in arrays]
         name = self.model.names.fresh(f"{slot.names[0]}.stacked")
-        stacked = np.stack(arrays)
-        if element_bits(slot.dtype) < 8:
-            # Sub-byte types (packed kmeans indices): numpy holds them unpacked as ml_dtypes;
-            # make_tensor packs them again.
-            tensor = helper.make_tensor(name, slot.dtype, stacked.shape, stacked.astype(np.int32).ravel().tolist())
-        else:
-            tensor = numpy_helper.from_array(np.ascontiguousarray(stacked), name)
-        self.tensors.append(tensor)
+        # from_array packs ml_dtypes' sub-byte arrays (UINT4 indices) into raw_data; make_tensor
+        # would spend a varint per element in int32_data and grow the file.
+        self.tensors.append(numpy_helper.from_array(np.ascontiguousarray(np.stack(arrays)), name))
         return name
 
     def commit(self) -> int:
@@ -288,6 +296,14 @@ class _Rewrite:
             del body.node[:]
             body.node.extend(kept_nodes)
         return removed
+
+
+def widened_dtype(dtype: int) -> int | None:
+    """The byte type a sub-byte integer type is carried in through Scan or Gather; None if whole."""
+    if element_bits(dtype) >= 8:
+        return None
+    signed = dtype in (TensorProto.INT4, getattr(TensorProto, "INT2", -1))
+    return TensorProto.INT8 if signed else TensorProto.UINT8
 
 
 class _BodyBuilder:
@@ -334,9 +350,13 @@ class _BodyBuilder:
         if transposed:
             for port in slot.ports:
                 self._matmul_as_gemm(graph, graph.nodes[port.node], slot.shape)
+        wide = widened_dtype(slot.dtype)
+        if wide is not None:  # the stacked indices arrive as bytes: narrow this slice back
+            narrow, piece = piece, gs.Variable(self.names.fresh(f"{slot.names[0]}.slice_bytes"), wide, shape)
+            graph.nodes.append(self._node("Cast", f"{slot.names[0]}.narrow", [piece], [narrow], to=slot.dtype))
         if iteration is None:
             return [piece]
-        stacked = gs.Variable(self.stacked[id(slot)])  # an outer-scope initializer
+        stacked = gs.Variable(self.stacked[id(slot)])  # an outer-scope value
         graph.nodes.append(self._node("Gather", f"{slot.names[0]}.slice", [stacked, iteration], [piece], axis=0))
         return []
 

@@ -324,3 +324,28 @@ def test_real_bert_three_layers_fold(bert_path):
     want, got = run_ort(model, feeds), run_ort(result.model, feeds)
     for a, b in zip(want, got):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["scan", "loop"])
+@pytest.mark.parametrize("lossy", ["kmeans(bits=4)", "kmeans(bits=4,granularity=channel)", "codebook(dim=4,k=16)"])
+def test_fold_keeps_native_uint4_indices_packed(fixtures, lossy, mode):
+    """At opset 21 the indices are UINT4, which onnxruntime can neither slice nor Gather."""
+    model = build(fixtures, "transformer")
+    model.opset_import[0].version, model.ir_version = 21, 10
+    compressed = graphpass.run(model, lossy, verify=False).model
+    folded = graphpass.run(compressed, f"fold(mode={mode}),tie")  # lossless: the tight budget
+    assert folded.passed, folded.report["verify"]
+    assert sum(n.op_type in ("Scan", "Loop") for n in folded.model.graph.node) == 1
+    stacked = [t for t in folded.model.graph.initializer if t.name.endswith(".stacked")]
+    assert stacked and all(t.data_type == onnx.TensorProto.UINT4 for t in stacked if "indices" in t.name)
+    assert folded.report["output"]["file_bytes"] <= folded.report["input"]["file_bytes"]
+
+
+def test_fold_before_kmeans_packs_the_stacked_weights(fixtures):
+    model = build(fixtures, "transformer")
+    model.opset_import[0].version, model.ir_version = 21, 10
+    # One 16-entry codebook now spans four blocks' weights, so the error is larger than per block.
+    result = graphpass.run(model, "fold,kmeans(bits=4)", budget=graphpass.verify.Budget(min_cosine=0.8))
+    assert result.passed, result.report["verify"]
+    assert [n.op_type for n in result.model.graph.node].count("Scan") == 1
+    assert {t.data_type for t in result.model.graph.initializer} >= {onnx.TensorProto.UINT4}
