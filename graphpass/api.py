@@ -86,7 +86,8 @@ def run(
         after["zip_bytes"] = deflated_bytes(file_chunks(p for p in (staged, _data_file(staged)) if p.exists()))
         checked = None
         if verify:
-            chosen = budget or (verification.LOSSLESS_BUDGET if manager.lossless else verification.Budget())
+            # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
+            chosen = verification.LOSSLESS_BUDGET.overridden_by(budget) if manager.lossless else budget or verification.Budget()
             checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs)
         written = None
         if output is not None and (checked is None or checked.passed or keep_failed):

@@ -110,6 +110,15 @@ class Budget:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def overridden_by(self, given: Budget | None) -> Budget:
+        """This budget with what the caller gave in its place: their atol/rtol replace these
+        elementwise bounds (they said what drift they accept), their min_cosine is added."""
+        if given is None:
+            return self
+        atol, rtol = (given.atol, given.rtol) if given.has_elementwise else (self.atol, self.rtol)
+        cosines = [c for c in (self.min_cosine, given.min_cosine) if c is not None]
+        return Budget(atol=atol, rtol=rtol, min_cosine=max(cosines) if cosines else None)
+
 
 # Lossless pipelines: tie is bit-exact, but fold may reorder float operations, so
 # allow a few float32 ulps of drift.

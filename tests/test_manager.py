@@ -10,6 +10,8 @@ from graphpass.edit import Model
 from graphpass.errors import PassFailed, UsageError
 from graphpass.manager import REGISTRY, Option, Pass, PassContext, PassResult, parse_spec, register
 from graphpass.model import load_model
+from graphpass.verify import Budget
+from graphpass.weights import Replacement
 
 
 @pytest.fixture
@@ -132,3 +134,27 @@ def test_analyses_are_cached_until_the_model_changes(fixture_dir):
     assert ctx.analysis(WeightFingerprints) is first
     model.add_shared_tensor(model.scopes[0], "extra", model.weights()[0].read())
     assert ctx.analysis(WeightFingerprints) is not first
+
+
+@pytest.mark.parametrize("budget, passes", [
+    (None, False),
+    (Budget(min_cosine=0.5), False),  # a cosine alone does not lift the elementwise check
+    (Budget(atol=1.0), True),  # the caller's own elementwise bounds replace it
+])
+def test_a_lossless_pipeline_keeps_its_tight_check(scratch_pass, fixture_dir, budget, passes):
+    @scratch_pass
+    class Drifting(Pass):
+        """Claims to be lossless, yet moves one weight by 1%."""
+
+        name = "drifting"
+        summary = "test"
+        lossless = True
+
+        def call(self, ctx):
+            weight = max(ctx.model.weights(), key=lambda w: w.size)
+            replacement = Replacement(weight)
+            weight.replace_with(replacement, replacement.stored("drifted", weight.read() * 1.01))
+            return PassResult(changed=True, tensors_changed=1)
+
+    result = graphpass.run(fixture_dir / "mlp.onnx", "drifting", budget=budget)
+    assert result.passed is passes, result.report["verify"]
