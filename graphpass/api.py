@@ -95,6 +95,9 @@ def run(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(before, after, stats, pass_seconds, checked, manager.lossless)
+    if ctx.model.shape_inference_error:
+        report["notes"].append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
+                               "the passes worked from the types the model declares")
     if budget_outputs:
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")

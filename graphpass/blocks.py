@@ -41,10 +41,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from graphpass.analysis import ExactDuplicates
+from graphpass.edit import Model
 from graphpass.manager import Analysis, PassContext
 from graphpass.report import human_bytes
 from graphpass.scopes import Scope, subgraphs_of
-from graphpass.weights import WeightRef, constant_type_and_shape
+from graphpass.weights import WeightRef
 
 # Refinement rounds: enough to tell apart the values of one block (q, k and v projections
 # differ two levels up), few enough that the hash of a block output stays within its block.
@@ -55,8 +56,6 @@ MAX_CANDIDATE_CLASSES = 400
 MAX_PATH_BRANCHES = 8
 # Blocks between cut points compared when choosing the template (evenly spaced).
 TEMPLATE_SAMPLES = 5
-# Weights above this many elements are given to shape inference as typed inputs only.
-_INFERENCE_INLINE_LIMIT = 64
 
 # Name suffixes of the tensors a codebook pass stores (graphpass.lookup), shown by inspect.
 LOOKUP_ROLES = ("codebook", "indices", "quantized", "scale", "zero_point")
@@ -174,7 +173,7 @@ class RepeatedBlocks(Analysis):
     @classmethod
     def compute(cls, ctx: PassContext) -> BlockAnalysis:
         scope = ctx.model.scopes[0]
-        types = infer_value_types(ctx.model.proto)
+        types = infer_value_types(ctx.model)
         index = GraphIndex(scope, [w for w in ctx.model.weights() if w.scope is scope], types)
         groups = ctx.analysis(ExactDuplicates)
         same_bytes = {w.name: i for i, g in enumerate(groups) for w in g.members if w.scope is scope}
@@ -289,55 +288,16 @@ def _node_label(node: onnx.NodeProto, position: int) -> str:
     return node.name or f"{node.op_type}#{position}"
 
 
-def infer_value_types(proto: onnx.ModelProto) -> dict[str, tuple[int, Dims | None]]:
+def infer_value_types(model: Model) -> dict[str, tuple[int, Dims | None]]:
     """Element type and dims (int, symbol name or None) of every value onnx can infer."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_typed_skeleton(proto), strict_mode=False, data_prop=True)
-    except Exception:  # inference is a help, not a requirement: fall back to what is declared
-        inferred = proto
     found = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tensor_type = value.type.tensor_type
-        if not value.type.HasField("tensor_type") or tensor_type.elem_type == TensorProto.UNDEFINED:
+    for name, value_type in model.value_types().items():
+        tensor_type = value_type.tensor_type
+        if not value_type.HasField("tensor_type") or tensor_type.elem_type == TensorProto.UNDEFINED:
             continue
-        dims = None
-        if tensor_type.HasField("shape"):
-            dims = tuple(_dim(d) for d in tensor_type.shape.dim)
-        found[value.name] = (tensor_type.elem_type, dims)
+        dims = tuple(_dim(d) for d in tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+        found[name] = (tensor_type.elem_type, dims)
     return found
-
-
-def _typed_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its large weights reduced to typed graph inputs: inference needs their
-    types only, and a second copy of them would double the memory of a large model. Small
-    ones stay, since Reshape and friends need their values."""
-    graph = proto.graph
-    skeleton = onnx.GraphProto(name=graph.name)
-    skeleton.input.extend(graph.input)
-    skeleton.output.extend(graph.output)
-    skeleton.value_info.extend(graph.value_info)
-    declared = {v.name for v in graph.input}
-    for tensor in graph.initializer:
-        if _count(tensor.dims) <= _INFERENCE_INLINE_LIMIT:
-            skeleton.initializer.append(tensor)
-        elif tensor.name not in declared:
-            skeleton.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    for node in graph.node:
-        typed = constant_type_and_shape(node)
-        if typed is not None and _count(typed[1]) > _INFERENCE_INLINE_LIMIT:
-            skeleton.input.append(helper.make_tensor_value_info(node.output[0], typed[0], list(typed[1])))
-        else:
-            skeleton.node.append(node)
-    return helper.make_model(
-        skeleton, ir_version=proto.ir_version, opset_imports=proto.opset_import, functions=proto.functions
-    )
-
-
-def _count(dims) -> int:
-    count = 1
-    for dim in dims:
-        count *= dim
-    return count
 
 
 def _dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:

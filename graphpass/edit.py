@@ -62,8 +62,9 @@ class Model:
     def _infer_value_types(self) -> dict[str, onnx.TypeProto]:
         declared = list(self.proto.graph.input) + list(self.proto.graph.output) + list(self.proto.graph.value_info)
         try:
-            inferred = onnx.shape_inference.infer_shapes(self.proto, strict_mode=False).graph
-            declared += list(inferred.value_info) + list(inferred.output)
+            inferred = onnx.shape_inference.infer_shapes(_typed_skeleton(self.proto), strict_mode=False,
+                                                         data_prop=True).graph
+            declared += list(inferred.value_info) + list(inferred.input) + list(inferred.output)
             self.shape_inference_error = None
         except Exception as exc:  # onnx raises several types; any of them means "no inference"
             self.shape_inference_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -233,3 +234,40 @@ def _collect_readers(body, readers, shadowed: set[str]) -> None:
         name = value if isinstance(value, str) else value.name
         if name not in shadowed:
             readers[name].append(("<output>", 0))
+
+
+# Weights larger than this reach shape inference as typed inputs: it needs their types only.
+_INFERENCE_INLINE_LIMIT = 64
+
+
+def _typed_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large weights reduced to typed graph inputs: inference needs their
+    types only, and a second copy of them would double the memory of a large model. Small
+    ones stay, since Reshape and friends need their values."""
+    graph = proto.graph
+    skeleton = onnx.GraphProto(name=graph.name)
+    skeleton.input.extend(graph.input)
+    skeleton.output.extend(graph.output)
+    skeleton.value_info.extend(graph.value_info)
+    declared = {v.name for v in graph.input}
+    for tensor in graph.initializer:
+        if _count(tensor.dims) <= _INFERENCE_INLINE_LIMIT:
+            skeleton.initializer.append(tensor)
+        elif tensor.name not in declared:
+            skeleton.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    for node in graph.node:
+        typed = constant_type_and_shape(node)
+        if typed is not None and _count(typed[1]) > _INFERENCE_INLINE_LIMIT:
+            skeleton.input.append(helper.make_tensor_value_info(node.output[0], typed[0], list(typed[1])))
+        else:
+            skeleton.node.append(node)
+    return helper.make_model(
+        skeleton, ir_version=proto.ir_version, opset_imports=proto.opset_import, functions=proto.functions
+    )
+
+
+def _count(dims) -> int:
+    count = 1
+    for dim in dims:
+        count *= dim
+    return count
