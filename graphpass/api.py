@@ -87,7 +87,10 @@ def run(
         checked = None
         if verify:
             # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
-            chosen = verification.LOSSLESS_BUDGET.overridden_by(budget) if manager.lossless else budget or verification.Budget()
+            if manager.lossless:
+                chosen = verification.LOSSLESS_BUDGET.overridden_by(budget)
+            else:
+                chosen = budget or verification.Budget()
             checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs)
         written = None
         if output is not None and (checked is None or checked.passed or keep_failed):
