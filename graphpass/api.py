@@ -19,8 +19,8 @@ from graphpass import report as reporting
 from graphpass import verify as verification
 from graphpass.edit import Model
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
-from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, file_chunks, load_model, save_model,
-                             serialized_bytes)
+from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
+                             load_model, save_model, serialized_bytes)
 
 
 @dataclass
@@ -83,7 +83,8 @@ def run(
         staged = stage / (Path(output).name if output else "candidate.onnx")
         file_bytes = save_model(ctx.model.proto, staged, external_data=external_data)
         after = reporting.model_summary(ctx.model, file_bytes, Path(output) if output else None)
-        after["zip_bytes"] = deflated_bytes(file_chunks(p for p in (staged, _data_file(staged)) if p.exists()))
+        written_files = [p for p in (staged, external_data_path(staged)) if p.exists()]
+        after["zip_bytes"] = deflated_bytes(file_chunks(written_files))
         checked = None
         if verify:
             # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
@@ -124,14 +125,10 @@ def _verification_inputs(loaded: LoadedModel, inputs, shapes, seed) -> dict[str,
     return verification.load_inputs(inputs)
 
 
-def _data_file(model_file: Path) -> Path:
-    return model_file.with_name(model_file.name + ".data")
-
-
 def _move_into_place(staged: Path, output: Path) -> Path:
-    data = _data_file(staged)
+    data = external_data_path(staged)
     if data.exists():
         # Data first: a model file that appears must find its data already there.
-        os.replace(data, _data_file(output))
+        os.replace(data, external_data_path(output))
     os.replace(staged, output)
     return output

@@ -189,6 +189,11 @@ def check_output_path(output: Path, input_path: Path | None, in_place: bool) -> 
         raise UsageError(f"{output}: output would overwrite the input; pass --in-place if you mean it")
 
 
+def external_data_path(model_file: Path) -> Path:
+    """Where a model written with external data keeps it: `<model file>.data` beside it."""
+    return model_file.with_name(model_file.name + ".data")
+
+
 def save_model(proto: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False) -> int:
     """Write atomically and return the bytes written (model file plus external data).
 
@@ -203,7 +208,7 @@ def save_model(proto: onnx.ModelProto, output: str | os.PathLike, *, external_da
         data = serialized_bytes(proto)
         _atomic_write(output, [data])
         return len(data)
-    data_name = output.name + ".data"
+    data_name = external_data_path(output).name
     data_bytes, model_bytes = _write_external_data(proto, output.parent, data_name)
     _atomic_write(output, [model_bytes])
     return len(model_bytes) + data_bytes
