@@ -412,20 +412,20 @@ def emit_lookup(
     return _reshape(r, values, layout.view, layout.shape)
 
 
-def emit_row_lookup(
-    r: Replacement, rows: np.ndarray, indices: np.ndarray, *, stored_dtype: int | None = None,
-    opset: int, ir_version: int,
-) -> str:
-    """The weight as `rows[indices]`: distinct rows [R, ...] stored once, packed row indices [N]
-    (Gather on axis 0), reshaped to the weight. For passes that share whole rows or vectors."""
-    weight_dtype = r.weight.dtype
-    stored_dtype = weight_dtype if stored_dtype is None else stored_dtype
-    index = emit_indices(r, np.asarray(indices).ravel(), len(rows), opset, ir_version)
-    table = r.stored(f"{LUT_ROLE_PREFIX}rows", np.asarray(rows).astype(np_dtype(stored_dtype)))
-    if stored_dtype != weight_dtype:
-        table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}rows_cast", to=weight_dtype)
+def emit_row_lookup(r: Replacement, table: str, indices: np.ndarray, *, table_rows: int, axis: int = 0,
+                    opset: int, ir_version: int) -> str:
+    """The weight as `table[indices]` along `axis`: `table` is a stored [table_rows, unit] tensor,
+    possibly shared with other weights, `indices` one row per unit of the weight along `axis`
+    (Gather on axis 0, then reshaped, and transposed when `axis` is not 0)."""
+    shape = tuple(r.weight.shape)
+    index = emit_indices(r, np.asarray(indices).ravel(), table_rows, opset, ir_version)
     values = r.node("Gather", [table, index], f"{LUT_ROLE_PREFIX}values", axis=0)
-    return _reshape(r, values, (np.size(indices),) + tuple(np.shape(rows)[1:]), r.weight.shape)
+    moved = (shape[axis],) + shape[:axis] + shape[axis + 1 :]
+    values = _reshape(r, values, (shape[axis], r.weight.size // shape[axis]), moved)
+    if axis == 0:
+        return values
+    perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, len(shape)))
+    return r.node("Transpose", [values], f"{LUT_ROLE_PREFIX}transposed", perm=perm)
 
 
 def emit_dequantize(

@@ -3,9 +3,10 @@
 - Exact duplicates (same dtype, shape and bytes) of any size are merged.
 - Transposed copies become a Transpose of the kept tensor, scaled copies (negated too) a Mul
   by a scalar; both are checked bit for bit, so they stay lossless.
-- With rows=true, a weight whose rows (filters, embedding rows; axis 0) repeat becomes a
-  table of its distinct rows plus a row-index Gather, where that shrinks the bytes. With
-  tol > 0, rows within tol of an earlier row share it.
+- With rows=true, units that repeat inside and across weights (rows, filters and head
+  slices along axis 0, columns and Q/K/V head slices along axis 1; see graphpass.rows) become
+  one table of distinct units plus a row-index Gather per weight, where that shrinks the
+  bytes. With tol > 0, a unit within tol of an earlier one shares it.
 - With tol > 0, weights within relative error tol of each other share one representative
   (the group's mean where that keeps every member within tol); that is lossy, and the error
   each tie introduced goes into the report.
@@ -23,7 +24,8 @@ from graphpass.analysis import RELATED_MIN_SIZE, ExactDuplicates, common_scope
 from graphpass.lookup import choose_packing, emit_row_lookup, is_lookup_table
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.related import RelatedGroup, Relation, find_related, relative_error
-from graphpass.weights import Replacement, WeightRef
+from graphpass.rows import find_shared_rows, row_views
+from graphpass.weights import Replacement, WeightRef, tensor_stored_bytes
 
 
 @register
@@ -34,7 +36,7 @@ class TiePass(Pass):
     options = (
         Option("transposed", bool, True, "tie copies that are a transposition (2-D, and common 3-D/4-D permutations)"),
         Option("scaled", bool, True, "tie copies that are c times another weight, c=-1 included"),
-        Option("rows", bool, False, "share repeated rows/filters inside a tensor via a row-index Gather"),
+        Option("rows", bool, False, "share repeated rows, filters and head slices within and across weights via a row-index Gather"),
         Option("tol", float, 0.0, "tie weights within this relative error ||A-B||/||A|| (0: exact only; >0 is lossy)",
                low=0.0, high=1.0),
     )
@@ -95,55 +97,44 @@ class TiePass(Pass):
 
 
     def _share_rows(self, ctx: PassContext, result: PassResult) -> list[dict]:
-        shared = []
-        for weight in list(ctx.model.weights()):
-            if not weight.is_float or len(weight.shape) < 2 or weight.size < RELATED_MIN_SIZE or weight.overridable:
-                continue
-            if is_lookup_table(weight):
-                continue  # our own tables: sharing their rows again would only add nodes
-            value = weight.read()
-            table, inverse, error = distinct_rows(value.reshape(value.shape[0], -1), self.config["tol"])
-            packing = choose_packing(len(table), ctx.model.opset, ctx.model.proto.ir_version)
-            new_bytes = table.nbytes + packing.stored_bytes(len(inverse))
-            if new_bytes >= weight.nbytes:
-                continue
-            r = Replacement(weight)
-            rows = table.reshape((len(table),) + weight.shape[1:])
-            weight.replace_with(r, result=emit_row_lookup(
-                r, rows, inverse, opset=ctx.model.opset, ir_version=ctx.model.proto.ir_version))
-            result.tensors_changed += 1
-            shared.append({"weight": weight.name, "rows": weight.shape[0], "distinct": len(table),
-                           "bytes_before": weight.nbytes, "bytes_after": new_bytes, "error": error})
-        return shared
+        model = ctx.model
+        opset, ir_version = model.opset, model.proto.ir_version
+        candidates = [w for w in model.weights() if _rows_may_repeat(w)]
+        with ctx.progress("finding shared rows", sum(len(row_views(w)) for w in candidates)) as advance:
+            tables = find_shared_rows(candidates, self.config["tol"],
+                                      lambda k, count: choose_packing(k, opset, ir_version).stored_bytes(count),
+                                      advance)
+        report = []
+        for shared in tables:
+            members = [m.view.weight for m in shared.members]
+            # Named as a weight, not a lookup role: binning may still share the table's values.
+            table = model.add_shared_tensor(common_scope([w.scope for w in members]), f"{members[0].name}.rows",
+                                            shared.table.reshape(len(shared.table), -1))
+            rows = []
+            for member in shared.members:
+                r = Replacement(member.view.weight)
+                member.view.weight.replace_with(r, result=emit_row_lookup(
+                    r, table, member.ids, table_rows=len(shared.table), axis=member.view.axis,
+                    opset=opset, ir_version=ir_version))
+                result.tensors_changed += 1
+                rows.append({"weight": member.view.weight.name, "axis": member.view.axis, "units": member.view.count,
+                             "distinct": int(len(np.unique(member.ids))), "index_bytes": _stored_bytes(r),
+                             "error": member.error, "unit_error": member.unit_error})
+            report.append({"table": table, "unit_size": shared.table.shape[1], "distinct": len(shared.table),
+                           "table_bytes": shared.table.nbytes, "bytes_before": shared.bytes_before,
+                           "bytes_after": shared.table.nbytes + sum(m["index_bytes"] for m in rows),
+                           "error": max(m["error"] for m in rows), "members": rows})
+        return report
 
 
-def distinct_rows(rows: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """The table of distinct rows, each row's index into it, and the worst relative error.
+def _rows_may_repeat(weight: WeightRef) -> bool:
+    # Our own codebooks and indices are tables already: sharing their rows would only add nodes.
+    return (weight.is_float and len(weight.shape) >= 2 and weight.size >= RELATED_MIN_SIZE
+            and not weight.overridable and not is_lookup_table(weight))
 
-    Exact rows merge by bytes; with tol > 0 a row joins the first kept row within tol of it.
-    """
-    if tol == 0:
-        _, first, inverse = np.unique(rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel(),
-                                      return_index=True, return_inverse=True)
-        order = np.argsort(first)  # keep rows in first-seen order: deterministic and readable
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        return rows[first[order]], rank[inverse.ravel()], 0.0
-    kept: list[int] = []
-    inverse = np.empty(len(rows), dtype=np.int64)
-    worst = 0.0
-    for i, row in enumerate(rows.astype(np.float64)):
-        norm = np.linalg.norm(row)
-        if kept:
-            errors = np.linalg.norm(rows[kept].astype(np.float64) - row, axis=1) / (norm or 1.0)
-            best = int(np.argmin(errors))
-            if errors[best] <= tol:
-                inverse[i] = best
-                worst = max(worst, float(errors[best]))
-                continue
-        inverse[i] = len(kept)
-        kept.append(i)
-    return rows[kept], inverse, worst
+
+def _stored_bytes(r: Replacement) -> int:
+    return sum(tensor_stored_bytes(t) for t in r.tensors)
 
 
 def _representative(group: RelatedGroup) -> tuple[np.ndarray | None, list[float]]:

@@ -208,16 +208,20 @@ def test_lookup_produces_the_weight_dtype(dtype, table, opset):
     assert table_tensor.data_type == table
 
 
-def test_row_lookup_rebuilds_shared_rows():
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_row_lookup_rebuilds_units_along_any_axis(axis):
     rng = np.random.default_rng(8)
-    rows = rng.normal(size=(5, 3, 4)).astype(np.float32)
-    indices = rng.integers(0, 5, size=12)
-    values = np.zeros((12, 3, 4), np.float32)
+    shape = (6, 3, 4)
+    count = shape[axis]
+    rest = shape[:axis] + shape[axis + 1 :]
+    table = rng.normal(size=(5, int(np.prod(rest)))).astype(np.float32)
+    indices = rng.integers(0, 5, size=count)
+    expected = np.moveaxis(table[indices].reshape((count,) + rest), 0, axis)
     for opset, ir in ((13, 8), (21, 10)):
-        model, cost = replaced(values, opset, ir, lambda r: lookup.emit_row_lookup(
-            r, rows, indices, opset=opset, ir_version=ir))
-        assert_rebuilds(model, rows[indices])
-        assert cost.table_bytes == rows.nbytes
+        model, cost = replaced(np.zeros(shape, np.float32), opset, ir, lambda r: lookup.emit_row_lookup(
+            r, r.stored("lut_rows", table), indices, table_rows=len(table), axis=axis, opset=opset, ir_version=ir))
+        assert_rebuilds(model, expected)
+        assert cost.table_bytes == table.nbytes
 
 
 def test_table_dtype_never_widens():

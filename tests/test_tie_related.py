@@ -15,6 +15,7 @@ from graphpass.edit import Model
 from graphpass.manager import PassContext
 from graphpass.model import load_model
 from graphpass.related import find_related
+from graphpass.rows import near_parents
 
 
 def _large_weights(proto: onnx.ModelProto, at_least: int = 64):
@@ -153,23 +154,90 @@ def test_sketch_filter_never_misses_a_near_copy(size, tol, fraction, seed):
     assert groups and groups[0].members[0][1].error <= tol
 
 
+def _row_tables(result) -> list[dict]:
+    return result.report["passes"][0]["details"]["rows"]
+
+
+def _units(value: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+
+
+def _distinct(units: np.ndarray) -> int:
+    return len(np.unique(units, axis=0))
+
+
+def _assert_bit_exact(result) -> None:
+    for name, output in result.report["verify"]["outputs"].items():
+        for level, figures in output["per_level"].items():
+            assert figures["max_abs_error"] == 0.0, (name, level, figures)
+
+
 def test_repeated_filters_become_a_row_table(fixture_dir, tmp_path):
     source = fixture_dir / "conv_repeated_filters.onnx"
     result = graphpass.run(source, "tie(rows=true)", output=tmp_path / "o.onnx")
     assert result.passed and result.report["lossless"]
-    rows = {r["weight"]: r for r in result.report["passes"][0]["details"]["rows"]}
+    _assert_bit_exact(result)
     original = {w.name: w.read() for w in Model(load_model(source).proto).weights()}
-    for name, row in rows.items():
-        value = original[name]
-        assert row["distinct"] == len(np.unique(value.reshape(len(value), -1), axis=0)) < row["rows"]
-        assert row["bytes_after"] < row["bytes_before"]
+    tables = _row_tables(result)
+    members = {m["weight"]: m for t in tables for m in t["members"]}
+    assert {"conv1.weight", "conv2.weight"} <= set(members)
+    for name, member in members.items():
+        units = _units(original[name], member["axis"])
+        assert member["distinct"] == _distinct(units) < member["units"] == len(units)
+    for table in tables:
+        assert table["bytes_after"] < table["bytes_before"]
     assert result.report["output"]["file_bytes"] < result.report["input"]["file_bytes"]
     assert "Gather" in _ops(result.model)
 
 
+def test_head_slices_shared_across_weights_and_blocks(fixture_dir):
+    """Q/K/V head slices are columns (axis 1), output-projection head slices rows (axis 0);
+    the fixture plants them within a weight, across weights of a block and across blocks."""
+    source = fixture_dir / "shared_heads.onnx"
+    original = {w.name: w.read() for w in Model(load_model(source).proto).weights()}
+    result = graphpass.run(source, "tie(rows=true)")
+    assert result.passed and result.report["lossless"]
+    _assert_bit_exact(result)
+    tables = {frozenset(m["weight"] for m in t["members"]): t for t in _row_tables(result)}
+    q0, k0, q1 = "blocks.0.attn.q_proj.weight", "blocks.0.attn.k_proj.weight", "blocks.1.attn.q_proj.weight"
+    assert set(tables) == {frozenset({q0, k0, q1}), frozenset({"blocks.0.attn.v_proj.weight"}),
+                           frozenset({"blocks.0.attn.o_proj.weight"})}
+    for table in tables.values():
+        units = [_units(original[m["weight"]], m["axis"]) for m in table["members"]]
+        assert table["distinct"] == _distinct(np.concatenate(units)) < sum(len(u) for u in units)
+        assert table["unit_size"] == units[0].shape[1]
+        assert table["bytes_after"] < table["bytes_before"]
+    axes = {m["weight"]: m["axis"] for t in tables.values() for m in t["members"]}
+    assert axes == {q0: 1, k0: 1, q1: 1, "blocks.0.attn.v_proj.weight": 1, "blocks.0.attn.o_proj.weight": 0}
+    whole_weights_only = graphpass.run(source, "tie").report["output"]["weight_bytes"]
+    saved = sum(t["bytes_before"] - t["bytes_after"] for t in tables.values())
+    assert result.report["output"]["weight_bytes"] == whole_weights_only - saved
+
+
+def test_units_are_shared_only_within_one_function_body_or_graph():
+    """A function body sees neither the graph's tensors nor another body's."""
+    rng = np.random.default_rng(4)
+    rows = np.repeat(rng.standard_normal((4, 64)).astype(np.float32), 16, axis=0)
+    body = [helper.make_node("Constant", [], ["fw"], value=numpy_helper.from_array(rows, "fw_value")),
+            helper.make_node("MatMul", ["x", "fw"], ["y"])]
+    function = helper.make_function("local", "Project", ["x"], ["y"], body, [helper.make_opsetid("", 17)])
+    graph = helper.make_graph(
+        [helper.make_node("Project", ["inp"], ["p"], domain="local"), helper.make_node("MatMul", ["p", "W"], ["out"])],
+        "g", [helper.make_tensor_value_info("inp", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 64])], [numpy_helper.from_array(rows, "W")])
+    model = helper.make_model(graph, functions=[function], ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    result = graphpass.run(model, "tie(rows=true)")
+    assert result.passed
+    _assert_bit_exact(result)
+    tables = _row_tables(result)
+    assert sorted(m["weight"] for t in tables for m in t["members"]) == ["W", "fw"]
+    assert all(len(t["members"]) == 1 and t["distinct"] == 4 for t in tables)
+
+
 def test_rows_skip_tensors_where_it_would_not_pay(fixture_dir):
     result = graphpass.run(fixture_dir / "mlp.onnx", "tie(rows=true)")
-    assert result.report["passes"][0]["details"]["rows"] == []
+    assert _row_tables(result) == []
     assert result.report["output"]["weight_bytes"] == result.report["input"]["weight_bytes"]
 
 
@@ -180,10 +248,51 @@ def test_near_rows_with_tolerance():
     model = _model_with([helper.make_node("MatMul", ["x", "W"], ["y"])], {"W": rows},
                         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])])
-    assert graphpass.run(model, "tie(rows=true)").report["passes"][0]["details"]["rows"] == []
+    assert _row_tables(graphpass.run(model, "tie(rows=true)")) == []
     result = graphpass.run(model, "tie(rows=true,tol=1e-5)")
-    (row,) = result.report["passes"][0]["details"]["rows"]
-    assert row["distinct"] == 4 and 0 < row["error"] <= 1e-5
+    assert not result.report["lossless"]
+    ((member,),) = [t["members"] for t in _row_tables(result)]
+    assert member["distinct"] == 4 and 0 < member["error"] <= member["unit_error"] <= 1e-5
+    rebuilt = onnxruntime_weight(result.model, "W")
+    error = np.linalg.norm(rebuilt.astype(np.float64) - rows) / np.linalg.norm(rows.astype(np.float64))
+    assert error == pytest.approx(member["error"], rel=1e-3)
+
+
+def onnxruntime_weight(proto: onnx.ModelProto, name: str) -> np.ndarray:
+    """The value a rewritten model feeds where weight `name` was, computed in onnxruntime."""
+    import onnxruntime
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    readers = [n for n in probe.graph.node if n.op_type == "MatMul" and n.input[1] != name]
+    (reader,) = readers or [n for n in probe.graph.node if n.op_type == "MatMul"]
+    probe.graph.output.append(helper.make_tensor_value_info(reader.input[1], TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32) for i in session.get_inputs()}
+    return session.run([reader.input[1]], feeds)[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(count=st.integers(2, 300), width=st.sampled_from([1, 3, 8, 40]), copies=st.floats(0.0, 0.9),
+       tol=st.sampled_from([1e-6, 1e-3, 0.1, 0.5]), seed=st.integers(0, 2**31))
+def test_near_unit_search_matches_the_greedy_definition(count, width, copies, tol, seed):
+    """Every unit is kept or joins the closest earlier kept unit within tol, checked against
+    all pairs: the projected k-d tree must never miss a neighbour."""
+    rng = np.random.default_rng(seed)
+    units = rng.standard_normal((count, width))
+    for i in np.flatnonzero(rng.random(count) < copies)[1:]:
+        source = rng.integers(0, i)
+        units[i] = units[source] + rng.standard_normal(width) * np.linalg.norm(units[source]) * tol * rng.random() / np.sqrt(width)
+    parent, errors = near_parents(units, tol)
+    kept = []
+    for i in range(count):
+        distances = [np.linalg.norm(units[i] - units[j]) / np.linalg.norm(units[i]) for j in kept]
+        if parent[i] == i:
+            assert min(distances, default=np.inf) > tol
+            kept.append(i)
+        else:
+            assert parent[i] in kept and errors[i] <= tol
+            assert errors[i] == pytest.approx(min(distances), rel=1e-9, abs=1e-15)
 
 
 def test_scaled_copy_whose_ratio_rounds_off_is_still_exact():

@@ -1,0 +1,301 @@
+"""Units that repeat within and across weights: rows, filters and head slices (`tie(rows=true)`).
+
+A weight is seen as a stack of units along axis 0 (embedding rows, Conv filters, the head
+slices of an attention output projection) and along axis 1 (a MatMul weight's columns, so
+the head slices of Q/K/V projections). Units of one dtype and length, from every weight of
+one root scope, form a pool:
+
+- equal units (by their bytes, like exact tie) share an id; a 64-bit key computed from the
+  bytes alone finds them, and every match is confirmed byte for byte;
+- with tol > 0 a unit also joins the closest earlier kept unit within relative error tol.
+  Candidates come from a k-d tree over a few orthonormal projections (a projection never
+  lengthens a difference, so no true neighbour is missed); only candidates are compared in full.
+
+A view joins a table only while it pays: its index bytes plus the units no other view
+shares must cost less than the weight itself. Views that share units form one table, and a
+weight is rebuilt from at most one of its views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphpass.weights import WeightRef
+
+# Enough dimensions that unrelated units rarely fall within a small tol of each other.
+PROJECTIONS = 8
+# Units queried at a time in the near search: bounds the memory of candidate pairs.
+QUERY_BATCH = 4096
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+# How many bytes `count` indices into a table of `k` units take once packed.
+IndexBytes = Callable[[int, int], int]
+
+
+@dataclass(frozen=True)
+class RowView:
+    """A weight seen as `count` units of `unit_size` values along `axis`."""
+
+    weight: WeightRef
+    axis: int
+
+    @property
+    def count(self) -> int:
+        return self.weight.shape[self.axis]
+
+    @property
+    def unit_size(self) -> int:
+        return self.weight.size // self.count
+
+    def units(self, value: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(value, self.axis, 0)).reshape(self.count, -1)
+
+
+@dataclass
+class RowMember:
+    view: RowView
+    ids: np.ndarray  # each unit's row in the table
+    error: float  # ||W - rebuilt W|| / ||W||, the measure near ties report too
+    unit_error: float  # the worst single unit's relative error
+
+
+@dataclass
+class SharedRows:
+    table: np.ndarray  # [distinct units, unit_size]
+    members: list[RowMember]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(m.view.weight.nbytes for m in self.members)
+
+
+def row_views(weight: WeightRef) -> list[RowView]:
+    return [RowView(weight, axis) for axis in (0, 1) if len(weight.shape) >= 2 and weight.shape[axis] > 1]
+
+
+def find_shared_rows(weights: list[WeightRef], tol: float, index_bytes: IndexBytes,
+                     advance: Callable[[int], None] = lambda n: None) -> list[SharedRows]:
+    """Tables of shared units, in model order; each weight appears in at most one.
+    `advance(n)` is called as the views of each pool are done."""
+    pools: dict[tuple, list[RowView]] = {}
+    for weight in weights:
+        root = list(weight.scope.ancestors())[-1]  # function bodies see neither the graph nor each other
+        for view in row_views(weight):
+            pools.setdefault((id(root), weight.dtype, view.unit_size), []).append(view)
+    found: list[SharedRows] = []
+    used: set[WeightRef] = set()
+    for pool in pools.values():
+        views = [v for v in pool if v.weight not in used]
+        if len(views) > 1 or (views and views[0].count > 1):
+            for shared in _share_pool(views, tol, index_bytes):
+                found.append(shared)
+                used.update(m.view.weight for m in shared.members)
+        advance(len(pool))
+    return found
+
+
+def _share_pool(views: list[RowView], tol: float, index_bytes: IndexBytes) -> list[SharedRows]:
+    values = _Values()
+    units = np.concatenate([v.units(values.of(v.weight)) for v in views])
+    ids, errors = distinct_units(units, tol)
+    if len(np.unique(ids)) == len(ids):
+        return []
+    starts = np.cumsum([0] + [v.count for v in views])
+    view_ids = [ids[starts[i] : starts[i + 1]] for i in range(len(views))]
+    kept = _views_that_pay(views, view_ids, len(units), units.itemsize * units.shape[1], index_bytes)
+    # A unit's error is relative to its own norm, so the squared error it adds is (e * |u|)^2.
+    squared_norms = _squared_norms(units) if errors.any() else np.ones(len(units))
+    tables = []
+    for component in _components([i for i in range(len(views)) if kept[i]], view_ids):
+        table_units = _first_seen(np.concatenate([view_ids[i] for i in component]))
+        row_of = np.full(len(units), -1, dtype=np.int64)
+        row_of[table_units] = np.arange(len(table_units))
+        members = [_member(views[i], row_of[view_ids[i]], errors[starts[i] : starts[i + 1]],
+                           squared_norms[starts[i] : starts[i + 1]]) for i in component]
+        shared = SharedRows(units[table_units], members)
+        after = shared.table.nbytes + sum(index_bytes(len(table_units), m.view.count) for m in members)
+        if after < shared.bytes_before:
+            tables.append(shared)
+    return tables
+
+
+def _member(view: RowView, ids: np.ndarray, unit_errors: np.ndarray, squared_norms: np.ndarray) -> RowMember:
+    total = squared_norms.sum()
+    error = float(np.sqrt((unit_errors**2 * squared_norms).sum() / total)) if total > 0 else 0.0
+    return RowMember(view, ids, error, float(unit_errors.max()))
+
+
+def _views_that_pay(views: list[RowView], view_ids: list[np.ndarray], pool_size: int, unit_bytes: int,
+                    index_bytes: IndexBytes) -> list[bool]:
+    """Drop views whose indices plus unshared units cost more than the weight, until none does.
+
+    Dropping a view only makes the others' units less shared, so every view that fails once
+    would fail again: all failing views go at once, and the loop ends within a few rounds.
+    (A weight's second view, set aside for its better one, does not come back if the better
+    one fails later: rare, and it only leaves that weight dense.)
+    """
+    distinct = [np.unique(ids) for ids in view_ids]
+    kept = [True] * len(views)
+    while True:
+        owners = np.bincount(np.concatenate([d for d, k in zip(distinct, kept) if k] or [np.zeros(0, np.int64)]),
+                             minlength=pool_size)
+        table_size = int(np.count_nonzero(owners))
+        saving = {}
+        for i, view in enumerate(views):
+            if kept[i]:
+                private = int(np.count_nonzero(owners[distinct[i]] == 1))
+                saving[i] = view.weight.nbytes - index_bytes(table_size, view.count) - private * unit_bytes
+        losing = {i for i, s in saving.items() if s <= 0}
+        best_view: dict[WeightRef, int] = {}
+        for i in sorted(set(saving) - losing, key=lambda i: -saving[i]):
+            if views[i].weight in best_view:
+                losing.add(i)  # a weight is rebuilt from one view only: the one that saves most
+            else:
+                best_view[views[i].weight] = i
+        if not losing:
+            return kept
+        for i in losing:
+            kept[i] = False
+
+
+def _components(kept: list[int], view_ids: list[np.ndarray]) -> list[list[int]]:
+    """Kept views grouped so that views sharing any unit share one table, in model order."""
+    parent = {i: i for i in kept}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_owner: dict[int, int] = {}
+    for i in kept:
+        for unit in np.unique(view_ids[i]).tolist():
+            other = first_owner.setdefault(unit, i)
+            if other != i:
+                parent[find(i)] = find(other)
+    groups: dict[int, list[int]] = {}
+    for i in kept:
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def _first_seen(ids: np.ndarray) -> np.ndarray:
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Distinct units
+# ---------------------------------------------------------------------------------------------
+
+
+def distinct_units(units: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each unit, the position of the unit it is stored as, and its relative error.
+
+    The position is of the first copy, so a table in first-seen order keeps model order.
+    """
+    exact = _exact_ids(units)
+    if tol == 0:
+        return exact, np.zeros(len(units))
+    distinct = np.flatnonzero(exact == np.arange(len(exact)))
+    parent, distinct_errors = near_parents(units[distinct].astype(np.float64), tol)
+    rank = np.empty(len(units), dtype=np.int64)
+    rank[distinct] = np.arange(len(distinct))
+    return distinct[parent[rank[exact]]], distinct_errors[rank[exact]]
+
+
+def _exact_ids(units: np.ndarray) -> np.ndarray:
+    bits = units.view(_UNSIGNED[units.itemsize])
+    _, first, inverse = np.unique(unit_keys(units), return_index=True, return_inverse=True)
+    ids = first[inverse.ravel()]
+    if np.array_equal(bits, bits[ids]):
+        return ids
+    # Two different units met on one key: fall back to sorting the bytes themselves.
+    rows = np.ascontiguousarray(units).view(np.dtype((np.void, units.itemsize * units.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    return first[inverse.ravel()]
+
+
+def unit_keys(units: np.ndarray) -> np.ndarray:
+    """A 64-bit key per unit from its bytes alone: equal units always get equal keys.
+
+    Integer arithmetic on the raw words, because float arithmetic may round the same row
+    differently at two offsets (vectorised code paths), which would split equal units.
+    """
+    raw = np.ascontiguousarray(units).view(np.uint8).reshape(len(units), -1)
+    pad = -raw.shape[1] % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros((len(raw), pad), np.uint8)], axis=1)
+    words = raw.view(np.uint64)
+    multipliers = np.random.default_rng(0x5EED).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
+    keys = np.zeros(len(words), dtype=np.uint64)
+    for start in range(0, len(words), QUERY_BATCH):
+        keys[start : start + QUERY_BATCH] = (words[start : start + QUERY_BATCH] * multipliers).sum(axis=1)
+    return keys
+
+
+def near_parents(units: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy in order: each unit joins the closest earlier kept unit with
+    ||unit - kept|| <= tol * ||unit||, or is kept itself. Returns each unit's kept unit and error."""
+    from sklearn.neighbors import KDTree  # a second to import; only near row search needs it
+
+    count, width = units.shape
+    norms = np.linalg.norm(units, axis=1)
+    basis, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((width, min(PROJECTIONS, width))))
+    projected = units @ basis
+    tree = KDTree(projected)
+    parent = np.arange(count)
+    errors = np.zeros(count)
+    joined = np.zeros(count, dtype=bool)
+    # Float slack on the radius only widens the candidates; the full comparison decides.
+    radius = tol * norms * (1 + 1e-9)
+    for start in range(0, count, QUERY_BATCH):
+        stop = min(start + QUERY_BATCH, count)
+        found = tree.query_radius(projected[start:stop], r=radius[start:stop])
+        later = np.repeat(np.arange(start, stop), [len(f) for f in found])
+        earlier = np.concatenate(found).astype(np.int64) if len(found) else np.zeros(0, np.int64)
+        pairs = earlier < later
+        later, earlier = later[pairs], earlier[pairs]
+        error = _relative_distances(units, norms, later, earlier)
+        close = error <= tol
+        later, earlier, error = later[close], earlier[close], error[close]
+        for i in np.lexsort((error, later)):  # by unit, closest candidate first
+            unit, candidate = later[i], earlier[i]
+            if not joined[unit] and not joined[candidate]:
+                parent[unit], errors[unit], joined[unit] = candidate, error[i], True
+    return parent, errors
+
+
+def _squared_norms(units: np.ndarray) -> np.ndarray:
+    out = np.empty(len(units))
+    for start in range(0, len(units), QUERY_BATCH):  # float64 a batch at a time, not a copy of the pool
+        batch = units[start : start + QUERY_BATCH].astype(np.float64)
+        out[start : start + QUERY_BATCH] = np.einsum("ij,ij->i", batch, batch)
+    return out
+
+
+def _relative_distances(units: np.ndarray, norms: np.ndarray, later: np.ndarray, earlier: np.ndarray) -> np.ndarray:
+    out = np.empty(len(later))
+    step = max(1, (1 << 22) // max(1, units.shape[1]))  # about 32 MB of differences at a time
+    for start in range(0, len(later), step):
+        a, b = later[start : start + step], earlier[start : start + step]
+        distance = np.linalg.norm(units[a] - units[b], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[start : start + step] = np.where(norms[a] > 0, distance / norms[a], np.inf)
+    return out
+
+
+class _Values:
+    """Each weight read once per pool, though both of its views may be in it."""
+
+    def __init__(self):
+        self._values: dict[WeightRef, np.ndarray] = {}
+
+    def of(self, weight: WeightRef) -> np.ndarray:
+        if weight not in self._values:
+            self._values[weight] = weight.read()
+        return self._values[weight]
