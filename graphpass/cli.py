@@ -152,10 +152,12 @@ def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--tol", type=click.FloatRange(0, 1), default=1e-3, show_default=True,
               help="List near copies within this relative error.")
-def inspect(model, as_json, tol):
+@click.option("--rows", is_flag=True, help="Also list rows, filters and head slices that tie(rows=true) would share "
+                                          "(reads every weight in full).")
+def inspect(model, as_json, tol, rows):
     """Show where MODEL's bytes are and what the passes could share."""
     loaded = load_model(model)
-    found = inspect_model(PassContext(Model(loaded.proto), delayed_progress), tol)
+    found = inspect_model(PassContext(Model(loaded.proto), delayed_progress), tol, rows=rows)
     found["file_bytes"] = loaded.file_bytes
     click.echo(json.dumps(found, indent=2) if as_json else render_inspection(found))
 

@@ -10,12 +10,14 @@ from graphpass.blocks import RepeatedBlocks, describe_runs, render_runs
 from graphpass.manager import PassContext
 from graphpass.related import find_related
 from graphpass.report import human_bytes
+from graphpass.rows import SharedRows, shared_row_tables
 
 TOP_TENSORS = 15
 
 
-def inspect_model(ctx: PassContext, tol: float = 1e-3) -> dict[str, Any]:
-    """`tol` bounds the near copies listed; tying them is the user's call (tie(tol=...))."""
+def inspect_model(ctx: PassContext, tol: float = 1e-3, rows: bool = False) -> dict[str, Any]:
+    """`tol` bounds the near copies (and with `rows`, near units) listed; tying them is the
+    user's call (tie(tol=...)). `rows` reads every weight in full, so it is asked for."""
     model = ctx.model
     weights = model.weights()
     by_op: dict[str, int] = defaultdict(int)
@@ -26,7 +28,7 @@ def inspect_model(ctx: PassContext, tol: float = 1e-3) -> dict[str, Any]:
         by_place[_place(weight)] += weight.nbytes
     largest = sorted(weights, key=lambda w: (-w.nbytes, w.name))[:TOP_TENSORS]
     groups = ctx.analysis(ExactDuplicates)
-    return {
+    found = {
         "weights": len(weights),
         "weight_bytes": model.weight_bytes(),
         "nodes": model.node_count(),
@@ -45,6 +47,19 @@ def inspect_model(ctx: PassContext, tol: float = 1e-3) -> dict[str, Any]:
                                                           exclude=frozenset(w for g in groups for w in g.members[1:]))],
         "near_tol": tol,
         "repeated_blocks": describe_runs(ctx.analysis(RepeatedBlocks)),
+    }
+    if rows:
+        found["shared_rows"] = [_rows_row(t) for t in shared_row_tables(ctx, tol)]
+    return found
+
+
+def _rows_row(shared: SharedRows) -> dict[str, Any]:
+    return {
+        "unit_size": shared.table.shape[1],
+        "distinct": len(shared.table),
+        "saved_bytes": shared.bytes_before - shared.bytes_after,
+        "members": [{"weight": m.view.weight.name, "axis": m.view.axis, "units": m.view.count, "error": m.error}
+                    for m in shared.members],
     }
 
 
@@ -97,5 +112,18 @@ def render_inspection(found: dict[str, Any]) -> str:
     for group in related[:TOP_TENSORS]:
         for member in group["members"]:
             lines.append(f"  {member['kind']:<10} {member['weight']} of {group['root']}  (error {member['error']:.2e})")
+    if "shared_rows" in found:
+        lines += ["", *_render_rows(found["shared_rows"], found["near_tol"])]
     lines += ["", render_runs(found["repeated_blocks"])]
     return "\n".join(lines)
+
+
+def _render_rows(tables: list[dict[str, Any]], tol: float) -> list[str]:
+    saved = sum(t["saved_bytes"] for t in tables)
+    lines = [f"shared rows and head slices (tol {tol:g}): {len(tables)} tables, {human_bytes(saved)} could be saved"]
+    for table in tables[:TOP_TENSORS]:
+        units = sum(m["units"] for m in table["members"])
+        members = ", ".join(f"{m['weight']} (axis {m['axis']}, error {m['error']:.1e})" for m in table["members"])
+        lines.append(f"  {human_bytes(table['saved_bytes']):>12}  {table['distinct']} of {units} "
+                     f"{table['unit_size']}-value units: {members}")
+    return lines

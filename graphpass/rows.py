@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphpass.analysis import RELATED_MIN_SIZE
+from graphpass.lookup import choose_packing, is_lookup_table
+from graphpass.manager import PassContext
 from graphpass.weights import WeightRef
 
 # Enough dimensions that unrelated units rarely fall within a small tol of each other.
@@ -66,6 +69,7 @@ class RowMember:
 class SharedRows:
     table: np.ndarray  # [distinct units, unit_size]
     members: list[RowMember]
+    bytes_after: int  # the table plus every member's packed indices
 
     @property
     def bytes_before(self) -> int:
@@ -74,6 +78,22 @@ class SharedRows:
 
 def row_views(weight: WeightRef) -> list[RowView]:
     return [RowView(weight, axis) for axis in (0, 1) if len(weight.shape) >= 2 and weight.shape[axis] > 1]
+
+
+def shared_row_tables(ctx: PassContext, tol: float) -> list[SharedRows]:
+    """What `tie(rows=true)` shares in the model: tables that shrink it, with their members."""
+    model = ctx.model
+    opset, ir_version = model.opset, model.proto.ir_version
+    candidates = [w for w in model.weights() if _may_repeat(w)]
+    with ctx.progress("finding shared rows", sum(len(row_views(w)) for w in candidates)) as advance:
+        return find_shared_rows(candidates, tol,
+                                lambda k, count: choose_packing(k, opset, ir_version).stored_bytes(count), advance)
+
+
+def _may_repeat(weight: WeightRef) -> bool:
+    # Our own codebooks and indices are tables already: sharing their rows would only add nodes.
+    return (weight.is_float and len(weight.shape) >= 2 and weight.size >= RELATED_MIN_SIZE
+            and not weight.overridable and not is_lookup_table(weight))
 
 
 def find_shared_rows(weights: list[WeightRef], tol: float, index_bytes: IndexBytes,
@@ -115,8 +135,8 @@ def _share_pool(views: list[RowView], tol: float, index_bytes: IndexBytes) -> li
         row_of[table_units] = np.arange(len(table_units))
         members = [_member(views[i], row_of[view_ids[i]], errors[starts[i] : starts[i + 1]],
                            squared_norms[starts[i] : starts[i + 1]]) for i in component]
-        shared = SharedRows(units[table_units], members)
-        after = shared.table.nbytes + sum(index_bytes(len(table_units), m.view.count) for m in members)
+        after = units[table_units].nbytes + sum(index_bytes(len(table_units), m.view.count) for m in members)
+        shared = SharedRows(units[table_units], members, after)
         if after < shared.bytes_before:
             tables.append(shared)
     return tables

@@ -20,11 +20,11 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from graphpass.analysis import RELATED_MIN_SIZE, ExactDuplicates, common_scope
-from graphpass.lookup import choose_packing, emit_row_lookup, is_lookup_table
+from graphpass.analysis import ExactDuplicates, common_scope
+from graphpass.lookup import emit_row_lookup
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.related import RelatedGroup, Relation, find_related, relative_error
-from graphpass.rows import find_shared_rows, row_views
+from graphpass.rows import RowMember, shared_row_tables
 from graphpass.weights import Replacement, WeightRef, tensor_stored_bytes
 
 
@@ -98,39 +98,29 @@ class TiePass(Pass):
 
     def _share_rows(self, ctx: PassContext, result: PassResult) -> list[dict]:
         model = ctx.model
-        opset, ir_version = model.opset, model.proto.ir_version
-        candidates = [w for w in model.weights() if _rows_may_repeat(w)]
-        with ctx.progress("finding shared rows", sum(len(row_views(w)) for w in candidates)) as advance:
-            tables = find_shared_rows(candidates, self.config["tol"],
-                                      lambda k, count: choose_packing(k, opset, ir_version).stored_bytes(count),
-                                      advance)
         report = []
-        for shared in tables:
+        for shared in shared_row_tables(ctx, self.config["tol"]):
             members = [m.view.weight for m in shared.members]
             # Named as a weight, not a lookup role: binning may still share the table's values.
             table = model.add_shared_tensor(common_scope([w.scope for w in members]), f"{members[0].name}.rows",
-                                            shared.table.reshape(len(shared.table), -1))
-            rows = []
-            for member in shared.members:
-                r = Replacement(member.view.weight)
-                member.view.weight.replace_with(r, result=emit_row_lookup(
-                    r, table, member.ids, table_rows=len(shared.table), axis=member.view.axis,
-                    opset=opset, ir_version=ir_version))
-                result.tensors_changed += 1
-                rows.append({"weight": member.view.weight.name, "axis": member.view.axis, "units": member.view.count,
-                             "distinct": int(len(np.unique(member.ids))), "index_bytes": _stored_bytes(r),
-                             "error": member.error, "unit_error": member.unit_error})
+                                            shared.table)
+            rows = [self._rebuild_from_table(ctx, member, table, len(shared.table), result) for member in shared.members]
             report.append({"table": table, "unit_size": shared.table.shape[1], "distinct": len(shared.table),
                            "table_bytes": shared.table.nbytes, "bytes_before": shared.bytes_before,
                            "bytes_after": shared.table.nbytes + sum(m["index_bytes"] for m in rows),
                            "error": max(m["error"] for m in rows), "members": rows})
         return report
 
-
-def _rows_may_repeat(weight: WeightRef) -> bool:
-    # Our own codebooks and indices are tables already: sharing their rows would only add nodes.
-    return (weight.is_float and len(weight.shape) >= 2 and weight.size >= RELATED_MIN_SIZE
-            and not weight.overridable and not is_lookup_table(weight))
+    def _rebuild_from_table(self, ctx: PassContext, member: RowMember, table: str, table_rows: int,
+                            result: PassResult) -> dict:
+        weight, axis = member.view.weight, member.view.axis
+        r = Replacement(weight)
+        weight.replace_with(r, result=emit_row_lookup(r, table, member.ids, table_rows=table_rows, axis=axis,
+                                                      opset=ctx.model.opset, ir_version=ctx.model.proto.ir_version))
+        result.tensors_changed += 1
+        return {"weight": weight.name, "axis": axis, "units": member.view.count,
+                "distinct": int(len(np.unique(member.ids))), "index_bytes": _stored_bytes(r),
+                "error": member.error, "unit_error": member.unit_error}
 
 
 def _stored_bytes(r: Replacement) -> int:

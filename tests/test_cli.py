@@ -124,6 +124,23 @@ def test_inspect_lists_bytes_and_duplicates(fixture_dir):
     assert "Constant nodes in subgraphs" in text and "exact duplicates" in text
 
 
+def test_inspect_rows_lists_what_tie_rows_shares(fixture_dir):
+    import graphpass
+
+    source = fixture_dir / "shared_heads.onnx"
+    assert "shared_rows" not in json.loads(invoke("inspect", source, "--json").output)  # opt-in: reads every weight
+    found = json.loads(invoke("inspect", source, "--json", "--rows", "--tol", "0").output)
+    tied = graphpass.run(source, "tie(rows=true)", verify=False).report["passes"][0]["details"]["rows"]
+
+    def members(tables):
+        return sorted(sorted((m["weight"], m["axis"]) for m in t["members"]) for t in tables)
+
+    assert found["shared_rows"] and members(found["shared_rows"]) == members(tied)
+    assert all(t["saved_bytes"] > 0 for t in found["shared_rows"])
+    text = invoke("inspect", source, "--rows", "--tol", "0").output
+    assert f"shared rows and head slices (tol 0): {len(found['shared_rows'])} tables" in text
+
+
 def test_passes_lists_every_pass_with_options():
     result = invoke("passes")
     assert result.exit_code == 0 and "tie (lossless)" in result.output
