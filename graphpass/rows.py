@@ -232,7 +232,8 @@ def _exact_ids(units: np.ndarray) -> np.ndarray:
     bits = units.view(_UNSIGNED[units.itemsize])
     _, first, inverse = np.unique(unit_keys(units), return_index=True, return_inverse=True)
     ids = first[inverse.ravel()]
-    if np.array_equal(bits, bits[ids]):
+    copies = np.flatnonzero(ids != np.arange(len(ids)))  # confirm only these: no copy of the whole pool
+    if np.array_equal(bits[copies], bits[ids[copies]]):
         return ids
     # Two different units met on one key: fall back to sorting the bytes themselves.
     rows = np.ascontiguousarray(units).view(np.dtype((np.void, units.itemsize * units.shape[1]))).ravel()

@@ -308,3 +308,21 @@ def test_scaled_copy_whose_ratio_rounds_off_is_still_exact():
     result = graphpass.run(model, "tie")
     (group,) = result.report["passes"][0]["details"]["ties"]
     assert group["members"][0] == {"weight": "B", "kind": "scaled", "error": 0.0, "scale": 1.5}
+
+
+@pytest.mark.parametrize("keys", ["real", "all collide"])
+def test_equal_units_are_found_by_their_bytes(monkeypatch, keys):
+    """Equal units share the first copy's position; a key collision must not merge others."""
+    from graphpass import rows
+
+    if keys == "all collide":
+        monkeypatch.setattr(rows, "unit_keys", lambda units: np.zeros(len(units), np.uint64))
+    rng = np.random.default_rng(9)
+    distinct = rng.standard_normal((6, 5)).astype(np.float32)
+    distinct[5] = -0.0  # differs from +0.0 in its bytes, so it is not tied to a zero unit
+    distinct[4] = 0.0
+    order = rng.integers(0, 6, size=40)
+    ids, errors = rows.distinct_units(distinct[order], tol=0.0)
+    first = {unit: int(np.flatnonzero(order == unit)[0]) for unit in set(order.tolist())}
+    assert ids.tolist() == [first[u] for u in order.tolist()]
+    assert not errors.any()
