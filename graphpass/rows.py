@@ -18,7 +18,7 @@ weight is rebuilt from at most one of its views.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +28,20 @@ from graphpass.lookup import choose_packing, is_lookup_table
 from graphpass.manager import PassContext
 from graphpass.weights import WeightRef
 
-# Enough dimensions that unrelated units rarely fall within a small tol of each other.
+# Dimensions of the k-d tree: more make its queries slower than the candidates they save.
 PROJECTIONS = 8
+# Dimensions of the second filter on the tree's candidates: at a large tol (0.05) the tree's
+# 8 leave tens of candidates per unit, and 32 drop nearly all of them for 32 flops a pair,
+# before full-length distances (hundreds of flops) are computed for the few left.
+FILTER_PROJECTIONS = 32
 # Units queried at a time in the near search: bounds the memory of candidate pairs.
 QUERY_BATCH = 4096
+# Candidate pairs held at a time: bounds memory when a large tol makes most pairs candidates.
+PAIR_BATCH = 1 << 20
+# Below this many multiply-adds, every pair's distance by matrix products costs less than the
+# k-d tree, whose projections stop filtering on wide units at a large tol: 384 embedding
+# columns of 30,522 values at tol 0.05 left 55,694 candidate pairs, none of them close.
+ALL_PAIRS_FLOPS = 2e10
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 # How many bytes `count` indices into a table of `k` units take once packed.
@@ -262,25 +272,15 @@ def unit_keys(units: np.ndarray) -> np.ndarray:
 def near_parents(units: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy in order: each unit joins the closest earlier kept unit with
     ||unit - kept|| <= tol * ||unit||, or is kept itself. Returns each unit's kept unit and error."""
-    from sklearn.neighbors import KDTree  # a second to import; only near row search needs it
-
     count, width = units.shape
     norms = np.linalg.norm(units, axis=1)
-    basis, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((width, min(PROJECTIONS, width))))
-    projected = units @ basis
-    tree = KDTree(projected)
+    # Float slack on the radius only widens the candidates; the full comparison decides.
+    radius = tol * norms * (1 + 1e-9)
+    search = _all_pairs if count * count * width <= ALL_PAIRS_FLOPS else _projected_pairs
     parent = np.arange(count)
     errors = np.zeros(count)
     joined = np.zeros(count, dtype=bool)
-    # Float slack on the radius only widens the candidates; the full comparison decides.
-    radius = tol * norms * (1 + 1e-9)
-    for start in range(0, count, QUERY_BATCH):
-        stop = min(start + QUERY_BATCH, count)
-        found = tree.query_radius(projected[start:stop], r=radius[start:stop])
-        later = np.repeat(np.arange(start, stop), [len(f) for f in found])
-        earlier = np.concatenate(found).astype(np.int64) if len(found) else np.zeros(0, np.int64)
-        pairs = earlier < later
-        later, earlier = later[pairs], earlier[pairs]
+    for later, earlier in search(units, norms, radius):
         error = _relative_distances(units, norms, later, earlier)
         close = error <= tol
         later, earlier, error = later[close], earlier[close], error[close]
@@ -289,6 +289,62 @@ def near_parents(units: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]
             if not joined[unit] and not joined[candidate]:
                 parent[unit], errors[unit], joined[unit] = candidate, error[i], True
     return parent, errors
+
+
+# Candidate pairs (later, earlier < later) that may lie within the radius of the later unit,
+# in batches of increasing later units, so that every earlier unit is settled when a later
+# one looks at it. A search may return too many pairs, never too few.
+PairBatches = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+def _projected_pairs(units: np.ndarray, norms: np.ndarray, radius: np.ndarray) -> PairBatches:
+    from sklearn.neighbors import KDTree  # a second to import; only near row search needs it
+
+    width = units.shape[1]
+    basis, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((width, min(FILTER_PROJECTIONS, width))))
+    projected = units @ basis  # any subset of orthonormal columns never lengthens a difference either
+    indexed = np.ascontiguousarray(projected[:, :PROJECTIONS])
+    tree = KDTree(indexed)
+    for start in range(0, len(units), QUERY_BATCH):
+        stop = min(start + QUERY_BATCH, len(units))
+        # Counted first: at a large tol one batch's neighbour lists alone could fill memory.
+        counts = tree.query_radius(indexed[start:stop], r=radius[start:stop], count_only=True)
+        for low, high in _spans(counts, PAIR_BATCH, start):
+            found = tree.query_radius(indexed[low:high], r=radius[low:high])
+            later = np.repeat(np.arange(low, high), [len(f) for f in found])
+            earlier = np.concatenate(found).astype(np.int64)
+            earlier_only = earlier < later
+            later, earlier = later[earlier_only], earlier[earlier_only]
+            near = np.linalg.norm(projected[later] - projected[earlier], axis=1) <= radius[later]
+            yield later[near], earlier[near]
+
+
+def _spans(counts: np.ndarray, budget: int, offset: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges of query units whose counts add up to at most `budget` (or one unit)."""
+    ends = np.cumsum(counts)
+    low = 0
+    while low < len(counts):
+        before = ends[low - 1] if low else 0
+        high = max(low + 1, int(np.searchsorted(ends, before + budget, side="right")))
+        yield offset + low, offset + high
+        low = high
+
+
+def _all_pairs(units: np.ndarray, norms: np.ndarray, radius: np.ndarray) -> PairBatches:
+    """Squared distances as |a|^2 + |b|^2 - 2 a.b, a block of units against all earlier ones."""
+    count, width = units.shape
+    squared = norms**2
+    # A dot product of `width` terms is off by at most about width * eps * |a| |b|.
+    rounding = 4 * width * np.finfo(np.float64).eps
+    step = max(1, PAIR_BATCH // count)
+    for start in range(0, count, step):
+        stop = min(start + step, count)
+        block = units[start:stop] @ units[:stop].T
+        distance = squared[start:stop, None] + squared[None, :stop] - 2 * block
+        slack = rounding * (norms[start:stop, None] + norms[None, :stop]) ** 2
+        within = (distance <= radius[start:stop, None] ** 2 + slack) & (np.arange(stop)[None, :] < np.arange(start, stop)[:, None])
+        later, earlier = np.nonzero(within)
+        yield later + start, earlier
 
 
 def _squared_norms(units: np.ndarray) -> np.ndarray:

@@ -272,18 +272,26 @@ def onnxruntime_weight(proto: onnx.ModelProto, name: str) -> np.ndarray:
     return session.run([reader.input[1]], feeds)[0]
 
 
-@settings(max_examples=30, deadline=None)
-@given(count=st.integers(2, 300), width=st.sampled_from([1, 3, 8, 40]), copies=st.floats(0.0, 0.9),
-       tol=st.sampled_from([1e-6, 1e-3, 0.1, 0.5]), seed=st.integers(0, 2**31))
-def test_near_unit_search_matches_the_greedy_definition(count, width, copies, tol, seed):
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(2, 300), width=st.sampled_from([1, 3, 8, 40, 200]), copies=st.floats(0.0, 0.9),
+       tol=st.sampled_from([1e-6, 1e-3, 0.1, 0.5]), search=st.sampled_from(["k-d tree", "all pairs"]),
+       seed=st.integers(0, 2**31))
+def test_near_unit_search_matches_the_greedy_definition(count, width, copies, tol, search, seed):
     """Every unit is kept or joins the closest earlier kept unit within tol, checked against
-    all pairs: the projected k-d tree must never miss a neighbour."""
+    all pairs: neither the projected k-d tree nor the matrix-product search may miss one."""
+    from graphpass import rows
+
     rng = np.random.default_rng(seed)
     units = rng.standard_normal((count, width))
     for i in np.flatnonzero(rng.random(count) < copies)[1:]:
         source = rng.integers(0, i)
         units[i] = units[source] + rng.standard_normal(width) * np.linalg.norm(units[source]) * tol * rng.random() / np.sqrt(width)
-    parent, errors = near_parents(units, tol)
+    threshold = rows.ALL_PAIRS_FLOPS
+    rows.ALL_PAIRS_FLOPS = 0 if search == "k-d tree" else np.inf
+    try:
+        parent, errors = near_parents(units, tol)
+    finally:
+        rows.ALL_PAIRS_FLOPS = threshold
     kept = []
     for i in range(count):
         distances = [np.linalg.norm(units[i] - units[j]) / np.linalg.norm(units[i]) for j in kept]
