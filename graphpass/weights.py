@@ -109,9 +109,11 @@ class WeightRef:
                     yield node, index
 
     def read(self) -> np.ndarray:
-        """The weight's value as numpy (float16 stays float16; bfloat16 comes back as ml_dtypes)."""
+        """The weight's value as numpy (float16 stays float16; bfloat16 comes back as ml_dtypes).
+
+        To read many weights, a WeightReader finds them faster."""
         if self.source == "initializer":
-            return numpy_helper.to_array(self.model.find_initializer(self.scope, self.name))
+            return tensor_value(self.model.find_initializer(self.scope, self.name))
         return constant_value(self.model.find_constant_node(self.scope, self.name))
 
     def replace_with(self, replacement: Replacement, result: str) -> None:
@@ -119,10 +121,54 @@ class WeightRef:
         self.model.apply_replacement(self, replacement, result)
 
 
+class WeightReader:
+    """Reads the weights of one model state, finding each definition by name in O(1).
+
+    `WeightRef.read` searches its scope's initializers (or nodes) in turn: fine for one weight,
+    quadratic for all of them (0.3 s of every pass over a 2,000-weight model). Build a reader,
+    in one thread, for the weights a batch of reads will touch; it may then be read from
+    several threads. It is valid only until the model is next edited.
+    """
+
+    def __init__(self, weights: Sequence[WeightRef]):
+        # By id, as scopes are unhashable; each entry holds its scope, so no id is reused.
+        self._definitions: dict[int, tuple[Scope, dict[str, TensorProto], dict[str, NodeProto]]] = {}
+        for weight in weights:
+            if id(weight.scope) not in self._definitions:
+                self._definitions[id(weight.scope)] = (weight.scope, *_definitions(weight.scope))
+
+    def read(self, weight: WeightRef) -> np.ndarray:
+        """Exactly what `weight.read()` returns."""
+        _, initializers, constants = self._definitions[id(weight.scope)]
+        if weight.source == "initializer":
+            return tensor_value(initializers[weight.name])
+        return constant_value(constants[weight.name])
+
+
+def _definitions(scope: Scope) -> tuple[dict[str, TensorProto], dict[str, NodeProto]]:
+    """A scope's initializers and Constant nodes by name; the first of a name wins, as in
+    Model.find_initializer and Model.find_constant_node."""
+    initializers: dict[str, TensorProto] = {}
+    if not scope.is_function:
+        for tensor in scope.body.initializer:
+            initializers.setdefault(tensor.name, tensor)
+    constants: dict[str, NodeProto] = {}
+    for node in scope.body.node:
+        if node.op_type == "Constant" and node.output:
+            constants.setdefault(node.output[0], node)
+    return initializers, constants
+
+
+def tensor_value(tensor: TensorProto) -> np.ndarray:
+    # For raw_data, the common storage, to_array is already a read-only np.frombuffer over the
+    # bytes protobuf returns; upb copies those on every access, so no cheaper read exists.
+    return numpy_helper.to_array(tensor)
+
+
 def constant_value(node: NodeProto) -> np.ndarray:
     attr = node.attribute[0]
     if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
+        return tensor_value(attr.t)
     _, np_type, is_list = _CONSTANT_SCALAR_ATTRS[attr.name]
     if attr.name.startswith("value_float"):
         values = list(attr.floats) if is_list else attr.f
