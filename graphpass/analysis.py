@@ -44,7 +44,15 @@ def value_bytes(values: np.ndarray) -> np.ndarray:
     Viewed as uint8 rather than cast: the buffer protocol has no code for ml_dtypes' bfloat16,
     int4 or float8, and memoryview.cast refuses them.
     """
+    if values.dtype == object:  # string tensors (class labels) hold references, not bytes
+        return _string_bytes(values.reshape(-1))
     return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+
+
+def _string_bytes(strings: np.ndarray) -> np.ndarray:
+    # Each string length-prefixed, so ["ab", "c"] and ["a", "bc"] stay different.
+    encoded = [s if isinstance(s, bytes) else str(s).encode() for s in strings]
+    return np.frombuffer(b"".join(len(e).to_bytes(8, "little") + e for e in encoded), np.uint8)
 
 
 # The bucket key sums a weight's bytes as 64-bit words, wrapping around, in this many

@@ -115,3 +115,28 @@ def test_weights_of_ml_dtypes_types_are_tied_and_inspected(dtype, tmp_path):
     assert len(Model(result.model).weights()) == 1
     inspected = CliRunner().invoke(main, ["inspect", str(path)])
     assert inspected.exit_code == 0 and "Traceback" not in inspected.output, inspected.output
+
+
+def test_string_tensors_are_tied_by_content_and_inspected(tmp_path):
+    """Classifiers keep their labels in string initializers: they have no raw bytes to view."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def labels(name, values):
+        return numpy_helper.from_array(np.array(values, dtype=object), name)
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("ArgMax", ["y"], ["i"], axis=1, keepdims=0)]
+    nodes += [helper.make_node("Gather", [table, "i"], [f"{table}_out"]) for table in ("A", "B", "C")]
+    graph = helper.make_graph(
+        nodes, "labels", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info(f"{t}_out", TensorProto.STRING, [2]) for t in ("A", "B", "C")],
+        [weight, labels("A", ["ab", "c", "d"]), labels("B", ["ab", "c", "d"]), labels("C", ["a", "bc", "d"])])
+    path = tmp_path / "labels.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+    result = graphpass.run(path, "tie(rows=true)", output=tmp_path / "out.onnx")
+    assert result.passed
+    stored = {w.name: w.read().tolist() for w in Model(result.model).weights() if w.dtype == TensorProto.STRING}
+    assert sorted(stored.values()) == [["a", "bc", "d"], ["ab", "c", "d"]]
+    inspected = CliRunner().invoke(main, ["inspect", str(path), "--rows"])
+    assert inspected.exit_code == 0 and "exact duplicates: 1 groups" in inspected.output, inspected.output
