@@ -63,7 +63,8 @@ sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpa
 from fixtures import real_models  # noqa: E402
 OUT = ROOT / "bench" / "out"
 
-FIXTURE_NAMES = ["albert", "transformer_untied", "negated", "scaled", "near_copies", "conv_repeated_filters", "subgraphs"]
+FIXTURE_NAMES = ["albert", "transformer_untied", "negated", "scaled", "near_copies", "conv_repeated_filters",
+                 "shared_heads", "subgraphs"]
 REAL_NAMES = ["magika", "paraphrase_minilm_l3", "silero_vad", "ppocr_det"]
 INSPECT_TOL = 1e-3  # `graphpass inspect`'s default
 NEAR_TOL = 1e-6
@@ -638,6 +639,8 @@ def run_fixtures(real: bool) -> None:
         detect_s = time.perf_counter() - start
         tie = graphpass.run(path, "tie", verify=False, output=out / f"{name}.tie.onnx")
         near = graphpass.run(path, f"tie(tol={NEAR_TOL:g})", verify=False, output=out / f"{name}.tie-tol.onnx")
+        rows_run = graphpass.run(path, "tie(rows=true)", verify=False, output=out / f"{name}.tie-rows.onnx")
+        row_tables = rows_run.report["passes"][0]["details"]["rows"]
         try:
             before_tensors = _count_tensors(loaded.proto)
             optimized = onnxoptimizer.optimize(loaded.proto, ["eliminate_duplicate_initializer"])
@@ -650,15 +653,17 @@ def run_fixtures(real: bool) -> None:
             name, mb(loaded.file_bytes), f"{_outside_top_initializers(found):.0%}",
             mb(tie.report["output"]["file_bytes"]), _found_summary(tie.report["passes"][0]["details"]),
             mb(near.report["output"]["file_bytes"]), _found_summary(near.report["passes"][0]["details"]),
-            opt_cell, f"{load_s:.3f}", f"{detect_s:.3f}", f"{tie.report['pass_seconds']:.3f}",
+            mb(rows_run.report["output"]["file_bytes"]), f"{len(row_tables)}R/{sum(len(t['members']) for t in row_tables)}W",
+            f"{rows_run.report['pass_seconds']:.3f}", opt_cell, f"{load_s:.3f}", f"{detect_s:.3f}", f"{tie.report['pass_seconds']:.3f}",
         ])
     print(table(["model", "before", "not top init", "tie", "tie found", f"tie(tol={NEAR_TOL:g})", "found",
-                 "onnxoptimizer dedup (-tensors)", "load s", "detect s", "tie s"], rows,
-                right={1, 2, 3, 5, 7, 8, 9, 10}))
+                 "tie(rows=true)", "rows found", "rows s", "onnxoptimizer dedup (-tensors)", "load s", "detect s",
+                 "tie s"], rows, right={1, 2, 3, 5, 7, 9, 10, 11, 12, 13}))
     print("not top init = share of weight bytes in Constant nodes or subgraphs, which onnxoptimizer's "
           "eliminate_duplicate_initializer does not look at;")
     print(f"found: E = exact groups, T/S/N = transposed/scaled (incl. negated)/near members; "
-          f"detect = inspect_model (tol {INSPECT_TOL:g}) on the loaded model; tie s = the pass alone.")
+          f"detect = inspect_model (tol {INSPECT_TOL:g}) on the loaded model; tie s = the pass alone;")
+    print("rows found: R shared row tables over W weights (rows, filters and head slices); rows s = that pass alone.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -147,9 +147,17 @@ def _share_pool(views: list[RowView], tol: float, index_bytes: IndexBytes) -> li
                            squared_norms[starts[i] : starts[i + 1]]) for i in component]
         after = units[table_units].nbytes + sum(index_bytes(len(table_units), m.view.count) for m in members)
         shared = SharedRows(units[table_units], members, after)
-        if after < shared.bytes_before:
+        if after + sum(lookup_overhead(m.view.weight) for m in members) < shared.bytes_before:
             tables.append(shared)
     return tables
+
+
+def lookup_overhead(weight: WeightRef) -> int:
+    """File bytes a row lookup adds besides its indices: Gather, Reshape (and Transpose) nodes,
+    a shape tensor, and value names that each repeat the weight's name. Measured on silero's
+    If branches (names of 55 characters): about 1.3 KB a weight, which a saving of 0.6 KB in
+    weight bytes did not pay for."""
+    return 256 + 20 * len(weight.name)
 
 
 def _member(view: RowView, ids: np.ndarray, unit_errors: np.ndarray, squared_norms: np.ndarray) -> RowMember:
@@ -177,7 +185,8 @@ def _views_that_pay(views: list[RowView], view_ids: list[np.ndarray], pool_size:
         for i, view in enumerate(views):
             if kept[i]:
                 private = int(np.count_nonzero(owners[distinct[i]] == 1))
-                saving[i] = view.weight.nbytes - index_bytes(table_size, view.count) - private * unit_bytes
+                saving[i] = (view.weight.nbytes - index_bytes(table_size, view.count) - private * unit_bytes
+                             - lookup_overhead(view.weight))
         losing = {i for i, s in saving.items() if s <= 0}
         best_view: dict[WeightRef, int] = {}
         for i in sorted(set(saving) - losing, key=lambda i: -saving[i]):
