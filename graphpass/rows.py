@@ -9,10 +9,11 @@ one root scope, form a pool:
   bytes alone finds them, and every match is confirmed byte for byte;
 - with tol > 0 a unit also joins the closest earlier kept unit within relative error tol.
   Candidates come from a k-d tree over a few orthonormal projections (a projection never
-  lengthens a difference, so no true neighbour is missed); only candidates are compared in full.
+  lengthens a difference, so no true neighbour is missed), or, for small pools, from every
+  pair's distance by matrix products; only candidates are compared in full.
 
-A view joins a table only while it pays: its index bytes plus the units no other view
-shares must cost less than the weight itself. Views that share units form one table, and a
+A view joins a table only while it pays: its index bytes, the units no other view shares and
+the lookup's own nodes must cost less than the weight itself. Views that share units form one table, and a
 weight is rebuilt from at most one of its views.
 """
 
