@@ -13,8 +13,8 @@ one root scope, form a pool:
   pair's distance by matrix products; only candidates are compared in full.
 
 A view joins a table only while it pays: its index bytes, the units no other view shares and
-the lookup's own nodes must cost less than the weight itself. Views that share units form one table, and a
-weight is rebuilt from at most one of its views.
+the lookup's own nodes must cost less than the weight itself. Views that share units form one
+table, and a weight is rebuilt from at most one of its views.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from graphpass.analysis import RELATED_MIN_SIZE
 from graphpass.lookup import choose_packing, is_lookup_table
 from graphpass.manager import PassContext
-from graphpass.weights import WeightRef
+from graphpass.weights import WeightReader, WeightRef
 
 # Dimensions of the k-d tree: more make its queries slower than the candidates they save.
 PROJECTIONS = 8
@@ -116,21 +116,23 @@ def find_shared_rows(weights: list[WeightRef], tol: float, index_bytes: IndexByt
         root = list(weight.scope.ancestors())[-1]  # function bodies see neither the graph nor each other
         for view in row_views(weight):
             pools.setdefault((id(root), weight.dtype, view.unit_size), []).append(view)
+    reader = WeightReader(weights)
     found: list[SharedRows] = []
     used: set[WeightRef] = set()
     for pool in pools.values():
         views = [v for v in pool if v.weight not in used]
         if len(views) > 1 or (views and views[0].count > 1):
-            for shared in _share_pool(views, tol, index_bytes):
+            for shared in _share_pool(views, reader, tol, index_bytes):
                 found.append(shared)
                 used.update(m.view.weight for m in shared.members)
         advance(len(pool))
     return found
 
 
-def _share_pool(views: list[RowView], tol: float, index_bytes: IndexBytes) -> list[SharedRows]:
-    values = _Values()
-    units = np.concatenate([v.units(values.of(v.weight)) for v in views])
+def _share_pool(views: list[RowView], reader: WeightReader, tol: float, index_bytes: IndexBytes) -> list[SharedRows]:
+    # Each weight read once, though both of its views may be in the pool.
+    values = {v.weight: reader.read(v.weight) for v in views}
+    units = np.concatenate([v.units(values[v.weight]) for v in views])
     ids, errors = distinct_units(units, tol)
     if len(np.unique(ids)) == len(ids):
         return []
@@ -374,15 +376,3 @@ def _relative_distances(units: np.ndarray, norms: np.ndarray, later: np.ndarray,
         with np.errstate(divide="ignore", invalid="ignore"):
             out[start : start + step] = np.where(norms[a] > 0, distance / norms[a], np.inf)
     return out
-
-
-class _Values:
-    """Each weight read once per pool, though both of its views may be in it."""
-
-    def __init__(self):
-        self._values: dict[WeightRef, np.ndarray] = {}
-
-    def of(self, weight: WeightRef) -> np.ndarray:
-        if weight not in self._values:
-            self._values[weight] = weight.read()
-        return self._values[weight]

@@ -113,7 +113,7 @@ class WeightRef:
 
         To read many weights, a WeightReader finds them faster."""
         if self.source == "initializer":
-            return tensor_value(self.model.find_initializer(self.scope, self.name))
+            return numpy_helper.to_array(self.model.find_initializer(self.scope, self.name))
         return constant_value(self.model.find_constant_node(self.scope, self.name))
 
     def replace_with(self, replacement: Replacement, result: str) -> None:
@@ -128,6 +128,9 @@ class WeightReader:
     quadratic for all of them (0.3 s of every pass over a 2,000-weight model). Build a reader,
     in one thread, for the weights a batch of reads will touch; it may then be read from
     several threads. It is valid only until the model is next edited.
+
+    Reads are numpy_helper.to_array, already a read-only view over raw_data's bytes (which upb
+    copies on every access): no cheaper read exists.
     """
 
     def __init__(self, weights: Sequence[WeightRef]):
@@ -141,7 +144,7 @@ class WeightReader:
         """Exactly what `weight.read()` returns."""
         _, initializers, constants = self._definitions[id(weight.scope)]
         if weight.source == "initializer":
-            return tensor_value(initializers[weight.name])
+            return numpy_helper.to_array(initializers[weight.name])
         return constant_value(constants[weight.name])
 
 
@@ -159,16 +162,10 @@ def _definitions(scope: Scope) -> tuple[dict[str, TensorProto], dict[str, NodePr
     return initializers, constants
 
 
-def tensor_value(tensor: TensorProto) -> np.ndarray:
-    # For raw_data, the common storage, to_array is already a read-only np.frombuffer over the
-    # bytes protobuf returns; upb copies those on every access, so no cheaper read exists.
-    return numpy_helper.to_array(tensor)
-
-
 def constant_value(node: NodeProto) -> np.ndarray:
     attr = node.attribute[0]
     if attr.name == "value":
-        return tensor_value(attr.t)
+        return numpy_helper.to_array(attr.t)
     _, np_type, is_list = _CONSTANT_SCALAR_ATTRS[attr.name]
     if attr.name.startswith("value_float"):
         values = list(attr.floats) if is_list else attr.f
