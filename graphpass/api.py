@@ -17,6 +17,7 @@ import onnx
 
 from graphpass import report as reporting
 from graphpass import verify as verification
+from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
@@ -50,14 +51,18 @@ def run(
     keep_failed: bool = False,
     progress: ProgressFactory | None = None,
     seed: int = 0,
+    deployment: Deployment | None = None,
 ) -> RunResult:
     """Compress `model` with `passes`; verify the written result in onnxruntime.
 
     The output file appears only when verification passes (or `keep_failed`), and is written
     atomically. Without `output`, the result is written to a temporary folder so that its size
     and outputs are still measured on real bytes. `budget_outputs` names the outputs the budget
-    applies to (default: all); the others get the structural checks only.
+    applies to (default: all); the others get the structural checks only. `deployment` names
+    the objective (file or memory) and the runtimes the output is for (default: file size,
+    onnxruntime).
     """
+    deployment = deployment or Deployment()
     loaded = load_model(_private_copy(model))
     pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
     manager = PassManager(pipeline)
@@ -69,7 +74,7 @@ def run(
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
 
     ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
-                      calibration_inputs=feeds)
+                      calibration_inputs=feeds, deployment=deployment)
     with ThreadPoolExecutor(max_workers=1) as background:
         # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
         input_zip_bytes = background.submit(loaded.zip_bytes)
@@ -99,6 +104,7 @@ def run(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(before, after, stats, pass_seconds, checked, manager.lossless)
+    report["deployment"] = deployment.to_dict()
     if ctx.model.shape_inference_error:
         report["notes"].append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
                                "the passes worked from the types the model declares")

@@ -18,6 +18,7 @@ from graphpass import __version__
 from graphpass import sweep as sweeping
 from graphpass import verify as verification
 from graphpass.api import run as run_pipeline
+from graphpass.deployment import ANY_TARGET, OBJECTIVES, RUNTIMES, Deployment
 from graphpass.edit import Model
 from graphpass.errors import GraphpassError
 from graphpass.inspect import inspect_model, render_inspection
@@ -130,13 +131,19 @@ def main(verbose: bool) -> None:
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the budget is not met.")
 @click.option("--external-data", is_flag=True, help="Store large tensors in OUTPUT.data (automatic above 2 GB).")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be the input file.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="file", show_default=True,
+              help="file: the smallest file (weights may be rebuilt dense at load); memory: weights stay "
+                   "compressed in the target runtimes' memory.")
+@click.option("--target", "targets", default="onnxruntime", show_default=True, metavar="RUNTIMES",
+              help=f"Comma-separated runtimes the output must run in: {', '.join(RUNTIMES)}, or {ANY_TARGET}.")
 def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes, seed, budget_outputs, no_verify,
-        keep_failed, external_data, in_place):
+        keep_failed, external_data, in_place, objective, targets):
     """Run passes on MODEL, write OUTPUT, and verify it against MODEL in onnxruntime."""
+    deployment = Deployment.parse(objective, targets)
     result = run_pipeline(
         model, spec, output=output, inputs=inputs, shapes=_shapes(shapes), budget=_budget(atol, rtol, min_cosine),
         budget_outputs=budget_outputs or None, verify=not no_verify, external_data=external_data, in_place=in_place,
-        keep_failed=keep_failed, progress=delayed_progress, seed=seed,
+        keep_failed=keep_failed, progress=delayed_progress, seed=seed, deployment=deployment,
     )
     click.echo(render_report(result.report, result.verify_result))
     if report_path:

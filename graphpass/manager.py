@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.errors import ConditionError, GraphpassError, PassFailed, UsageError
 from graphpass.model import find_structure_problem
@@ -98,11 +99,14 @@ class PassContext:
     `budget` (a graphpass.verify.Budget), `budget_outputs` (the outputs it applies to; None: all)
     and `calibration_inputs` (name -> array) are what the run will be verified against; passes
     that search for the smallest model within a budget (auto) read them. None when not known.
+    `deployment` says which runtimes the output is for and what it should save there.
     """
 
     def __init__(self, model: Model, progress: ProgressFactory | None = None, *, budget: Any = None,
-                 budget_outputs: Sequence[str] | None = None, calibration_inputs: dict[str, Any] | None = None):
+                 budget_outputs: Sequence[str] | None = None, calibration_inputs: dict[str, Any] | None = None,
+                 deployment: Deployment | None = None):
         self.model = model
+        self.deployment = deployment or Deployment()
         self._progress = progress
         self.budget = budget
         self.budget_outputs = budget_outputs

@@ -1,0 +1,50 @@
+"""Where the output will run and what it should save there: the run's deployment choice.
+
+Two questions a user answers once per run, and every pass and lowering reads through
+`PassContext.deployment` rather than through flags of its own:
+
+- the objective: `file` (the smallest file; weights may be rebuilt dense when the runtime
+  loads the model) or `memory` (weights stay compressed in the runtime's memory, lowered to
+  what each target runtime has a compressed kernel for);
+- the targets: the runtimes the output must load and stay within budget in (`any` is all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from graphpass.errors import UsageError
+
+OBJECTIVES = ("file", "memory")
+RUNTIMES = ("onnxruntime", "openvino", "tract")
+ANY_TARGET = "any"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    objective: str = "file"
+    targets: tuple[str, ...] = ("onnxruntime",)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"unknown objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
+        unknown = [t for t in self.targets if t not in RUNTIMES]
+        if unknown or not self.targets:
+            raise UsageError(f"unknown target '{','.join(unknown)}'; choose from {', '.join(RUNTIMES)} or {ANY_TARGET}")
+
+    @classmethod
+    def parse(cls, objective: str = "file", targets: str | Iterable[str] = "onnxruntime") -> Deployment:
+        """`targets` as the CLI spells it: comma separated runtimes, or `any` for all of them."""
+        names = targets.split(",") if isinstance(targets, str) else list(targets)
+        names = [n.strip().lower() for n in names if n.strip()]
+        if ANY_TARGET in names:
+            names = list(RUNTIMES)
+        ordered = tuple(r for r in RUNTIMES if r in names) + tuple(n for n in names if n not in RUNTIMES)
+        return cls(objective.strip().lower(), ordered)
+
+    def targets_runtime(self, name: str) -> bool:
+        return name in self.targets
+
+    def to_dict(self) -> dict:
+        return {"objective": self.objective, "targets": list(self.targets)}
