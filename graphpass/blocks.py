@@ -57,7 +57,7 @@ MAX_PATH_BRANCHES = 8
 # Blocks between cut points compared when choosing the template (evenly spaced).
 TEMPLATE_SAMPLES = 5
 
-# Name suffixes of the tensors a codebook pass stores (graphpass.lookup), shown by inspect.
+# Name suffixes of the tensors a codebook pass stores (graphpass.lowering.lookup), shown by inspect.
 LOOKUP_ROLES = ("codebook", "indices", "quantized", "scale", "zero_point")
 
 # Dims of a value: an int where static, a symbol name where symbolic, None where unknown.

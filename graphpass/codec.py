@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 from onnx import NodeProto, helper
 
-from graphpass import lookup
-from graphpass.lookup import Layout
+from graphpass.lowering import lookup
+from graphpass.lowering.lookup import Layout
 from graphpass.manager import Option, PassContext
 from graphpass.weights import Replacement, WeightRef
 

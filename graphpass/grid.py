@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from graphpass import lookup
+from graphpass.lowering import lookup
 from graphpass.codec import Plan
 from graphpass.edit import Model
 from graphpass.errors import UsageError

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphpass.analysis import RELATED_MIN_SIZE
-from graphpass.lookup import choose_packing, is_lookup_table
+from graphpass.lowering.lookup import choose_packing, is_lookup_table
 from graphpass.manager import PassContext
 from graphpass.weights import WeightReader, WeightRef
 

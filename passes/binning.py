@@ -2,9 +2,9 @@
 
 One engine (`BinningPass`) does everything but the fit: it selects weights (include/exclude,
 min_size, and the skips every lossy pass needs), lays each one out per tensor, per output
-channel or per block of an output channel (`graphpass.lookup.Layout`), fits a codebook for
+channel or per block of an output channel (`graphpass.lowering.lookup.Layout`), fits a codebook for
 every group with the numeric engine `graphpass.binning`, and replaces the weight by a lookup
-(`graphpass.lookup`): packed indices plus a small table, rebuilt in the graph. The classes at
+(`graphpass.lowering.lookup`): packed indices plus a small table, rebuilt in the graph. The classes at
 the end only say how they fit and which options they add.
 
 Every pass here is a `graphpass.codec.WeightCodec`: `plan(ctx, weight)` fits one weight and
@@ -37,11 +37,12 @@ from typing import Any, ClassVar
 import numpy as np
 from onnx import TensorProto
 
-from graphpass import binning, lookup
+from graphpass import binning
+from graphpass.lowering import lookup
 from graphpass.codec import (
     CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, layout_for, scope_opset, sqnr_db, sqnr_figure,
 )
-from graphpass.lookup import Layout, Outliers
+from graphpass.lowering.lookup import Layout, Outliers
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
 from graphpass.weights import Replacement, WeightRef

@@ -52,7 +52,7 @@ Lowering, for a weight W with sub-vectors along axis a:
     Reshape -> (Slice off the padding ->) Reshape to W's shape
     Mul(scale [1.., C, ..1] or [1, .., 1])                    scale=channel or tensor
 
-Indices are packed by `graphpass.lookup.emit_indices` (uint8/uint16, UINT4/UINT2 where the opset
+Indices are packed by `graphpass.lowering.lookup.emit_indices` (uint8/uint16, UINT4/UINT2 where the opset
 has them, or several base-k digits per word), tables are stored in `codebook_dtype` and Cast to
 the weight's type. Every stored name carries `lookup.LUT_ROLE_PREFIX`, so later runs leave them.
 
@@ -79,13 +79,13 @@ from onnx import NodeProto, TensorProto, helper
 from scipy.spatial import cKDTree
 from threadpoolctl import ThreadpoolController
 
-from graphpass import lookup
+from graphpass.lowering import lookup
 from graphpass.analysis import common_scope
 from graphpass.codec import (
     CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, output_channel_axis, scope_opset, sqnr_db,
     sqnr_figure,
 )
-from graphpass.lookup import LUT_ROLE_PREFIX
+from graphpass.lowering.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
 from graphpass.weights import Replacement, WeightRef, stored_bytes

@@ -21,7 +21,7 @@ import numpy as np
 from onnx import helper
 
 from graphpass.analysis import ExactDuplicates, common_scope
-from graphpass.lookup import emit_row_lookup
+from graphpass.lowering.lookup import emit_row_lookup
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.related import RelatedGroup, Relation, find_related, relative_error
 from graphpass.rows import RowMember, shared_row_tables

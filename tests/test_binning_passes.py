@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphpass
-from graphpass import binning, lookup
+from graphpass import binning
+from graphpass.lowering import lookup
 from graphpass.edit import Model
 from graphpass.model import load_model
 from graphpass.codec import layout_for, output_channel_axis

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphpass
-from graphpass import lookup
+from graphpass.lowering import lookup
 from graphpass.edit import Model
 from graphpass.errors import UsageError
 from graphpass.manager import PassContext, parse_spec

@@ -1,4 +1,4 @@
-"""graphpass.lookup: layouts, index packing and the lookup nodes, run in onnxruntime.
+"""graphpass.lowering.lookup: layouts, index packing and the lookup nodes, run in onnxruntime.
 
 Every lookup here replaces the only weight of a model whose output is that weight, so running
 the model *is* reconstructing the weight; graphpass.verify runs it at both optimisation levels
@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphpass import lookup
+from graphpass.lowering import lookup
 from graphpass.edit import Model
-from graphpass.lookup import Layout, Outliers
+from graphpass.lowering.lookup import Layout, Outliers
 from graphpass.verify import Budget, verify
 from graphpass.weights import Replacement
 

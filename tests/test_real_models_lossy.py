@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 
 import graphpass
-from graphpass import lookup
+from graphpass.lowering import lookup
 from graphpass.edit import Model
 from graphpass.model import load_model
 from graphpass.verify import Budget, verify
