@@ -22,6 +22,7 @@ from graphpass.edit import Model
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
                              load_model, save_model, serialized_bytes)
+from graphpass.runtimes import usable_adapters
 
 
 @dataclass
@@ -53,7 +54,8 @@ def run(
     seed: int = 0,
     deployment: Deployment | None = None,
 ) -> RunResult:
-    """Compress `model` with `passes`; verify the written result in onnxruntime.
+    """Compress `model` with `passes`; verify the written result in onnxruntime and in each
+    target runtime of `deployment` (where the input runs).
 
     The output file appears only when verification passes (or `keep_failed`), and is written
     atomically. Without `output`, the result is written to a temporary folder so that its size
@@ -63,6 +65,8 @@ def run(
     onnxruntime).
     """
     deployment = deployment or Deployment()
+    if verify:
+        usable_adapters(deployment.targets)  # a missing runtime fails before the passes run, not after
     loaded = load_model(_private_copy(model))
     pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
     manager = PassManager(pipeline)
@@ -97,7 +101,8 @@ def run(
                 chosen = verification.LOSSLESS_BUDGET.overridden_by(budget)
             else:
                 chosen = budget or verification.Budget()
-            checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs)
+            checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
+                                          runtimes=deployment.targets)
         written = None
         if output is not None and (checked is None or checked.passed or keep_failed):
             written = _move_into_place(staged, Path(output))

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
+from graphpass.pinned import pinned_values
 from graphpass.scopes import NameAllocator, Scope, all_value_and_node_names, build_scope_tree, iter_nodes, subgraphs_of
 from graphpass.weights import Replacement, WeightRef, constant_type_and_shape
 
@@ -26,6 +27,8 @@ class Model:
         self.generation = 0  # bumped on every edit, so cached analyses know they are stale
         self._value_types: tuple[int, dict[str, onnx.TypeProto]] | None = None
         self.shape_inference_error: str | None = None
+        self._constant_needs: dict = {}
+        self._pinned: dict[str, str] = {}
 
     # -- reading -------------------------------------------------------------------------
 
@@ -46,8 +49,15 @@ class Model:
     def weights(self) -> list[WeightRef]:
         """Every stored weight, in a deterministic order: by scope, then by position."""
         if self._weights is None:
+            self._pinned = pinned_values(self.proto, self._constant_needs)
             self._weights = [w for scope in self.scopes for w in self._scope_weights(scope)]
         return self._weights
+
+    def keep_constant(self, needs: dict) -> None:
+        """What the target runtimes need kept constant (op type -> rules, from
+        graphpass.runtimes.required_constants); weights that feed those inputs get `pinned`."""
+        self._constant_needs = dict(needs)
+        self._weights = None
 
     def value_types(self) -> dict[str, onnx.TypeProto]:
         """Types and shapes of the top graph's values from onnx shape inference.
@@ -102,12 +112,14 @@ class Model:
                 found.append(WeightRef(
                     self, scope, tensor.name, "initializer", tensor.data_type, tuple(tensor.dims),
                     overridable=tensor.name in graph_inputs, consumers=readers.get(tensor.name, []),
+                    pinned=self._pinned.get(tensor.name),
                 ))
         for node in scope.body.node:
             typed = constant_type_and_shape(node)
             if typed is not None:
                 name = node.output[0]
-                found.append(WeightRef(self, scope, name, "constant", *typed, consumers=readers.get(name, [])))
+                found.append(WeightRef(self, scope, name, "constant", *typed, consumers=readers.get(name, []),
+                                       pinned=self._pinned.get(name)))
         return found
 
     # -- editing -------------------------------------------------------------------------

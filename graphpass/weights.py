@@ -76,6 +76,9 @@ class WeightRef:
     shape: tuple[int, ...]
     overridable: bool = False  # an initializer also listed as a graph input: the caller may feed it
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (op_type, input index) of readers
+    # Why a target runtime needs this weight kept a plain stored tensor (graphpass.pinned), or None:
+    # it may then be shared as it is (an exact tie), never rebuilt by nodes at load time.
+    pinned: str | None = None
 
     @property
     def size(self) -> int:
