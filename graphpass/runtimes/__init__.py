@@ -72,8 +72,8 @@ class Runtime(ABC):
         try:
             importlib.import_module(self.module)
         except ImportError as exc:
-            return (f"runtime '{self.name}' is not installed ({exc}); "
-                    f"install it with: pip install 'graphpass[{self.extra}]'")
+            package = f"'graphpass[{self.extra}]'" if self.extra else self.module
+            return f"runtime '{self.name}' is not installed ({exc}); install it with: pip install {package}"
         return None
 
     def require(self) -> None:

@@ -30,7 +30,7 @@ _BFLOAT16 = np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
     module = "onnxruntime"
-    extra = "test"  # a dependency of graphpass itself; the extra is never needed
+    extra = ""  # a dependency of graphpass itself
     levels = ("default", "disable_all")
 
     def open(self, model_path: str | bytes, feeds: Mapping[str, np.ndarray] | None = None,
