@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -13,6 +14,8 @@ from graphpass.runtimes import ConstantInputs, Runtime, RuntimeFailure, Session,
 # 6 for R and B; measured with OpenVINO 2026.4 on silero_vad_16k_sequence). A lookup that
 # rebuilds them at load (Gather of a codebook) is not folded into a constant first.
 _RECURRENT_WEIGHTS = (1, 2, 3)
+# Where in OpenVINO's sources an error was raised: says nothing to a user, and is long.
+_SOURCE_PREFIX = re.compile(r"^(Exception from \S+: )?(Check 'false' failed at \S+: )?")
 
 
 class OpenVino(Runtime):
@@ -29,13 +32,13 @@ class OpenVino(Runtime):
         try:
             model = core.read_model(model_path)
         except Exception as exc:  # the frontend raises RuntimeError/OpConversionFailure/...
-            raise RuntimeFailure(self.name, "load", one_line(exc)) from exc
+            raise RuntimeFailure(self.name, "load", _message(exc)) from exc
         try:
             # f32 everywhere: on CPUs with bf16 units the plugin would otherwise run in bf16, and
             # the comparison would measure that instead of what the rewrite changed.
             compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         except Exception as exc:
-            raise RuntimeFailure(self.name, "load", one_line(exc)) from exc
+            raise RuntimeFailure(self.name, "load", _message(exc)) from exc
         return OpenVinoSession(compiled, model_output_names(model_path))
 
     def required_constant_inputs(self) -> tuple[ConstantInputs, ...]:
@@ -56,7 +59,7 @@ class OpenVinoSession(Session):
         try:
             results = self.compiled({name: np.asarray(feeds[name]) for name in wanted})
         except Exception as exc:
-            raise RuntimeFailure("openvino", "run", one_line(exc)) from exc
+            raise RuntimeFailure("openvino", "run", _message(exc)) from exc
         return {name: np.asarray(results[self._port(index, name)]) for index, name in enumerate(self.output_names)}
 
     def _port(self, index: int, name: str):
@@ -65,3 +68,7 @@ class OpenVinoSession(Session):
             if name in port.get_names():
                 return port
         return self.compiled.outputs[index]
+
+
+def _message(exc: BaseException) -> str:
+    return _SOURCE_PREFIX.sub("", one_line(exc))
