@@ -155,7 +155,9 @@ def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes
         Path(report_path).write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
     if not result.passed:
         where = f"; {output} written anyway (--keep-failed)" if result.written else "; no output written"
-        _fail(f"verification budget not met{where}", 1)
+        unrun = [name for name, outcome in result.verify_result.runtimes.items() if outcome.failed]
+        what = f"the output does not run in {', '.join(unrun)}, where its input does" if unrun else "budget not met"
+        _fail(f"verification failed: {what}{where}", 1)
     click.echo(f"wrote {output}")
 
 

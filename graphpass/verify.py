@@ -163,7 +163,6 @@ INDEX_PASSTHROUGH_OPS = frozenset(
 SHAPE_PRESERVING_OPS = frozenset({"Cast", "Identity", "DequantizeLinear"})
 _LENGTH_NAME = re.compile(r"length|(?:^|[_.])(?:seq_?)?lens?(?:[_.]|$)")
 
-_BFLOAT16 = np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
 
 # ---------------------------------------------------------------------------
 # Result types
@@ -621,7 +620,7 @@ def verify(
     candidate); a candidate that does not run where the reference does fails verification.
     A runtime that is not installed raises RuntimeUnavailable."""
     levels = _checked_levels(levels)
-    others = [r for r in usable_adapters(dict.fromkeys(runtimes)) if r.name != ONNXRUNTIME]
+    others = [r for r in usable_adapters(list(dict.fromkeys(runtimes))) if r.name != ONNXRUNTIME]
     reference, candidate = _as_source(reference), _as_source(candidate)
     same_model = _source_key(reference) == _source_key(candidate)
     per_output: dict[str, dict[str, LevelMetrics]] = defaultdict(dict)

@@ -19,15 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 import graphpass
 from graphpass.cli import main
 from graphpass.deployment import Deployment
-from graphpass.edit import Model
-from graphpass.model import load_model
 from graphpass.runtimes import RuntimeFailure, RuntimeUnavailable, adapter, usable_adapters
 from graphpass.runtimes.openvino import OpenVino
 from graphpass.verify import Budget, verify
-from conftest import real_inputs, text_like_image
+from conftest import REPO_ROOT, real_inputs, text_like_image
 from fixtures import real_models
 
-OTHER_RUNTIMES = ("openvino", "tract")
+EXAMPLE = REPO_ROOT / "fixtures" / "example.onnx"
 ANY = Deployment.parse("file", "any")
 
 
@@ -277,7 +275,7 @@ def test_verify_cli_shows_each_runtime_and_exits_1_when_the_output_fails_in_one(
 
 def test_run_report_carries_each_runtime(tmp_path):
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    result = invoke("run", "fixtures/example.onnx", "-o", out, "--passes", "tie", "--target", "any",
+    result = invoke("run", EXAMPLE, "-o", out, "--passes", "tie", "--target", "any",
                     "--report", report)
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
@@ -288,8 +286,8 @@ def test_run_report_carries_each_runtime(tmp_path):
 
 
 def test_unknown_target_is_one_line_exit_2(tmp_path):
-    for command in (["run", "fixtures/example.onnx", "-o", tmp_path / "o.onnx"],
-                    ["verify", "fixtures/example.onnx", "fixtures/example.onnx"]):
+    for command in (["run", EXAMPLE, "-o", tmp_path / "o.onnx"],
+                    ["verify", EXAMPLE, EXAMPLE]):
         result = invoke(*command, "--target", "tensorrt")
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
         assert "unknown target 'tensorrt'" in result.stderr
@@ -300,7 +298,7 @@ def test_a_runtime_that_is_not_installed_is_one_line_exit_2_naming_the_extra(mon
     with pytest.raises(RuntimeUnavailable, match=r"pip install 'graphpass\[openvino\]'"):
         usable_adapters(["onnxruntime", "openvino"])
     out = tmp_path / "o.onnx"
-    result = invoke("run", "fixtures/example.onnx", "-o", out, "--target", "openvino")
+    result = invoke("run", EXAMPLE, "-o", out, "--target", "openvino")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "graphpass[openvino]" in result.stderr and not out.exists()
 
@@ -319,3 +317,24 @@ def test_each_adapter_runs_a_model_and_reports_failures_in_one_line(loop_pair, t
         with pytest.raises(RuntimeFailure) as failed:
             runtime.open(str(broken), feeds)
         assert failed.value.stage == "load" and "\n" not in str(failed.value)
+
+
+def test_run_writes_nothing_when_the_output_does_not_run_where_its_input_does(monkeypatch, tmp_path):
+    """A runtime that refuses only the candidate (the staged file bears the output's name)."""
+    from graphpass.runtimes.tract import Tract
+
+    opened = Tract.open
+
+    def refuse_the_output(self, model_path, feeds=None, level=None):
+        if str(model_path).endswith("refused.onnx"):
+            raise RuntimeFailure("tract", "load", "refused for this test")
+        return opened(self, model_path, feeds, level)
+
+    monkeypatch.setattr(Tract, "open", refuse_the_output)
+    out = tmp_path / "refused.onnx"
+    result = invoke("run", EXAMPLE, "-o", out, "--passes", "tie", "--target", "tract")
+    assert result.exit_code == 1 and not out.exists()
+    assert "FAIL: output does not run in tract: refused for this test" in result.output
+    assert "the output does not run in tract, where its input does" in result.stderr
+    kept = invoke("run", EXAMPLE, "-o", out, "--passes", "tie", "--target", "tract", "--keep-failed")
+    assert kept.exit_code == 1 and out.exists()
