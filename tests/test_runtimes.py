@@ -211,6 +211,33 @@ def test_tie_rebuilds_an_lstm_weight_only_where_no_target_needs_it_constant(targ
         assert result.verify_result.runtimes["openvino"].status == "compared"
 
 
+def recurrent(op_type: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """One GRU or RNN layer with W, R and B large enough to compress."""
+    rng = np.random.default_rng(5)
+    hidden, size, gates = 16, 16, {"GRU": 3, "RNN": 1}[op_type]
+    stored = {"W": (1, gates * hidden, size), "R": (1, gates * hidden, hidden), "B": (1, 2 * gates * hidden)}
+    graph = helper.make_graph(
+        [helper.make_node(op_type, ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden)], op_type.lower(),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, size])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in stored.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    return model, {"x": rng.standard_normal((5, 1, size)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("op_type", ["GRU", "RNN"])
+def test_gru_and_rnn_weights_stay_constants_for_openvino(op_type, tmp_path):
+    model, feeds = recurrent(op_type)
+    spec = "kmeans(bits=2,min_size=1)"
+    kept = graphpass.run(model, spec, inputs=feeds, deployment=Deployment.parse("file", "openvino"))
+    assert kept.passed and kept.verify_result.runtimes["openvino"].status == "compared"
+    assert {s["reason"] for s in kept.report["passes"][0]["skipped"]} == {f"openvino needs {op_type} weights as constants"}
+    squeezed = graphpass.run(model, spec, inputs=feeds, output=tmp_path / "out.onnx")
+    assert squeezed.report["passes"][0]["tensors_changed"] == 3
+    checked = verify(model, tmp_path / "out.onnx", feeds, Budget(), runtimes=("openvino",))
+    assert checked.runtimes["openvino"].status == "output does not run"
+
+
 # -- notes, failures and the command line ---------------------------------------------------------
 
 

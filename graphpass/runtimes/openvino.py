@@ -10,9 +10,10 @@ import numpy as np
 from graphpass.runtimes import ConstantInputs, Runtime, RuntimeFailure, Session, model_output_names, one_line
 
 # The CPU plugin runs LSTM/GRU/RNN sequences only when W, R and B (ONNX inputs 1, 2, 3) are
-# Constant nodes once the model is converted ("LSTMSequence expects Constant for port 4", 5 and
-# 6 for R and B; measured with OpenVINO 2026.4 on silero_vad_16k_sequence). A lookup that
-# rebuilds them at load (Gather of a codebook) is not folded into a constant first.
+# Constant nodes once the model is converted ("LSTMSequence expects Constant for port 4"; ports
+# 4-6 of LSTMSequence, 3-5 of GRUSequence and RNNSequence). Measured with OpenVINO 2026.4 on
+# each of the nine (op, input) pairs: a lookup that rebuilds one of them at load time (Gather of
+# a codebook) is not folded into a constant first, and the model does not compile.
 _RECURRENT_WEIGHTS = (1, 2, 3)
 # Where in OpenVINO's sources an error was raised: says nothing to a user, and is long.
 _SOURCE_PREFIX = re.compile(r"^(Exception from \S+: )?(Check 'false' failed at \S+: )?")
