@@ -374,3 +374,31 @@ def test_options_are_checked():
     for bad in ("codebook(dim=1)", "codebook(k=70000)", "codebook(share=layer)", "codebook(stages=3)"):
         with pytest.raises(UsageError):
             parse_spec(bad)
+
+
+@pytest.mark.parametrize("scale", ["none", "channel"])
+def test_embedding_rows_decode_after_the_gather(scale):
+    """An embedding table read only by row Gathers keeps its packed rows; each reader decodes
+    the rows it picks (scaled per row), exactly as the whole-table rebuild would."""
+    from test_lookup import embedding_model
+
+    rng = np.random.default_rng(5)
+    ids_shapes = [(2, 9), ()]
+    source = embedding_model(rng.normal(size=(600, 64)).astype(np.float32), ids_shapes)
+    spec = f"codebook(dim=2,k=256,scale={scale})"
+    gathered = graphpass.run(source, spec, verify=False).model
+    # The same codebook, also read by a MatMul: the table is rebuilt whole and serves both.
+    dense_source = embedding_model(numpy_helper.to_array(source.graph.initializer[0]), ids_shapes, also_matmul=True)
+    dense = graphpass.run(dense_source, spec, verify=False).model
+    assert [n.op_type for n in gathered.graph.node if n.input and n.input[0].endswith("lut_indices")] == ["Gather"] * 2
+    assert not any(n.input and n.input[0].endswith("lut_indices") and n.op_type == "Gather" for n in dense.graph.node)
+
+    feeds = {f"ids{i}": rng.integers(0, 600, size=s).astype(np.int64) for i, s in enumerate(ids_shapes)}
+    dense_rows = ort_session(dense).run([f"rows{i}" for i in range(len(ids_shapes))],
+                                        {**feeds, "x": np.zeros((2, 64), np.float32)})
+    for got, want in zip(ort_session(gathered).run(None, feeds), dense_rows):
+        np.testing.assert_array_equal(got, want)
+
+
+def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -545,26 +545,31 @@ def _emit_row_aligned(r: Replacement, codebook: np.ndarray, labels: np.ndarray, 
 @dataclass(frozen=True)
 class RowGather:
     """How to decode only the rows a Gather picks: gather `words` rows, cast, look them up in
-    `table`, and merge the tuple axis into the last one."""
+    `table` (rows of `per_word` values), merge that axis into the last one, and multiply by
+    the rows' own scale where there is one (`row_scale`, [rows, 1])."""
 
     words: str
     table: str
     per_word: int
     shape: tuple[int, ...]
+    row_scale: str | None = None
 
     def decode(self, r: Replacement, indices: str) -> str:
         """Nodes computing Gather(weight, indices, axis=0) from the stored rows."""
         rows = r.node("Gather", [self.words, indices], f"{LUT_ROLE_PREFIX}gathered_words", axis=0)
         index = r.node("Cast", [rows], f"{LUT_ROLE_PREFIX}gathered_index", to=TensorProto.INT32)
         values = r.node("Gather", [self.table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=0)
-        if self.per_word == 1:
+        if self.per_word > 1:
+            # [*indices, *shape[1:-1], last/m, m] -> [*indices, *shape[1:]]: the indices' own
+            # dimensions are read at run time, so any index shape works.
+            index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
+            tail = _int64s(r, "gathered_tail", list(self.shape[1:]))
+            target = r.node("Concat", [index_shape, tail], f"{LUT_ROLE_PREFIX}gathered_shape", axis=0)
+            values = r.node("Reshape", [values, target], f"{LUT_ROLE_PREFIX}gathered_rows")
+        if self.row_scale is None:
             return values
-        # [*indices, *shape[1:-1], last/m, m] -> [*indices, *shape[1:]]: the indices' own
-        # dimensions are read at run time, so any index shape works.
-        index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
-        tail = _int64s(r, "gathered_tail", list(self.shape[1:]))
-        target = r.node("Concat", [index_shape, tail], f"{LUT_ROLE_PREFIX}gathered_shape", axis=0)
-        return r.node("Reshape", [values, target], f"{LUT_ROLE_PREFIX}gathered_rows")
+        scale = r.node("Gather", [self.row_scale, indices], f"{LUT_ROLE_PREFIX}gathered_scale", axis=0)
+        return r.node("Mul", [values, scale], f"{LUT_ROLE_PREFIX}gathered_scaled")
 
 
 def emit_row_lookup(r: Replacement, table: str, indices: np.ndarray, *, table_rows: int, axis: int = 0,
