@@ -93,9 +93,13 @@ def planned(proto: onnx.ModelProto, **options):
 
 
 def weights_in_ort(proto: onnx.ModelProto, names, dtype=TensorProto.FLOAT) -> list[dict[str, np.ndarray]]:
-    """The named top-level weights as onnxruntime computes them, at both optimisation levels."""
+    """The named top-level weights as onnxruntime computes them, at both optimisation levels.
+    An embedding whose rows are decoded after each Gather has no whole value to probe: it is
+    left out (test_embedding_rows_decode_after_the_gather compares it with the whole rebuild)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
+    produced = {o for n in proto.graph.node for o in n.output} | {t.name for t in proto.graph.initializer}
+    names = [name for name in names if name in produced]
     for name in names:
         probe.graph.output.append(helper.make_tensor_value_info(name, dtype, None))
     feeds = synthesize_inputs(probe)
@@ -192,6 +196,9 @@ def test_lookup_reproduces_exactly_the_centroid_chosen_for_every_sub_vector():
             chosen = layout.merge(table[labels])
             assert np.array_equal(chosen, plans[weight.name].reconstruction)
             for rebuilt in in_ort:
+                if weight.name == "E" and k == 200:  # byte indices: rows decoded after the Gather
+                    assert weight.name not in rebuilt
+                    continue
                 assert np.array_equal(rebuilt[weight.name], chosen), weight.name
 
 
