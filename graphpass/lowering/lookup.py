@@ -470,15 +470,19 @@ class RowStorage:
 def row_storage(k: int, layout: Layout, table_itemsize: int, opset: int, ir_version: int) -> RowStorage | None:
     """Tuple storage for a per-tensor codebook of a large weight, or None where the packed
     digits of `emit_indices` should stay: small weights (their rebuild is cheap anyway),
-    codebooks per channel or group, and codebooks whose tuples would store more bits per index
-    than digits do (k between 17 and 255, a tensor the tuple width does not divide)."""
+    codebooks per channel or group, and tuples that would store more bits per index than
+    digits do (a weight the tuple width does not divide).
+
+    Between 17 and 256 entries a byte holds one index, which stores up to 1.6 bits more than
+    base-k digits (8 against 6.4 for k=64) but rebuilds without the three int32 copies the
+    digits' Div and Mod make at load; size estimates see that, so auto weighs it."""
     if layout.granularity != "tensor" or not layout.shape:
         return None
     count, last = _size(layout.shape), layout.shape[-1]
     base = max(int(k), 2)
     per_word = _digits_per_word(base, 2**8) if base <= 16 else 1
     dtype = np.dtype(np.uint8 if base**per_word <= 2**8 else np.uint16)
-    if dtype.itemsize * 8 / per_word > choose_packing(base, opset, ir_version).bits_per_index:
+    if base <= 16 and dtype.itemsize * 8 / per_word > choose_packing(base, opset, ir_version).bits_per_index:
         return None
     if count % per_word:
         return None
