@@ -28,10 +28,11 @@ import numpy as np
 import onnx
 
 from graphpass.errors import GraphpassError, UsageError
-from graphpass.runtimes import probe
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
+# Run by path, not imported: `python -m graphpass.runtimes.probe` would find itself imported already.
+PROBE_SCRIPT = Path(__file__).with_name("probe.py")
 # A model this large takes one round: each extra round reloads it twice over.
 ONE_ROUND_BYTES = 256 * 1000 * 1000
 # Measured after a run or a verification, the cost may add about this share of the time they
@@ -121,7 +122,7 @@ def _as_path(model: ModelSource, spare: Path) -> Path:
 def _probe(model: Path, feeds: Path, runs: int, threads: int) -> RuntimeCost:
     # -I: the probe runs by path, so that neither graphpass's imports nor a module beside it
     # (this folder holds runtime adapters) can stand in for onnxruntime or weigh on its figures.
-    command = [sys.executable, "-I", probe.__file__, str(model), str(feeds), "--runs", str(runs),
+    command = [sys.executable, "-I", str(PROBE_SCRIPT), str(model), str(feeds), "--runs", str(runs),
                "--threads", str(threads)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_SECONDS)
@@ -283,7 +284,7 @@ def render_cost(cost: Mapping) -> str:
         rows = [header] + [_cost_row(name, cost, limits) for name in FIGURES]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                 for row in rows]
+                 .rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"onnxruntime default level, {_count(cost['threads'], 'thread')}, a fresh process each; best of "
                      f"{_count(cost['rounds'], 'round')}, median of {_count(cost['runs'], 'run')}; "
