@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from graphpass.errors import GraphpassError, UsageError
+from graphpass.model import external_data_path
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
@@ -93,7 +94,7 @@ def measure_cost(models: Sequence[ModelSource], feeds: Mapping[str, np.ndarray],
         paths = [_as_path(model, Path(scratch) / f"model{i}.onnx") for i, model in enumerate(models)]
         feeds_path = Path(scratch) / "feeds.npz"
         np.savez(feeds_path, **{name: np.asarray(value) for name, value in feeds.items()})
-        if any(p.stat().st_size > ONE_ROUND_BYTES for p in paths):
+        if any(_stored_bytes(p) > ONE_ROUND_BYTES for p in paths):
             rounds = 1
         measured: list[list[RuntimeCost]] = [[] for _ in paths]
         started = time.perf_counter()
@@ -119,6 +120,12 @@ def _as_path(model: ModelSource, spare: Path) -> Path:
     return path
 
 
+def _stored_bytes(model: Path) -> int:
+    """The model file and the external data graphpass writes beside it."""
+    data = external_data_path(model)
+    return model.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def _probe(model: Path, feeds: Path, runs: int, threads: int) -> RuntimeCost:
     # -I: the probe runs by path, so that neither graphpass's imports nor a module beside it
     # (this folder holds runtime adapters) can stand in for onnxruntime or weigh on its figures.
@@ -130,7 +137,10 @@ def _probe(model: Path, feeds: Path, runs: int, threads: int) -> RuntimeCost:
         raise CostError(f"measuring the runtime cost of {model.name} took over {PROBE_TIMEOUT_SECONDS:.0f} s") from exc
     if done.returncode != 0:
         raise CostError(f"cannot measure the runtime cost of {model.name}: {_failure_line(done)}")
-    return RuntimeCost.from_probe(json.loads(done.stdout.strip().splitlines()[-1]))
+    try:
+        return RuntimeCost.from_probe(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError, KeyError) as exc:
+        raise CostError(f"the cost probe printed no figures for {model.name}") from exc
 
 
 def _failure_line(done: subprocess.CompletedProcess) -> str:
