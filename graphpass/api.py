@@ -19,10 +19,12 @@ from graphpass import report as reporting
 from graphpass import verify as verification
 from graphpass.deployment import Deployment
 from graphpass.edit import Model
+from graphpass.errors import UsageError
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
                              load_model, save_model, serialized_bytes)
 from graphpass.runtimes import usable_adapters
+from graphpass.runtimes.cost import CostBudget, CostCheck, check_cost, seconds_beside
 
 
 @dataclass
@@ -31,10 +33,29 @@ class RunResult:
     report: dict[str, Any]
     written: Path | None  # the output file, if one was written
     verify_result: verification.VerifyResult | None
+    cost: CostCheck | None = None  # runtime cost of input and output, when measured
 
     @property
     def passed(self) -> bool:
-        return self.verify_result is None or self.verify_result.passed
+        return not self.failures
+
+    @property
+    def failures(self) -> list[str]:
+        """Which budgets the run missed, one message each (empty when it passed)."""
+        return budget_failures(self.verify_result, self.cost)
+
+
+def budget_failures(checked: verification.VerifyResult | None, cost: CostCheck | None) -> list[str]:
+    missed = []
+    if checked is not None and not checked.passed:
+        unrun = [name for name, outcome in checked.runtimes.items() if outcome.failed]
+        if unrun:
+            missed.append(f"the output does not run in {', '.join(unrun)}, where its input does")
+        if not all(m.passed for m in checked.outputs.values()):
+            missed.append("verification budget not met")
+    if cost is not None:
+        missed += cost.failures
+    return missed
 
 
 def run(
@@ -53,6 +74,8 @@ def run(
     progress: ProgressFactory | None = None,
     seed: int = 0,
     deployment: Deployment | None = None,
+    cost: bool = False,
+    cost_budget: CostBudget | None = None,
 ) -> RunResult:
     """Compress `model` with `passes`; verify the written result in onnxruntime and in each
     target runtime of `deployment` (where the input runs).
@@ -62,11 +85,18 @@ def run(
     and outputs are still measured on real bytes. `budget_outputs` names the outputs the budget
     applies to (default: all); the others get the structural checks only. `deployment` names
     the objective (file or memory) and the runtimes the output is for (default: file size,
-    onnxruntime).
+    onnxruntime). With `cost` (implied by a `cost_budget`), the runtime cost of input and output
+    is measured side by side after verification (`graphpass.runtimes.cost`), and a missed
+    cost budget fails the run as a missed accuracy budget does.
     """
+    started = time.perf_counter()
     deployment = deployment or Deployment()
     if verify:
         usable_adapters(deployment.targets)  # a missing runtime fails before the passes run, not after
+    cost_budget = cost_budget or CostBudget()
+    if cost_budget.given and not verify:
+        raise UsageError("cost budgets are measured on the verification inputs; drop --no-verify to use them")
+    measure_cost = verify and (cost or bool(cost_budget.given))
     loaded = load_model(_private_copy(model))
     pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
     manager = PassManager(pipeline)
@@ -103,20 +133,26 @@ def run(
                 chosen = budget or verification.Budget()
             checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
                                           runtimes=deployment.targets)
+        measured = None
+        if measure_cost:
+            measured = check_cost(reference, staged, feeds, cost_budget,
+                                  seconds_budget=seconds_beside(time.perf_counter() - started))
+        passed = not budget_failures(checked, measured)
         written = None
-        if output is not None and (checked is None or checked.passed or keep_failed):
+        if output is not None and (passed or keep_failed):
             written = _move_into_place(staged, Path(output))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(before, after, stats, pass_seconds, checked, manager.lossless)
     report["deployment"] = deployment.to_dict()
+    report["cost"] = measured.to_dict() if measured is not None else None
     if ctx.model.shape_inference_error:
         report["notes"].append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
                                "the passes worked from the types the model declares")
     if budget_outputs:
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")
-    return RunResult(ctx.model.proto, report, written, checked)
+    return RunResult(ctx.model.proto, report, written, checked, measured)
 
 
 def _private_copy(model):

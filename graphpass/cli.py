@@ -20,11 +20,12 @@ from graphpass import verify as verification
 from graphpass.api import run as run_pipeline
 from graphpass.deployment import ANY_TARGET, OBJECTIVES, RUNTIMES, Deployment
 from graphpass.edit import Model
-from graphpass.errors import GraphpassError
+from graphpass.errors import GraphpassError, UsageError
 from graphpass.inspect import inspect_model, render_inspection
 from graphpass.manager import PassContext, registered_passes
 from graphpass.model import load_model
 from graphpass.report import render_report
+from graphpass.runtimes.cost import BUDGETS, CostBudget, check_cost, render_cost, seconds_beside
 
 # A bar appears only for steps that are still running after this long.
 PROGRESS_DELAY_SECONDS = 1.0
@@ -99,6 +100,26 @@ budget_options = [
     *input_options,
 ]
 
+cost_options = [
+    click.option("--no-cost", is_flag=True,
+                 help="Skip measuring the runtime cost (memory, start, latency) of input and output."),
+    click.option("--max-memory", type=float, metavar="R",
+                 help="Cost budget: the output's onnxruntime session memory at most R times the input's."),
+    click.option("--max-peak-rss", type=float, metavar="R", help="Cost budget: peak RSS at most R times the input's."),
+    click.option("--max-start", type=float, metavar="R",
+                 help="Cost budget: session creation time at most R times the input's."),
+    click.option("--max-latency", type=float, metavar="R", help="Cost budget: median latency at most R times the input's."),
+]
+
+
+def _cost_budget(no_cost, max_memory, max_peak_rss, max_start, max_latency) -> CostBudget:
+    budget = CostBudget(max_memory=max_memory, max_peak_rss=max_peak_rss, max_start=max_start, max_latency=max_latency)
+    if no_cost and budget.given:
+        options = [BUDGETS[name][1] for name in budget.given]
+        verb = "needs" if len(options) == 1 else "need"
+        raise UsageError(f"{', '.join(options)} {verb} the cost measurement; drop --no-cost")
+    return budget
+
 
 def with_options(options):
     def decorate(func):
@@ -141,23 +162,26 @@ def main(verbose: bool) -> None:
 @click.option("--target", "targets", default="onnxruntime", show_default=True, metavar="RUNTIMES",
               help=TARGET_HELP + " Passes leave alone what a target needs kept as is (openvino: LSTM/GRU/RNN "
                                  "weights stay constants).")
+@with_options(cost_options)
 def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes, seed, budget_outputs, no_verify,
-        keep_failed, external_data, in_place, objective, targets):
-    """Run passes on MODEL, write OUTPUT, and verify it against MODEL in onnxruntime and each --target."""
+        keep_failed, external_data, in_place, objective, targets, no_cost, max_memory, max_peak_rss, max_start,
+        max_latency):
+    """Run passes on MODEL, write OUTPUT, verify it against MODEL in onnxruntime and each --target, and measure
+    what each costs to run."""
     deployment = Deployment.parse(objective, targets)
+    cost_budget = _cost_budget(no_cost, max_memory, max_peak_rss, max_start, max_latency)
     result = run_pipeline(
         model, spec, output=output, inputs=inputs, shapes=_shapes(shapes), budget=_budget(atol, rtol, min_cosine),
         budget_outputs=budget_outputs or None, verify=not no_verify, external_data=external_data, in_place=in_place,
         keep_failed=keep_failed, progress=delayed_progress, seed=seed, deployment=deployment,
+        cost=not no_cost, cost_budget=cost_budget,
     )
     click.echo(render_report(result.report, result.verify_result))
     if report_path:
         Path(report_path).write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
     if not result.passed:
         where = f"; {output} written anyway (--keep-failed)" if result.written else "; no output written"
-        unrun = [name for name, outcome in result.verify_result.runtimes.items() if outcome.failed]
-        what = f"the output does not run in {', '.join(unrun)}, where its input does" if unrun else "budget not met"
-        _fail(f"verification failed: {what}{where}", 1)
+        _fail(f"{'; '.join(result.failures)}{where}", 1)
     click.echo(f"wrote {output}")
 
 
@@ -192,9 +216,14 @@ def list_passes():
 @with_options(budget_options)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the figures as JSON here.")
 @click.option("--target", "targets", default="onnxruntime", show_default=True, metavar="RUNTIMES", help=TARGET_HELP)
-def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, report_path, targets):
-    """Run REFERENCE and CANDIDATE in onnxruntime (and each --target) on the same inputs and compare outputs."""
+@with_options(cost_options)
+def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, report_path, targets, no_cost,
+           max_memory, max_peak_rss, max_start, max_latency):
+    """Run REFERENCE and CANDIDATE in onnxruntime (and each --target) on the same inputs, compare outputs and
+    runtime cost."""
     runtimes = Deployment.parse(targets=targets).targets
+    started = time.perf_counter()
+    cost_budget = _cost_budget(no_cost, max_memory, max_peak_rss, max_start, max_latency)
     loaded = load_model(reference)
     load_model(candidate)  # a clear input error beats an onnxruntime one
     if inputs:
@@ -204,9 +233,15 @@ def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, r
     budget = _budget(atol, rtol, min_cosine) or verification.Budget()
     result = verification.verify(reference, candidate, feeds, budget, runtimes=runtimes)
     click.echo(verification.render_table(result))
+    cost = None
+    if not no_cost:
+        cost = check_cost(reference, candidate, feeds, cost_budget,
+                          seconds_budget=seconds_beside(time.perf_counter() - started))
+        click.echo("\n" + render_cost(cost.to_dict()))
     if report_path:
-        Path(report_path).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
-    if not result.passed:
+        figures = {**result.to_dict(), "cost": cost.to_dict() if cost is not None else None}
+        Path(report_path).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    if not result.passed or (cost is not None and not cost.passed):
         sys.exit(1)
 
 

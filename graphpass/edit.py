@@ -131,6 +131,8 @@ class Model:
         the scope stays topologically sorted. The final value takes over the weight's own name
         when the replacement computed it, so no reader needs to change.
         """
+        if replacement.row_gather is not None and self._apply_row_gather(weight, replacement):
+            return
         scope = weight.scope
         position = self._remove_definition(weight) or 0
         nodes = list(replacement.nodes)
@@ -146,6 +148,38 @@ class Model:
         for offset, node in enumerate(nodes):
             scope.body.node.insert(position + offset, node)
         self._edited()
+
+    def _apply_row_gather(self, weight: WeightRef, replacement: Replacement) -> bool:
+        """Where every reader of the weight is a row Gather in the weight's own body (an
+        embedding table), let each reader decode only the rows it picks, so the runtime holds
+        the packed rows rather than a rebuilt table. False (nothing changed) otherwise."""
+        scope, rank = weight.scope, len(weight.shape)
+        readers = list(weight.reader_nodes())
+        direct = {id(node) for node in scope.body.node}
+        if scope.is_function or weight.name in scope.output_names() or not readers or any(
+                id(node) not in direct or not _gathers_rows(node, index, rank) for node, index in readers):
+            return False
+        position = self._remove_definition(weight) or 0
+        first_decode = len(replacement.nodes)
+        decoders = []
+        for node, _ in readers:
+            start = len(replacement.nodes)
+            rows = replacement.row_gather.decode(replacement, node.input[1])
+            decoded = replacement.nodes[start:]
+            _rename_output(decoded, rows, node.output[0])
+            decoders.append((node, decoded))
+        shared = _ancestors(replacement.nodes[:first_decode], replacement.nodes[first_decode:])
+        used = {name for n in shared + replacement.nodes[first_decode:] for name in n.input}
+        scope.body.initializer.extend(t for t in replacement.tensors if t.name in used)
+        for node, decoded in decoders:
+            index = next(i for i, n in enumerate(scope.body.node) if n is node)
+            del scope.body.node[index]
+            for offset, new_node in enumerate(decoded):
+                scope.body.node.insert(index + offset, new_node)
+        for offset, node in enumerate(shared):
+            scope.body.node.insert(position + offset, node)
+        self._edited()
+        return True
 
     def add_shared_tensor(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
         """Store a tensor that several replacements in `scope` and below will reference."""
@@ -199,6 +233,25 @@ class Model:
     def _edited(self) -> None:
         self._weights = None
         self.generation += 1
+
+
+def _gathers_rows(node: NodeProto, index: int, rank: int) -> bool:
+    """Whether `node` reads its input `index` as the table of a Gather along axis 0."""
+    if node.op_type != "Gather" or index != 0 or node.domain not in ("", "ai.onnx"):
+        return False
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    return axis % max(rank, 1) == 0
+
+
+def _ancestors(candidates: list[NodeProto], consumers: list[NodeProto]) -> list[NodeProto]:
+    """The candidates (in their order) that some consumer needs, directly or through others."""
+    wanted = {name for node in consumers for name in node.input}
+    kept = []
+    for node in reversed(candidates):
+        if wanted.intersection(node.output):
+            kept.append(node)
+            wanted.update(node.input)
+    return kept[::-1]
 
 
 def _rename_output(nodes: list[NodeProto], old: str, new: str) -> None:

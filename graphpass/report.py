@@ -9,6 +9,7 @@ from typing import Any
 from graphpass import __version__
 from graphpass.edit import Model
 from graphpass.manager import PassStats
+from graphpass.runtimes.cost import render_cost
 from graphpass.verify import VerifyResult, render_table
 
 
@@ -128,4 +129,6 @@ def render_report(report: dict[str, Any], checked: VerifyResult | None) -> str:
         parts.append(render_table(checked))
     else:
         parts.append("verification skipped (--no-verify)")
+    if report.get("cost") is not None:
+        parts.append(render_cost(report["cost"]))
     return "\n\n".join(parts)

@@ -205,6 +205,9 @@ class Replacement:
         self.nodes: list[NodeProto] = []
         self.tensors: list[TensorProto] = []
         self._names = weight.model.names
+        # Set by a lowering that can also decode just the rows a Gather picks (an object with
+        # `decode(replacement, indices) -> rows`); the core uses it when every reader gathers rows.
+        self.row_gather = None
 
     def stored(self, role: str, array: np.ndarray, *, dtype: int | None = None) -> str:
         """A new stored tensor; `dtype` converts first, so UINT4/UINT2 land packed in raw_data."""

@@ -209,9 +209,12 @@ class BinningPass(Pass):
 
     def predicted_bytes(self, weight: WeightRef, layout: Layout, opset: int, ir_version: int) -> int:
         k = min(self.codebook_entries(), layout.group_size)  # a group of n values uses <= n entries
+        itemsize = lookup.np_dtype(self._table_type(weight)).itemsize
+        tuples = lookup.row_storage_bytes(k, layout, itemsize, opset, ir_version)
+        if tuples is not None:
+            return tuples
         packing = lookup.choose_packing(k, opset, ir_version)
-        table = lookup.np_dtype(self._table_type(weight)).itemsize * layout.groups * k
-        return packing.stored_bytes(weight.size) + table
+        return packing.stored_bytes(weight.size) + itemsize * layout.groups * k
 
     def _table_type(self, weight: WeightRef) -> int:
         return lookup.table_dtype(weight.dtype, _CODEBOOK_TYPES[self.config["codebook_dtype"]])
@@ -311,7 +314,8 @@ class BinningPass(Pass):
         """Nodes rebuilding the weight; returns (output name, how the indices are stored)."""
         out = lookup.emit_lookup(r, fit.codebook, fit.labels, job.layout, stored_dtype=self._table_type(job.weight),
                                  opset=opset, ir_version=ir_version)
-        return out, lookup.choose_packing(fit.codebook.shape[1], opset, ir_version).name
+        return out, lookup.storage_name(fit.codebook.shape[1], job.layout, self._table_type(job.weight), opset,
+                                        ir_version)
 
     def _details(self, tensors: list[dict[str, Any]]) -> dict[str, Any]:
         before = sum(t["bytes_before"] for t in tensors)

@@ -433,22 +433,43 @@ def emit_vector_lookup(r: Replacement, member: Member, stages: list[Stage], stag
                        opset: int, ir_version: int) -> str:
     """The nodes that rebuild the member's weight; returns the value standing in for it."""
     layout, weight_type = member.layout, member.weight.dtype
-    summed = None
+    summed, words, table = None, None, None
+    row_words = _row_words_dtype(member, stages, opset, ir_version)
     for number, (stage, labels) in enumerate(zip(stages, stage_labels), start=1):
         suffix = "" if number == 1 else f"_stage{number}"
         table = stage.shared_name or r.stored(f"{LUT_ROLE_PREFIX}codebook{suffix}", stage.entries)
         if stage.entries.dtype != stage.values.dtype:  # cast k entries, not every weight
             table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast{suffix}", to=weight_type)
-        index = lookup.emit_indices(r, labels.reshape(layout.index_shape), stage.k, opset, ir_version)
+        if row_words is not None:  # a byte (or two) per sub-vector, keeping the weight's rows
+            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}", labels.reshape(layout.index_shape).astype(row_words))
+            index = r.node("Cast", [words], f"{LUT_ROLE_PREFIX}index{suffix}", to=TensorProto.INT32)
+        else:
+            index = lookup.emit_indices(r, labels.reshape(layout.index_shape), stage.k, opset, ir_version)
         part = r.node("Gather", [table, index], f"{LUT_ROLE_PREFIX}vectors{suffix}", axis=0)
         summed = part if summed is None else r.node("Add", [summed, part], f"{LUT_ROLE_PREFIX}vectors_sum")
     out = _to_weight_shape(r, summed, layout)
-    if member.scale is None:
-        return out
-    scale = r.stored(f"{LUT_ROLE_PREFIX}scale", member.scale_entries)
-    if member.scale_entries.dtype != member.scale.dtype:
-        scale = r.node("Cast", [scale], f"{LUT_ROLE_PREFIX}scale_cast", to=weight_type)
-    return r.node("Mul", [out, scale], f"{LUT_ROLE_PREFIX}scaled")
+    scale = None
+    if member.scale is not None:
+        scale = r.stored(f"{LUT_ROLE_PREFIX}scale", member.scale_entries)
+        if member.scale_entries.dtype != member.scale.dtype:
+            scale = r.node("Cast", [scale], f"{LUT_ROLE_PREFIX}scale_cast", to=weight_type)
+        out = r.node("Mul", [out, scale], f"{LUT_ROLE_PREFIX}scaled")
+    if row_words is not None:
+        r.row_gather = lookup.RowGather(words, table, layout.dim, layout.shape, row_scale=scale)
+    return out
+
+
+def _row_words_dtype(member: Member, stages: list[Stage], opset: int, ir_version: int) -> np.dtype | None:
+    """The word type that lets a row Gather pick a member's packed rows (then only those rows
+    are decoded), or None: more than one stage, sub-vectors not along whole rows, a scale
+    other than per row, or indices that pack tighter than a byte."""
+    layout = member.layout
+    if len(stages) != 1 or len(layout.shape) != 2 or layout.start != 1 or layout.padding:
+        return None
+    if member.scale is not None and member.scale_axis != 0:
+        return None
+    packing = lookup.choose_packing(stages[0].k, opset, ir_version)
+    return packing.dtype if packing.native and packing.dtype in (np.uint8, np.uint16) else None
 
 
 def _to_weight_shape(r: Replacement, gathered: str, layout: VectorLayout) -> str:

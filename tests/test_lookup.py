@@ -299,3 +299,90 @@ def test_lookup_tables_are_recognised():
                         lambda r: lookup.emit_lookup(r, codebook, labels, layout, opset=13, ir_version=8))
     weights = Model(model).weights()
     assert weights and all(lookup.is_lookup_table(w) for w in weights)
+
+
+# -- tuple storage: cheap rebuilds at load, and rows decoded after a Gather ------------------
+
+# Large enough for tuple storage (the table is small beside the indices).
+TUPLE_SHAPE = (256, 512)
+
+
+# Each shape is about the smallest whose tuple table stays within a 16th of its indices.
+@pytest.mark.parametrize("k,per_word,shape", [
+    (16, 2, TUPLE_SHAPE), (4, 4, (512, 512)), (3, 5, (640, 640)), (2, 8, (1024, 1024)), (40, 1, TUPLE_SHAPE),
+    (200, 1, TUPLE_SHAPE),
+])
+@pytest.mark.parametrize("opset,ir", [(13, 8), (21, 10)])
+def test_tuple_storage_rebuilds_exactly_with_narrow_indices(k, per_word, shape, opset, ir):
+    rng = np.random.default_rng(k)
+    layout = Layout.per_tensor(shape)
+    codebook, labels = random_binning(layout, k, rng)
+    model, cost = replaced(np.zeros(shape, np.float32), opset, ir, lambda r: lookup.emit_lookup(
+        r, codebook, labels, layout, opset=opset, ir_version=ir))
+    assert_rebuilds(model, expected_weight(layout, codebook, labels))
+    assert lookup.storage_name(k, layout, TensorProto.FLOAT, opset, ir).startswith("tuples/")
+    # The rebuild's only index array at int32 has one element per `per_word` weights, and no
+    # Div/Mod unpacking runs at load.
+    (cast,) = [n for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.INT32]
+    (words,) = [t for t in model.graph.initializer if t.name == cast.input[0]]
+    assert int(np.prod(words.dims)) == layout.groups * layout.group_size // per_word
+    assert not {"Div", "Mod", "GatherElements"} & {n.op_type for n in model.graph.node}
+    # Up to 16 entries, tuples never store more bits per index than the packed digits would.
+    if k <= 16:
+        assert cost.index_bytes <= lookup.choose_packing(k, opset, ir).stored_bytes(int(np.prod(shape)))
+
+
+def test_small_or_per_channel_weights_keep_packed_digits():
+    assert lookup.row_storage(16, Layout.per_tensor((32, 32)), 4, 13, 8) is None  # small: rebuild is cheap
+    assert lookup.row_storage(16, Layout.per_channel(TUPLE_SHAPE, 1), 4, 13, 8) is None
+    # A weight the tuple width does not divide would store a byte per 4-bit index.
+    assert lookup.row_storage(16, Layout.per_tensor((255, 513)), 4, 13, 8) is None
+
+
+def embedding_model(table: np.ndarray, ids_shapes: list[tuple[int, ...]], also_matmul: bool = False) -> onnx.ModelProto:
+    """Gathers rows of one table once per ids input; with `also_matmul`, the table is also a
+    MatMul weight (a tied LM head), so its rows cannot be decoded alone."""
+    inputs, nodes, outputs = [], [], []
+    for i, shape in enumerate(ids_shapes):
+        inputs.append(helper.make_tensor_value_info(f"ids{i}", TensorProto.INT64, list(shape)))
+        nodes.append(helper.make_node("Gather", ["W", f"ids{i}"], [f"rows{i}"], axis=0))
+        outputs.append(helper.make_tensor_value_info(f"rows{i}", TensorProto.FLOAT, [*shape, table.shape[1]]))
+    if also_matmul:
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, table.shape[1]]))
+        nodes.append(helper.make_node("Transpose", ["W"], ["Wt"]))
+        nodes.append(helper.make_node("MatMul", ["x", "Wt"], ["logits"]))
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, table.shape[0]]))
+    graph = helper.make_graph(nodes, "embedding", inputs, outputs, [numpy_helper.from_array(table, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("also_matmul", [False, True])
+def test_embedding_rows_decode_after_the_gather(also_matmul):
+    rng = np.random.default_rng(11)
+    shape = (1000, 128)
+    layout = Layout.per_tensor(shape)
+    codebook, labels = random_binning(layout, 16, rng)
+    ids_shapes = [(2, 3, 5), (), (7,)]  # any index rank, a scalar index included
+    proto = embedding_model(rng.normal(size=shape).astype(np.float32), ids_shapes, also_matmul)
+    weight = Model(proto).weights()[0]
+    r = Replacement(weight)
+    weight.replace_with(r, result=lookup.emit_lookup(r, codebook, labels, layout, opset=13, ir_version=8))
+    onnx.checker.check_model(proto, full_check=True)
+
+    expected = expected_weight(layout, codebook, labels)
+    reference = embedding_model(expected, ids_shapes, also_matmul)
+    feeds = {f"ids{i}": rng.integers(0, shape[0], size=s).astype(np.int64) for i, s in enumerate(ids_shapes)}
+    if also_matmul:
+        feeds["x"] = rng.normal(size=(2, shape[1])).astype(np.float32)
+    result = verify(reference.SerializeToString(), proto.SerializeToString(), feeds, EXACT)
+    assert result.passed, result.failures
+
+    gathers_of_words = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0].endswith("lut_indices")]
+    weight_sized = [n for n in proto.graph.node if n.op_type == "Reshape" and n.output[0] == "W"]
+    if also_matmul:  # one dense rebuild serves both readers
+        assert not gathers_of_words and weight_sized
+    else:  # each reader gathers packed rows; nothing rebuilds the table
+        assert len(gathers_of_words) == len(ids_shapes) and not weight_sized
+        assert all(t.dims[-1] == shape[1] // 2 for t in proto.graph.initializer if t.name.endswith("lut_indices"))

@@ -399,17 +399,181 @@ def emit_lookup(
     ir_version: int,
 ) -> str:
     """Nodes computing the weight from a codebook [groups, k] and labels [groups, group_size]
-    (in `layout.split` order); returns the output name, shaped and typed like the weight."""
+    (in `layout.split` order); returns the output name, shaped and typed like the weight.
+
+    A large weight with one codebook is stored row-aligned (see `row_storage`), so that its
+    rebuild at load needs no wide intermediates and a reader that only gathers rows can
+    decode just those rows (`Replacement.row_gather`)."""
     weight_dtype = r.weight.dtype
     stored_dtype = weight_dtype if stored_dtype is None else stored_dtype
     k = codebook.shape[1]
+    storage = row_storage(k, layout, np_dtype(stored_dtype).itemsize, opset, ir_version)
+    if storage is not None:
+        return _emit_row_aligned(r, codebook[0], labels.reshape(layout.shape), storage, stored_dtype)
     index = emit_indices(r, layout.merge(labels), k, opset, ir_version)
-    entries = np.asarray(layout.merge(codebook)).astype(np_dtype(stored_dtype))
-    table = r.stored(f"{LUT_ROLE_PREFIX}codebook", entries)
-    if stored_dtype != weight_dtype:  # cast the k entries, not the n values
-        table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast", to=weight_dtype)
+    table = _codebook_table(r, np.asarray(layout.merge(codebook)), stored_dtype)
     values = r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}values", axis=layout.within_axis)
     return _reshape(r, values, layout.view, layout.shape)
+
+
+def _codebook_table(r: Replacement, entries: np.ndarray, stored_dtype: int) -> str:
+    table = r.stored(f"{LUT_ROLE_PREFIX}codebook", entries.astype(np_dtype(stored_dtype)))
+    if stored_dtype != r.weight.dtype:  # cast the table's entries, not the n values
+        table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast", to=r.weight.dtype)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-aligned storage: cheap to rebuild at load, and decodable after a row Gather
+# ---------------------------------------------------------------------------------------------
+#
+# Runtimes rebuild a plain-op lookup when they load the model (onnxruntime constant-folds it),
+# and every intermediate of that rebuild is a transient copy as large as its element type:
+# the base-k digit path above widens indices to int32 (4 bytes a weight) three times over, and
+# a Reshape copies the whole weight once more. On the 3-layer BERT that made peak RSS 2.6x the
+# original's. A tensor-wide codebook can do better: a byte names a tuple of m indices, a table
+# of all k**m tuples turns one Gather into m values, and the bytes keep the weight's rows, so
+# the Gather's output is the weight itself up to merging its last two axes. Per weight, the
+# rebuild's widest intermediate is then 4/m bytes of int32 index.
+
+# A tuple table pays only where it is small beside the indices it serves.
+_TUPLE_TABLE_MAX_SHARE = 1 / 16
+# Below this many index bytes the rebuild is cheap whatever its form: keep the densest packing.
+_ROW_STORAGE_MIN_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class RowStorage:
+    """A byte (or uint16) per `per_word` indices, indexing a table of k**per_word tuples
+    (per_word 1: plain indices). `row_aligned`: the words keep the weight's rows (its last
+    axis divided by per_word), so a row Gather can pick them; otherwise they run over the
+    flattened weight."""
+
+    k: int
+    per_word: int
+    dtype: np.dtype
+    row_aligned: bool
+
+    @property
+    def name(self) -> str:
+        return f"tuples/{self.dtype.name}" + (f"x{self.per_word}" if self.per_word > 1 else "")
+
+    def table_rows(self) -> int:
+        return self.k**self.per_word
+
+    def word_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.row_aligned:
+            return tuple(shape[:-1]) + (shape[-1] // self.per_word,)
+        return (_size(shape) // self.per_word,)
+
+
+def row_storage(k: int, layout: Layout, table_itemsize: int, opset: int, ir_version: int) -> RowStorage | None:
+    """Tuple storage for a per-tensor codebook of a large weight, or None where the packed
+    digits of `emit_indices` should stay: small weights (their rebuild is cheap anyway),
+    codebooks per channel or group, and tuples that would store more bits per index than
+    digits do (a weight the tuple width does not divide).
+
+    Between 17 and 256 entries a byte holds one index, which stores up to 1.6 bits more than
+    base-k digits (8 against 6.4 for k=64) but rebuilds without the three int32 copies the
+    digits' Div and Mod make at load; size estimates see that, so auto weighs it."""
+    if layout.granularity != "tensor" or not layout.shape:
+        return None
+    count, last = _size(layout.shape), layout.shape[-1]
+    base = max(int(k), 2)
+    per_word = _digits_per_word(base, 2**8) if base <= 16 else 1
+    dtype = np.dtype(np.uint8 if base**per_word <= 2**8 else np.uint16)
+    if base <= 16 and dtype.itemsize * 8 / per_word > choose_packing(base, opset, ir_version).bits_per_index:
+        return None
+    if count % per_word:
+        return None
+    index_bytes = count // per_word * dtype.itemsize
+    if index_bytes < _ROW_STORAGE_MIN_BYTES or (
+            _tuple_table_bytes(base, per_word, table_itemsize) > _TUPLE_TABLE_MAX_SHARE * index_bytes):
+        return None
+    return RowStorage(base, per_word, dtype, row_aligned=last % per_word == 0)
+
+
+def storage_name(k: int, layout: Layout, stored_dtype: int, opset: int, ir_version: int) -> str:
+    """How `emit_lookup` stores this weight's indices, for reports."""
+    storage = row_storage(k, layout, np_dtype(stored_dtype).itemsize, opset, ir_version)
+    return storage.name if storage is not None else choose_packing(k, opset, ir_version).name
+
+
+def _tuple_table_bytes(base: int, per_word: int, itemsize: int) -> int:
+    return base**per_word * per_word * itemsize
+
+
+def row_storage_bytes(k: int, layout: Layout, table_itemsize: int, opset: int, ir_version: int) -> int | None:
+    """Stored bytes (words and table) of `row_storage`, or None where it does not apply."""
+    storage = row_storage(k, layout, table_itemsize, opset, ir_version)
+    if storage is None:
+        return None
+    words = _size(layout.shape) // storage.per_word * storage.dtype.itemsize
+    return words + _tuple_table_bytes(storage.k, storage.per_word, table_itemsize)
+
+
+def tuple_table(codebook: np.ndarray, storage: RowStorage) -> np.ndarray:
+    """[k**m, m]: row w holds the values of the m indices whose base-k digits spell w (most
+    significant first), so that Gather(table, word) yields them in order."""
+    codebook = np.asarray(codebook)
+    padded = np.concatenate([codebook, np.repeat(codebook[-1:], storage.k - len(codebook))])
+    codes = np.arange(storage.table_rows())
+    powers = storage.k ** np.arange(storage.per_word - 1, -1, -1)
+    return padded[(codes[:, None] // powers) % storage.k]
+
+
+def pack_rows(labels: np.ndarray, storage: RowStorage) -> np.ndarray:
+    """Labels shaped like the weight -> words shaped `storage.word_shape`."""
+    labels = np.asarray(labels, dtype=np.int64)
+    grouped = labels.reshape(*storage.word_shape(labels.shape), storage.per_word)
+    powers = storage.k ** np.arange(storage.per_word - 1, -1, -1, dtype=np.int64)
+    return (grouped @ powers).astype(storage.dtype)
+
+
+def _emit_row_aligned(r: Replacement, codebook: np.ndarray, labels: np.ndarray, storage: RowStorage,
+                      stored_dtype: int) -> str:
+    shape = tuple(r.weight.shape)
+    words = r.stored(f"{LUT_ROLE_PREFIX}indices", pack_rows(labels, storage))
+    table = _codebook_table(r, tuple_table(codebook, storage), stored_dtype)
+    if storage.per_word == 1:
+        table = _reshape(r, table, (storage.table_rows(), 1), (storage.table_rows(),))
+    if storage.row_aligned:
+        r.row_gather = RowGather(words, table, storage.per_word, shape)
+    index = r.node("Cast", [words], f"{LUT_ROLE_PREFIX}index", to=TensorProto.INT32)
+    values = r.node("Gather", [table, index], f"{LUT_ROLE_PREFIX}values", axis=0)
+    word_shape = storage.word_shape(shape)
+    gathered = word_shape + ((storage.per_word,) if storage.per_word > 1 else ())
+    return _reshape(r, values, gathered, shape)
+
+
+@dataclass(frozen=True)
+class RowGather:
+    """How to decode only the rows a Gather picks: gather `words` rows, cast, look them up in
+    `table` (rows of `per_word` values), merge that axis into the last one, and multiply by
+    the rows' own scale where there is one (`row_scale`, [rows, 1])."""
+
+    words: str
+    table: str
+    per_word: int
+    shape: tuple[int, ...]
+    row_scale: str | None = None
+
+    def decode(self, r: Replacement, indices: str) -> str:
+        """Nodes computing Gather(weight, indices, axis=0) from the stored rows."""
+        rows = r.node("Gather", [self.words, indices], f"{LUT_ROLE_PREFIX}gathered_words", axis=0)
+        index = r.node("Cast", [rows], f"{LUT_ROLE_PREFIX}gathered_index", to=TensorProto.INT32)
+        values = r.node("Gather", [self.table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=0)
+        if self.per_word > 1:
+            # [*indices, *shape[1:-1], last/m, m] -> [*indices, *shape[1:]]: the indices' own
+            # dimensions are read at run time, so any index shape works.
+            index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
+            tail = _int64s(r, "gathered_tail", list(self.shape[1:]))
+            target = r.node("Concat", [index_shape, tail], f"{LUT_ROLE_PREFIX}gathered_shape", axis=0)
+            values = r.node("Reshape", [values, target], f"{LUT_ROLE_PREFIX}gathered_rows")
+        if self.row_scale is None:
+            return values
+        scale = r.node("Gather", [self.row_scale, indices], f"{LUT_ROLE_PREFIX}gathered_scale", axis=0)
+        return r.node("Mul", [values, scale], f"{LUT_ROLE_PREFIX}gathered_scaled")
 
 
 def emit_row_lookup(r: Replacement, table: str, indices: np.ndarray, *, table_rows: int, axis: int = 0,
@@ -496,6 +660,7 @@ def emit_outliers(r: Replacement, values: str, outliers: Outliers, shape: tuple[
     Positions are stored as uint16 or int32 and cast to the int64 ScatterND needs: 6 (float16)
     or 8 (float32) bytes per kept value.
     """
+    r.row_gather = None  # the patch applies to the whole weight, so rows cannot be decoded alone
     count = _size(shape)
     position_type = np.uint16 if count <= 2**16 else np.int32
     positions = r.stored(f"{LUT_ROLE_PREFIX}outlier_positions", outliers.positions.astype(position_type).reshape(-1, 1))
