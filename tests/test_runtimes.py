@@ -168,15 +168,14 @@ def test_lstm_weights_stay_constants_for_openvino(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", LSTM_MODELS)
-def test_without_openvino_as_target_lstm_weights_are_compressed_and_fail_there(name, tmp_path):
+def test_without_openvino_as_target_lstm_weights_are_compressed(name, tmp_path):
+    """Whether OpenVINO then folds the lookups back into constants depends on how they are
+    lowered; test_gru_and_rnn_weights_stay_constants_for_openvino shows one it does not fold."""
     source, out = real_models.fetch(name), tmp_path / "out.onnx"
     result = graphpass.run(source, "tie,kmeans,fold", output=out, inputs=inputs_for(name))
     kmeans = next(p for p in result.report["passes"] if p["name"] == "kmeans")
     assert all(s["reason"] != LSTM_REASON for s in kmeans["skipped"])
     assert lstm_weight_sources(out) != {"stored"}
-    checked = verify(source, out, inputs_for(name), Budget(), runtimes=("openvino",))
-    assert not checked.passed and checked.runtimes["openvino"].status == "output does not run"
-    assert "expects Constant" in checked.runtimes["openvino"].reason
 
 
 def lstm_with_scaled_copy() -> onnx.ModelProto:
