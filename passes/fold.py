@@ -48,6 +48,9 @@ GEMM_MIN_OPSET = 11
 # Below this many elements the per-call packing that Gemm's transB saves costs less than the
 # five small nodes (Reshape, Shape, Slice, Concat, Reshape) it takes to express it.
 GEMM_MIN_ELEMENTS = 1 << 16
+# A shared weight the body reads that is also read outside the run is copied into the body
+# up to this size (shape constants, scalars): there it is a constant, as runtimes need.
+COPY_INTO_BODY_BYTES = 1024
 GEMM_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
 
 
@@ -78,12 +81,14 @@ class FoldPass(Pass):
         if not found.runs:
             result.notes.append("fold: no repeated blocks found; the model is unchanged")
             return result
-        chosen = [run for run in found.runs if self._foldable(run, result)]
+        self._types = found.value_types
+        modes = {id(run): self._mode(run, ctx) for run in found.runs}
+        chosen = [run for run in found.runs if self._foldable(run, modes[id(run)], ctx, result)]
         if not chosen:
             return result
         with quiet_graphsurgeon():
             rewrite = _Rewrite(ctx.model, found)
-            folded = [rewrite.fold(run, self._mode(run, ctx.model.opset)) for run in chosen]
+            folded = [rewrite.fold(run, modes[id(run)]) for run in chosen]
             result.tensors_changed = rewrite.commit()
         if rewrite.also_outside:
             result.notes.append(
@@ -100,10 +105,13 @@ class FoldPass(Pass):
             )
         return result
 
-    def _foldable(self, run: BlockRun, result: PassResult) -> bool:
+    def _foldable(self, run: BlockRun, mode: str, ctx: PassContext, result: PassResult) -> bool:
         where = f"run of {run.length} blocks at '{run.nodes(0)[0].name or run.nodes(0)[0].op_type}'"
         reason = None
-        if run.length < self.config["min_blocks"]:
+        if mode == "loop" and ctx.deployment.targets_runtime("tract"):
+            why = "mode=loop" if self.config["mode"] == "loop" else f"Scan needs opset {SCAN_MIN_OPSET}"
+            reason = f"tract (a target) does not run Loop, and {why}"
+        elif run.length < self.config["min_blocks"]:
             reason = f"shorter than min_blocks={self.config['min_blocks']}"
         elif run.per_block_slots and not self.config["stack"]:
             reason = f"{len(run.per_block_slots)} weights differ between blocks and stack=false"
@@ -111,17 +119,23 @@ class FoldPass(Pass):
             reason = f"weights differ between blocks; stacking pays only for {MIN_STACKED_BLOCKS}+ blocks"
         elif any(c.dtype is None for c in run.carried):
             reason = "the type of a carried value is unknown (shape inference could not tell)"
+        elif any(i.name not in self._types for i in run.invariants):
+            reason = "the type of a value every block reads is unknown (shape inference could not tell)"
         if reason:
             result.notes.append(f"fold: left the {where} unfolded: {reason}")
         return reason is None
 
-    def _mode(self, run: BlockRun, opset: int) -> str:
-        """Scan unless told otherwise. Both slice a stacked weight per iteration; Scan hands
-        out views of the stack where Gather copies, and it measured faster on BERT. The
-        choice is fixed rather than timed per model, so a run always writes the same bytes."""
-        if not run.per_block_slots:
-            return "loop"  # nothing to slice: Scan would need a dummy scan input
-        if self.config["mode"] == "loop" or opset < SCAN_MIN_OPSET:
+    def _mode(self, run: BlockRun, ctx: PassContext) -> str:
+        """Scan unless told otherwise (or the opset predates it).
+
+        Both slice a stacked weight per iteration; Scan hands out views of the stack where
+        Gather copies, and it measured faster on BERT. A run of shared weights only is a Loop
+        (Scan needs a dummy scan input for its trip count), except when tract is a target: it
+        has no Loop. The choice is fixed rather than timed per model, so a run always writes
+        the same bytes."""
+        if self.config["mode"] == "loop" or ctx.model.opset < SCAN_MIN_OPSET:
+            return "loop"
+        if not run.per_block_slots and not ctx.deployment.targets_runtime("tract"):
             return "loop"
         return "scan"
 
@@ -187,8 +201,11 @@ class _Rewrite:
         for slot in run.slots:
             self.retired.update(slot.names if not slot.equal else slot.names[1:])
         opsets = self.model.proto.opset_import
-        body = _BodyBuilder(run, self.found.value_types, names, mode, stacked, transposed, opsets).build()
-        body.initializer.extend(self._move_into_body(run))
+        moved, renamed = self._move_into_body(run)
+        builder = _BodyBuilder(run, self.found.value_types, names, mode, stacked, transposed, opsets,
+                               {t.name for t in moved}, renamed, self._outer_types(run))
+        body, captured = builder.build()
+        body.initializer.extend(moved)
         initial = [c.initial for c in run.carried]
         final = [c.final for c in run.carried]
         node_name = names.fresh("fold/Loop" if mode == "loop" else "fold/Scan")
@@ -198,8 +215,13 @@ class _Rewrite:
             node = helper.make_node("Loop", [trip_count, "", *initial], final, name=node_name, body=body)
         else:
             scanned = [stacked[id(s)] for s in run.per_block_slots]
+            if not scanned:  # Scan's trip count is the length of its scan inputs
+                scanned = [names.fresh("fold.steps")]
+                self.tensors.append(numpy_helper.from_array(np.zeros(run.length, dtype=np.uint8), scanned[0]))
+            returned = [names.fresh(f"{name}.returned") for name in captured]  # unchanged, unread
             node = helper.make_node(
-                "Scan", [*initial, *scanned], final, name=node_name, body=body, num_scan_inputs=len(scanned)
+                "Scan", [*initial, *captured, *scanned], [*final, *returned], name=node_name, body=body,
+                num_scan_inputs=len(scanned),
             )
         positions = run.all_positions()
         self.removed |= positions
@@ -225,22 +247,35 @@ class _Rewrite:
         self.added.append((position, helper.make_node("Cast", [stacked], [name], name=name, to=wide)))
         return name
 
-    def _move_into_body(self, run: BlockRun) -> list[TensorProto]:
-        """Shared weights that only this run reads become the body's own initializers.
+    def _move_into_body(self, run: BlockRun) -> tuple[list[TensorProto], dict[str, str]]:
+        """The body's own initializers, and the outer names the body reads them by -> theirs.
 
-        Still one copy, but onnxruntime treats only a subgraph's own initializers as
-        constants there: outer-scope ones get no MLAS prepacking and block the fusions
-        (Reshape, Gelu, ...) that need constant operands."""
+        Shared weights that only this run reads move into the body: still one copy, but
+        onnxruntime treats only a subgraph's own initializers as constants there (outer-scope
+        ones get no MLAS prepacking and block the fusions, Reshape, Gelu, ..., that need
+        constant operands). Small ones that are also read outside (shape constants `tie`
+        shared, say) are copied in under a fresh name: tract needs Unsqueeze axes and the
+        like to be constants of the body, and a state variable is not."""
         inside = run.all_positions()
-        moved = []
+        moved, renamed = [], {}
         for slot in run.shared_slots:
             keep = slot.names[0]
-            if keep in self._moved or not all(self._read_only_by(name, inside) for name in slot.names):
-                continue
-            self._moved.add(keep)
-            self.retired.add(keep)
-            moved.append(numpy_helper.from_array(np.asarray(self._weight(keep).read()), keep))
-        return moved
+            if keep not in self._moved and all(self._read_only_by(name, inside) for name in slot.names):
+                self._moved.add(keep)
+                self.retired.add(keep)
+                moved.append(numpy_helper.from_array(np.asarray(self._weight(keep).read()), keep))
+            elif slot.nbytes <= COPY_INTO_BODY_BYTES:
+                renamed[keep] = self.model.names.fresh(f"{keep}.body")
+                moved.append(numpy_helper.from_array(np.asarray(self._weight(keep).read()), renamed[keep]))
+        return moved, renamed
+
+    def _outer_types(self, run: BlockRun) -> dict[str, tuple[int, Dims | None]]:
+        """dtype and dims of what a body may read from the outer scope: the run's invariants
+        and its shared weights (a state variable must declare its element type)."""
+        found = {s.names[0]: (s.dtype, tuple(s.shape)) for s in run.shared_slots}
+        for invariant in run.invariants:
+            found[invariant.name] = self.found.value_types[invariant.name]
+        return found
 
     def _read_only_by(self, name: str, positions: set[int]) -> bool:
         if not self._readers:
@@ -310,15 +345,23 @@ class _BodyBuilder:
     """The Loop/Scan body: the first block's nodes, rewired to read the carried values,
     the per-iteration slices of stacked weights, and everything else from the outer scope."""
 
-    def __init__(self, run: BlockRun, types, names, mode: str, stacked: dict[int, str], transposed: set[int], opsets):
+    def __init__(self, run: BlockRun, types, names, mode: str, stacked: dict[int, str], transposed: set[int], opsets,
+                 own: set[str], renamed: dict[str, str], outer_types: dict[str, tuple[int, Dims | None]]):
         self.run, self.types, self.names, self.mode, self.stacked = run, types, names, mode, stacked
         self.transposed = transposed
         self.opsets = list(opsets)
+        self.own = own  # names that become the body's own initializers
+        self.renamed = renamed  # outer names the body reads from its own copy instead
+        self.outer_types = outer_types  # dtype and dims of every outer-scope value the body may read
 
-    def build(self) -> onnx.GraphProto:
+    def build(self) -> tuple[onnx.GraphProto, list[str]]:
+        """The body, and the outer-scope values it reads as Scan state variables (in order)."""
         draft = helper.make_graph([_copy(n) for n in self.run.nodes(0)], "fold_body", [], [])
         graph = gs.import_onnx(helper.make_model(draft, opset_imports=self.opsets))
         tensors = graph.tensors()
+        for outer, own in self.renamed.items():
+            if outer in tensors:
+                tensors[outer].name = own
         inputs, outputs, iteration = [], [], None
         if self.mode == "loop":
             # Loop's body signature: (iteration number, condition, carried...) -> (condition, carried...)
@@ -329,17 +372,55 @@ class _BodyBuilder:
             inputs, outputs = [iteration, cond_in], [cond_out]
         for carried in self.run.carried:
             dims = self._dims(carried)
-            state = gs.Variable(self.names.fresh("fold.carried"), carried.dtype, self._input_dims(dims))
+            state = gs.Variable(self.names.fresh("fold.carried"), carried.dtype, dims)
             self._rewire(graph, carried.ports, state)
             inputs.append(state)
             produced = tensors[self._value_in_first_block(carried)]
             produced.dtype, produced.shape = carried.dtype, dims
             outputs.append(produced)
+        scanned = []
         for slot in self.run.per_block_slots:
-            inputs += self._slice(graph, slot, iteration)
-        graph.inputs, graph.outputs = inputs, outputs
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return gs.export_onnx(graph, do_type_check=False).graph
+            scanned += self._slice(graph, slot, iteration)
+        if self.mode == "scan" and not scanned:  # one step per block, read by nothing
+            scanned = [gs.Variable(self.names.fresh("fold.step"), TensorProto.UINT8, ())]
+        graph.inputs, graph.outputs = inputs + scanned, outputs
+        graph.cleanup(remove_unused_graph_inputs=False)
+        captured = []
+        if self.mode == "scan":
+            captured = self._capture_as_state(graph)
+            graph.inputs = inputs + [state for _, state, _ in captured] + scanned
+            graph.outputs = outputs + [same for _, _, same in captured]
+        graph.toposort()
+        return gs.export_onnx(graph, do_type_check=False).graph, [name for name, _, _ in captured]
+
+    def _capture_as_state(self, graph: gs.Graph) -> list[tuple[str, gs.Variable, gs.Variable]]:
+        """Every outer-scope value the body reads, as a state variable returned unchanged:
+        (outer name, body input, body output).
+
+        OpenVINO's ONNX frontend (2026.4) miscounts a Scan body that reads the outer scope
+        ("body outputs (1) is less than num_initial_values (2)"); passed in explicitly, the
+        same values work in onnxruntime, OpenVINO and tract. The value is returned through an
+        Identity: a body output that is its own input made onnxruntime read stale memory and
+        tract panic."""
+        defined = {t.name for t in graph.inputs} | self.own
+        outer: dict[str, gs.Variable] = {}
+        for node in graph.nodes:
+            for tensor in node.inputs:
+                free = isinstance(tensor, gs.Variable) and not tensor.inputs and tensor.name
+                if free and tensor.name not in defined:
+                    outer.setdefault(tensor.name, tensor)
+        captured = []
+        for name, tensor in outer.items():
+            dtype, dims = self.outer_types[name]
+            state = gs.Variable(self.names.fresh(f"{name}.state"), dtype, _static(dims))
+            for node in list(tensor.outputs):
+                for i, read in enumerate(node.inputs):
+                    if read is tensor:
+                        node.inputs[i] = state
+            same = gs.Variable(self.names.fresh(f"{name}.same"), dtype, _static(dims))
+            graph.nodes.append(self._node("Identity", f"{name}.same", [state], [same]))
+            captured.append((name, state, same))
+        return captured
 
     def _slice(self, graph: gs.Graph, slot: WeightSlot, iteration: gs.Variable | None) -> list[gs.Variable]:
         """This iteration's weight: a Scan input, or Gather(stacked, iteration) in a Loop."""
@@ -400,24 +481,22 @@ class _BodyBuilder:
         return self.run.nodes(0)[k].output[slot]
 
     def _dims(self, carried: CarriedValue) -> tuple | None:
-        """The body's carried type must hold for every iteration. Inference gives the first
-        block's input and output; a dim (static or symbolic) stays where they agree, since
-        then every block keeps it."""
+        """The body's carried shape must hold for every iteration: the rank, and each dim that
+        inference found static and equal in the first block's input and output. Symbolic dims
+        are left undeclared: tract (0.23) cannot unify a body's symbols with the outer
+        graph's values ("Impossible to unify Sym(unk__2) with Val(24)")."""
         first = carried.dims
         produced = self.types.get(self._value_in_first_block(carried), (None, None))[1]
         if first is None:
             return None
         if produced is None or len(produced) != len(first):
             return tuple(None for _ in first)
-        return tuple(a if a == b else None for a, b in zip(first, produced))
+        return tuple(a if a == b and isinstance(a, int) else None for a, b in zip(first, produced))
 
-    def _input_dims(self, dims: tuple | None) -> tuple | None:
-        """The body input's dims, with a fresh symbol for each unknown one. A symbol used
-        once asserts nothing, but values computed from it share it, which lets onnxruntime
-        merge the Shape chains of q, k and v as it does in the unrolled graph."""
-        if dims is None:
-            return None
-        return tuple(d if d is not None else self.names.fresh(f"fold_dim{i}") for i, d in enumerate(dims))
+
+def _static(dims: Dims | None) -> tuple | None:
+    """Dims as a body may declare them: the rank, with only the static dims filled in."""
+    return None if dims is None else tuple(d if isinstance(d, int) else None for d in dims)
 
 
 # -- graph helpers ------------------------------------------------------------------------
