@@ -2,13 +2,24 @@
 
 The runs come from `graphpass.blocks.RepeatedBlocks`. A run whose weights are equal in every
 block (after `tie`, or already) becomes a Loop with trip count N whose body is the first
-block, holding the one remaining copy of each weight as its own initializer (or reading it
-from the outer scope when something outside the run reads it too): weight bytes drop to one
-block's worth. A run whose weights differ keeps one [N, ...] stack per weight, fed as Scan
-inputs or sliced by Gather on the iteration number inside a Loop; the bytes stay, the nodes
-drop to one block. Lookup weights from a codebook pass (GatherElements of a codebook by
-unpacked indices) need no special case: the lookup nodes belong to the block, so packed
-indices are stacked and a codebook shared by every block is stored once.
+block, holding the one remaining copy of each weight as its own initializer: weight bytes
+drop to one block's worth. A run whose weights differ keeps one [N, ...] stack per weight,
+fed as Scan inputs or sliced by Gather on the iteration number inside a Loop; the bytes
+stay, the nodes drop to one block.
+
+Lookup weights (a codebook pass's GatherElements of a codebook by unpacked indices, and any
+other node computed from weights alone that depends on a per-block weight) are not run in
+the body, where nothing is constant and every iteration would rebuild them (4-5x the
+latency on BERT). They run once before the loop, over the stacked packed indices (see
+`_BatchedLookup`), or once per block with the results stacked when an op has no batched
+form; runtimes fold either to a constant at load and the body slices dense weights. The
+file keeps the packed indices. With the `memory` objective they stay in the body, where
+the weights stay compressed in memory.
+
+The Scan runs in onnxruntime, OpenVINO and tract: the body reads nothing from the outer
+scope (what it needs enters as a state variable returned unchanged, or as its own copy of a
+small constant) and declares no symbolic dims. tract has no Loop, so with tract as a target
+every fold is a Scan (mode=loop leaves the run unfolded, with a note).
 
 The body computes what each block computed, so the pass is lossless up to float rounding:
 a MatMul whose weight changes per iteration runs without MLAS prepacking, which sums in
@@ -47,6 +58,8 @@ MIN_STACKED_BLOCKS = 3
 SCAN_MIN_OPSET = 9
 # Unsqueeze takes its axes as an input from opset 13, as an attribute before.
 UNSQUEEZE_AXES_INPUT_OPSET = 13
+# GatherND's batch_dims is opset 12.
+GATHER_ND_BATCH_OPSET = 12
 # Gemm without a C input is opset 11.
 GEMM_MIN_OPSET = 11
 # Below this many elements the per-call packing that Gemm's transB saves costs less than the
@@ -55,11 +68,14 @@ GEMM_MIN_ELEMENTS = 1 << 16
 # A shared weight the body reads that is also read outside the run is copied into the body
 # up to this size (shape constants, scalars): there it is a constant, as runtimes need.
 COPY_INTO_BODY_BYTES = 1024
-# Never computed before the loop (see _may_precompute).
-KEEP_IN_BODY_OPS = frozenset({
-    "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear",
+# Never computed before the loop (see _may_precompute): random ops differ per call...
+RANDOM_OPS = frozenset({
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
 })  # fmt: skip
+# ... and onnxruntime does not fold these (it keeps QDQ pairs for its fusions, MatMulNBits
+# among them): outside the loop they would run at every call, once per block and then
+# stacked. They stay in the body unless tract is a target, which needs their scales constant.
+QUANTIZE_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
 GEMM_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
 
 
@@ -96,9 +112,10 @@ class FoldPass(Pass):
         if not chosen:
             return result
         hoist = ctx.deployment.objective != "memory"
+        keep_in_body = RANDOM_OPS | (frozenset() if ctx.deployment.targets_runtime("tract") else QUANTIZE_OPS)
         plans = {}
         for run in list(chosen):
-            plans[id(run)], why_not = plan_run(run, found.value_types, hoist)
+            plans[id(run)], why_not = plan_run(run, found.value_types, hoist, keep_in_body)
             if why_not:
                 result.notes.append(f"fold: the lookups of the run at '{run.nodes(0)[0].name}' stay in the loop body, "
                                     f"rebuilt at every iteration: {why_not}")
@@ -221,7 +238,7 @@ class _Plan:
     hoisted_values: int = 0
 
 
-def plan_run(run: BlockRun, types: dict, hoist: bool) -> tuple[_Plan, str | None]:
+def plan_run(run: BlockRun, types: dict, hoist: bool, keep_in_body: frozenset[str]) -> tuple[_Plan, str | None]:
     """The split of a run, and why nothing was hoisted when something could have been.
 
     With `hoist`, a per-block lookup runs once per block before the loop, its outputs are
@@ -229,7 +246,7 @@ def plan_run(run: BlockRun, types: dict, hoist: bool) -> tuple[_Plan, str | None
     (and OpenVINO, tract) fold all of it to one constant at load, so the loop body does no
     lookup per iteration. Without, the lookup nodes are part of the body and their packed
     inputs are stacked (weights stay compressed in memory; every iteration rebuilds them)."""
-    varies = _weight_computed(run)
+    varies = _weight_computed(run, keep_in_body)
     reason = None
     computed: list[WeightSlot] = []
     if varies and not hoist:
@@ -284,7 +301,7 @@ def _node_inputs(run: BlockRun):
         yield k, node, reads
 
 
-def _weight_computed(run: BlockRun) -> set[int]:
+def _weight_computed(run: BlockRun, keep_in_body: frozenset[str]) -> set[int]:
     """Template nodes computed from weights alone that depend on a per-block weight."""
     per_block = {id(s) for s in run.per_block_slots}
     inputs = list(_node_inputs(run))
@@ -294,7 +311,7 @@ def _weight_computed(run: BlockRun) -> set[int]:
     while changed:  # the aligned order need not be topological; a few sweeps settle it
         changed = False
         for k, node, reads in inputs:
-            if k in constant or not _may_precompute(node):
+            if k in constant or not _may_precompute(node, keep_in_body):
                 continue
             if all(slot is not None or source in constant for _, _, slot, source in reads):
                 constant.add(k)
@@ -305,11 +322,9 @@ def _weight_computed(run: BlockRun) -> set[int]:
     return varies
 
 
-def _may_precompute(node: onnx.NodeProto) -> bool:
-    """Whether a runtime folds this node once its inputs are constants. onnxruntime keeps
-    DequantizeLinear (for its QDQ fusions, MatMulNBits among them), so outside the loop it
-    would run on every call, once per block; random ops differ per call."""
-    if node.domain not in ("", "ai.onnx") or node.op_type in KEEP_IN_BODY_OPS:
+def _may_precompute(node: onnx.NodeProto, keep_in_body: frozenset[str]) -> bool:
+    """Whether a node computed from weights alone may run before the loop (see RANDOM_OPS)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type in keep_in_body:
         return False
     return not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
@@ -384,7 +399,8 @@ class _BatchedLookup:
     stacked indices, as it did with the lookup in the body, and runtimes fold one lookup per
     weight at load. Each op gets a leading block axis: element-wise ops as they are, Reshape
     a leading N in its shape, Slice and GatherElements their axes moved by one, Transpose its
-    perm shifted, Gather on axis 0 of a shared table its indices stacked. Any other op (or a
+    perm shifted, Gather on axis 0 its indices stacked (and GatherND over the block axis when
+    each block has its own table). Any other op (or a
     shape that is not a stored constant) makes `emit` return None, and the caller stacks the
     blocks' own outputs instead."""
 
@@ -444,6 +460,18 @@ class _BatchedLookup:
         self.tensors.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
         return name
 
+    def _as_nd_indices(self, indices: str, node: onnx.NodeProto) -> str:
+        """Gather's indices [N, ...] as GatherND's: int64, with a trailing axis of 1."""
+        names = self.model.names
+        wide, nd = names.fresh(f"{indices}.int64"), names.fresh(f"{indices}.nd")
+        self.emitted.append(helper.make_node("Cast", [indices], [wide], name=wide, to=TensorProto.INT64))
+        if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:
+            axes = self._int64s(f"{node.name or 'gather'}.last_axis", [-1])
+            self.emitted.append(helper.make_node("Unsqueeze", [wide, axes], [nd], name=nd))
+        else:
+            self.emitted.append(helper.make_node("Unsqueeze", [wide], [nd], name=nd, axes=[-1]))
+        return nd
+
     def _emit(self, k: int, node: onnx.NodeProto) -> bool:
         sources = [self._source(k, i, n) if n else ("", False) for i, n in enumerate(node.input)]
         inputs = [name for name, _ in sources]
@@ -475,8 +503,13 @@ class _BatchedLookup:
             attrs["axis"] = _shifted(attrs.get("axis", 0))
         elif op == "Gather":
             rank = self._rank(node.input[0])
-            if sources[0][1] or not sources[1][1] or rank is None or attrs.get("axis", 0) % rank != 0:
+            if not sources[1][1] or rank is None or attrs.get("axis", 0) % rank != 0:
                 return False
+            if sources[0][1]:  # each block its own table: GatherND over the block axis
+                if self.model.opset < GATHER_ND_BATCH_OPSET:
+                    return False
+                inputs[1] = self._as_nd_indices(inputs[1], node)
+                op, attrs = "GatherND", {"batch_dims": 1}
         elif op == "Transpose":
             rank = self._rank(node.input[0])
             if rank is None:

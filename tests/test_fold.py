@@ -510,3 +510,24 @@ def test_scan_body_reads_nothing_from_the_outer_scope(fixtures):
     assert all(name in defined for n in body.node for name in n.input if name)
     for value in list(body.input) + list(body.output):
         assert not any(d.dim_param for d in value.type.tensor_type.shape.dim), value.name
+
+
+def test_dequantize_stays_in_the_body_unless_tract_needs_constant_scales(fixtures, tmp_path):
+    """onnxruntime does not fold DequantizeLinear, so before the loop it would run at every
+    call anyway; tract needs its scales constant, so for tract it goes before the loop."""
+    model = build(fixtures, "transformer")
+    compressed = graphpass.run(model, "uniform(bits=4,lower=dequantize)", verify=False).model
+    for_ort = graphpass.run(compressed, "fold")
+    (body,) = loop_bodies(for_ort.model)
+    assert any(n.op_type == "DequantizeLinear" for n in body.node)
+    for_tract = graphpass.run(compressed, "fold", deployment=TRACT)
+    (body,) = loop_bodies(for_tract.model)
+    assert not any(n.op_type == "DequantizeLinear" for n in body.node)
+    feeds = token_feeds(model, 1, 9)
+    # Unfused: at its default level onnxruntime fuses a DequantizeLinear + MatMul (the output
+    # head's, in both models) into MatMulNBits, whose int8 activations move outputs by ~1e-2
+    # (OpenVINO's compressed-weight MatMul does the same to the head, so it is left out here).
+    unfused = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = run_ort(compressed, feeds, unfused)
+    for got in (run_ort(for_tract.model, feeds, unfused), run_tract(for_tract.model, feeds, tmp_path)):
+        assert float(np.abs(want[0] - got[0]).max()) <= 1e-4 * float(np.abs(want[0]).max())
