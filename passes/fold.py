@@ -479,6 +479,8 @@ class _BatchedLookup:
         op = node.op_type
         stacked_rank = max((self._rank(n) or 0) for n, (_, b) in zip(node.input, sources) if b)
         if op in ELEMENTWISE_OPS:
+            if len({self._rank(n) for n, (_, b) in zip(node.input, sources) if b}) != 1:
+                return False  # stacks of different ranks would broadcast block against block
             for name, (_, batched) in zip(node.input, sources):
                 if name and not batched and (self._rank(name) is None or self._rank(name) > stacked_rank):
                     return False  # would broadcast against the block axis
@@ -583,7 +585,10 @@ class _Rewrite:
             outside = {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
             self._read_shared_copy(run, plan)
         opsets = self.model.proto.opset_import
-        moved, renamed = self._move_into_body(run, plan, run.all_positions() - outside)
+        # Weights the outside nodes read stay in the main graph (the batched lookup reads the
+        # same names), so only what the body alone reads may move into it.
+        in_body = run.all_positions() - {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
+        moved, renamed = self._move_into_body(run, plan, in_body)
         builder = _BodyBuilder(run, plan.sliced, self.found.value_types, names, mode, stacked, transposed, opsets,
                                {t.name for t in moved}, renamed, self._outer_types(run, plan))
         body, captured = builder.build()
