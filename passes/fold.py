@@ -167,7 +167,8 @@ class FoldPass(Pass):
             reason = f"weights differ between blocks; stacking pays only for {MIN_STACKED_BLOCKS}+ blocks"
         elif any(c.dtype is None for c in run.carried):
             reason = "the type of a carried value is unknown (shape inference could not tell)"
-        elif any(i.name not in self._types for i in run.invariants):
+        elif mode == "scan" and any(i.name not in self._types for i in run.invariants):
+            # a Scan takes it as a state variable, which must declare its element type
             reason = "the type of a value every block reads is unknown (shape inference could not tell)"
         if reason:
             result.notes.append(f"fold: left the {where} unfolded: {reason}")
@@ -178,8 +179,8 @@ class FoldPass(Pass):
 
         Both slice a stacked weight per iteration; Scan hands out views of the stack where
         Gather copies, and it measured faster on BERT. A run of shared weights only is a Loop
-        (Scan needs a dummy scan input for its trip count), except when tract is a target: it
-        has no Loop. The choice is fixed rather than timed per model, so a run always writes
+        (a Scan takes its trip count from a scan input, see _scan_over_copies), except when
+        tract is a target: it has no Loop. The choice is fixed rather than timed per model, so a run always writes
         the same bytes."""
         if self.config["mode"] == "loop" or ctx.model.opset < SCAN_MIN_OPSET:
             return "loop"
@@ -239,13 +240,13 @@ class _Plan:
 
 
 def plan_run(run: BlockRun, types: dict, hoist: bool, keep_in_body: frozenset[str]) -> tuple[_Plan, str | None]:
-    """The split of a run, and why nothing was hoisted when something could have been.
+    """The split of a run, and why its lookups stay in the body when it has some.
 
-    With `hoist`, a per-block lookup runs once per block before the loop, its outputs are
-    stacked with Unsqueeze and Concat, and the body slices the dense result: onnxruntime
-    (and OpenVINO, tract) fold all of it to one constant at load, so the loop body does no
-    lookup per iteration. Without, the lookup nodes are part of the body and their packed
-    inputs are stacked (weights stay compressed in memory; every iteration rebuilds them)."""
+    With `hoist`, the lookups (nodes computed from weights alone that depend on a per-block
+    weight) run before the loop and the body slices their dense results, which runtimes
+    fold to constants at load. Without, or when a looked-up value's type or shape is
+    unknown, the lookup nodes are part of the body and their packed inputs are stacked:
+    weights stay compressed in memory, and every iteration rebuilds them."""
     varies = _weight_computed(run, keep_in_body)
     reason = None
     computed: list[WeightSlot] = []
@@ -381,7 +382,6 @@ def _with_weight_inputs(run: BlockRun, varies: set[int]) -> set[int]:
     return found
 
 
-
 # -- one lookup over the stacked inputs -------------------------------------------------------
 
 # Ops that act element by element: with a leading block axis on some inputs, each block still
@@ -400,9 +400,8 @@ class _BatchedLookup:
     weight at load. Each op gets a leading block axis: element-wise ops as they are, Reshape
     a leading N in its shape, Slice and GatherElements their axes moved by one, Transpose its
     perm shifted, Gather on axis 0 its indices stacked (and GatherND over the block axis when
-    each block has its own table). Any other op (or a
-    shape that is not a stored constant) makes `emit` return None, and the caller stacks the
-    blocks' own outputs instead."""
+    each block has its own table). Any other op (or a shape that is not a stored constant)
+    makes `emit` return None, and the caller stacks the blocks' own outputs instead."""
 
     def __init__(self, rewrite: _Rewrite, run: BlockRun, plan: _Plan):
         self.rewrite, self.run, self.plan = rewrite, run, plan
@@ -428,6 +427,8 @@ class _BatchedLookup:
         while pending:
             ready = [k for k in pending if all(self.producer.get(n) not in pending or self.producer[n] == k
                                                for n in self.nodes[k].input)]
+            if not ready:
+                raise RuntimeError("fold: the lookup nodes of a block form a cycle")
             done += ready
             pending = [k for k in pending if k not in ready]
         return done
