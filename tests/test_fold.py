@@ -531,3 +531,14 @@ def test_dequantize_stays_in_the_body_unless_tract_needs_constant_scales(fixture
     want = run_ort(compressed, feeds, unfused)
     for got in (run_ort(for_tract.model, feeds, unfused), run_tract(for_tract.model, feeds, tmp_path)):
         assert float(np.abs(want[0] - got[0]).max()) <= 1e-4 * float(np.abs(want[0]).max())
+
+
+def test_loop_mode_also_slices_looked_up_weights(fixtures):
+    model = build(fixtures, "transformer")
+    compressed = graphpass.run(model, "kmeans(bits=4)", verify=False).model
+    result = graphpass.run(compressed, "fold(mode=loop)")
+    assert result.passed and ops(result.model).count("Loop") == 1
+    (body,) = loop_bodies(result.model)
+    assert "GatherElements" not in [n.op_type for n in body.node]
+    assert sum(n.op_type == "Gather" for n in body.node) == 16  # one slice per stacked weight, as before
+    assert_same_outputs(compressed, result.model, token_feeds(model, 2, 8))
