@@ -69,30 +69,10 @@ PIPELINES = {
     "tie,kmeans,fold": Budget(min_cosine=0.8),
     "tie,kmeans(bits=6),fold": Budget(min_cosine=0.9),
 }
-# Cases that cannot pass until another part of graphpass changes; strict, so that each one
-# is flipped as soon as the fix lands.
-FOLD_SCAN_OUTER_SCOPE = ("fold's Scan fix: OpenVINO rejects a Scan body that reads outer-scope values, and tract "
-                         "a Scan body that declares symbolic dims")
-FOLD_SCAN_SYMBOLIC_DIMS = "fold's Scan fix: tract rejects a Scan body that declares symbolic dims"
-# OpenVINO's CPU plugin runs int32 Div/Mod in float32 when they are not constant-folded: base-64
-# digits packed five to an int32 (6-bit indices below opset 21) unpack wrong once fold moves
-# the lookup into a Scan body (cosine 0.60 in openvino, 0.99 in onnxruntime, on ppocr_det).
-INEXACT_DIGITS_IN_OPENVINO = ("digit packing that OpenVINO unpacks exactly (words below 2**24 when openvino is a "
-                              "target), besides " + FOLD_SCAN_SYMBOLIC_DIMS)
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("paraphrase_minilm_l3", "tie,kmeans,fold"): FOLD_SCAN_OUTER_SCOPE,
-    ("paraphrase_minilm_l3", "tie,kmeans(bits=6),fold"): FOLD_SCAN_OUTER_SCOPE,
-    ("ppocr_det", "tie,kmeans,fold"): FOLD_SCAN_SYMBOLIC_DIMS,
-    ("ppocr_det", "tie,kmeans(bits=6),fold"): INEXACT_DIGITS_IN_OPENVINO,
-}
-
-
 def matrix():
     for name in MODELS:
         for spec in PIPELINES:
-            reason = KNOWN_FAILURES.get((name, spec))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(name, spec, id=f"{name}-{spec}", marks=marks)
+            yield pytest.param(name, spec, id=f"{name}-{spec}")
 
 
 @pytest.mark.parametrize("name,spec", list(matrix()))
