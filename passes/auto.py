@@ -283,7 +283,7 @@ class AutoPass(Pass):
     lossless = False
     options = (
         Option("methods", str, "", "|-separated codecs to choose from (kmeans, codebook, uniform, ...); "
-               "empty: kmeans|codebook"),
+               "empty: kmeans|codebook (under --objective memory: uniform on the kernels' bits and blocks)"),
         Option("bits", str, "2|3|4|5|6|8", "|-separated index bits per weight to try"),
         Option("granularities", str, "tensor|channel|group", "|-separated granularities to try (scalar codecs)"),
         Option("group_size", int, 128, "values per codebook with granularity group", low=2),
@@ -296,7 +296,8 @@ class AutoPass(Pass):
         budget = ctx.budget
         if budget is None or (budget.min_cosine is None and not budget.has_elementwise):
             raise UsageError("auto needs an error budget: give --min-cosine (e.g. 0.999) and/or --atol/--rtol")
-        if not candidate_settings(self.config, ctx.model):  # a bad `methods` is a usage error before any work
+        # A bad `methods` is a usage error before any work.
+        if not candidate_settings(self.config, ctx.model, ctx.deployment):
             raise UsageError("auto: no setting to try; check methods, bits and granularities")
 
     def call(self, ctx: PassContext) -> PassResult:
@@ -348,7 +349,7 @@ class AutoPass(Pass):
         return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
 
     def _measure(self, ctx: PassContext, weights: list[WeightRef], calibration: Calibration) -> list[Study]:
-        settings = candidate_settings(self.config, ctx.model)
+        settings = candidate_settings(self.config, ctx.model, ctx.deployment)
         studies = [Study(w) for w in weights]
         lock = threading.Lock()
         with ctx.progress("auto: measuring each weight's settings", len(weights) * len(settings)) as advance:
@@ -396,7 +397,7 @@ class AutoPass(Pass):
         rows = calibration.rows.get(weight.name)
         if rows is not None and setting.row_local(weight):
             subset, rows_weight = row_subset(ctx.model, weight, rows)
-            plan = setting.plan(PassContext(subset), rows_weight, None)
+            plan = setting.plan(PassContext(subset, deployment=ctx.deployment), rows_weight, None)
             if not isinstance(plan, str):  # else the whole weight decides (min_size, say)
                 values = calibration.probe.originals[weight.name].copy()
                 values[rows] = plan.reconstruction
