@@ -241,6 +241,14 @@ def test_uniform_under_the_file_objective_is_unchanged_by_default(tmp_path):
     assert "MatMulNBits" not in ops(onnx.load(target))
 
 
+def test_openvino_targets_get_no_table_whose_zero_points_end_in_padding():
+    weight = Model(embedding_model(50, 384)).weights()[0]
+    both = Deployment.parse("memory", "onnxruntime,openvino")
+    assert "OpenVINO" in kernel_lowering(weight, both, 4, 128)  # 3 blocks: 1.5 bytes of zero points
+    assert not isinstance(kernel_lowering(weight, ORT_ONLY, 4, 128), str)
+    assert not isinstance(kernel_lowering(weight, both, 8, 128), str)
+
+
 def test_openvino_runs_both_kernels_as_onnxruntime_does(tmp_path):
     ov = pytest.importorskip("openvino")
     out, plan = lowered(matmul_bias_model(64, 32), "W", 4, 32)
