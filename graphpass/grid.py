@@ -138,17 +138,17 @@ def is_codec(cls: type[Pass]) -> bool:
     return all(hasattr(cls, method) for method in ("plan", "expected_bytes", "effect_key", "row_local"))
 
 
-# --objective memory: what the compressed kernels take (MatMulNBits 2/4/8 bits,
-# GatherBlockQuantized 4/8; blocks a power of two >= 16), searched per weight by auto.
+# --objective memory: what the compressed kernels take and run fast (MatMulNBits 4 bits in
+# onnxruntime, GatherBlockQuantized 4/8; blocks a power of two >= 16), searched per weight by auto.
 MEMORY_METHODS = ("uniform",)
-MEMORY_BITS = (2, 4, 8)
+MEMORY_BITS = (4, 8)
 MEMORY_BLOCKS = (32, 64, 128)
 
 
 def kernel_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[dict[str, Any]]:
     """Affine block settings the memory objective lowers to compressed kernels: each of `bits`
     the kernels take, in blocks of 32, 64 and 128 (the chooser drops what a weight's kernel
-    cannot take, e.g. 2 bits for an embedding)."""
+    cannot take or runs slowly, e.g. 8-bit MatMulNBits in onnxruntime)."""
     bits = [b for b in _bits(config) if b in MEMORY_BITS]
     return [{"bits": b, "granularity": "group", "group_size": size, "lower": "kernel"}
             for b in bits for size in MEMORY_BLOCKS]

@@ -412,7 +412,8 @@ class UniformPass(BinningPass):
                "table; dequantize: DequantizeLinear (UINT4 blocked at opset >= 21, which onnxruntime fuses into "
                "MatMulNBits; its default accuracy level moves outputs by about 1e-2); kernel: what the targets keep "
                "compressed in memory (MatMulNBits, GatherBlockQuantized; granularity=group, group_size the "
-               "block, ranges fitted for the least activation-weighted error), else lookup with the reason",
+               "block, ranges fitted for the least activation-weighted error), else left as is with the reason "
+               "(auto under --objective memory: else a lookup, with the reason)",
                choices=("auto", "lookup", "dequantize", "kernel")),
     )
 
@@ -478,6 +479,8 @@ class UniformPass(BinningPass):
             if not isinstance(found, str):
                 return found
             reason = found
+        if self.config["lower"] == "kernel":
+            return reason  # asked for a kernel: no lookup in its place
         fallback = super().plan(ctx, weight)
         if isinstance(fallback, str):
             return f"{reason}; and as a lookup: {fallback}"

@@ -58,8 +58,17 @@ def kernel_lowering(weight: WeightRef, deployment: Deployment, bits: int, block_
         or found
 
 
+# onnxruntime 1.32's CPU MatMulNBits at accuracy_level 0 is fast at 4 bits only: on the 3-layer
+# BERT (batch 1 x 128, one thread) 4-bit ran at 1.1x the dense latency, 8-bit at 6x and 2-bit at
+# 13x (bench/bench_deploy.py). A weight kept compressed but six times slower is not a deployment.
+ORT_FAST_MATMUL_NBITS_BITS = (4,)
+
+
 def _target_limit(op: str, deployment: Deployment, bits: int, block_size: int, length: int) -> str | None:
     """Limits of one runtime's reading of a kernel, measured (tests/test_memory_objective.py)."""
+    if op == "MatMulNBits" and deployment.targets_runtime("onnxruntime") and bits not in ORT_FAST_MATMUL_NBITS_BITS:
+        return (f"onnxruntime's CPU MatMulNBits is fast at 4 bits only ({bits} bits measured several times "
+                "the dense latency)")
     blocks = -(-length // block_size)
     if op == "GatherBlockQuantized" and deployment.targets_runtime("openvino") and blocks * bits % 8:
         # OpenVINO 2026.4 fails to compile it when a row's packed zero points end in padding.
