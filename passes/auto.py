@@ -54,6 +54,7 @@ from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
 from graphpass.grid import Setting, candidate_settings
+from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
 from graphpass.scopes import all_value_and_node_names
@@ -320,6 +321,10 @@ class AutoPass(Pass):
         for study, point in zip(studies, picks):
             if point.kept:
                 result.skip(study.weight.name, _why_kept(study))
+        lookups = [s.weight.name for s, p in zip(studies, picks) if not p.kept and "lowering" not in p.plan.details]
+        if ctx.deployment.objective == "memory" and lookups:
+            shown = ", ".join(lookups[:3]) + (", ..." if len(lookups) > 3 else "")
+            result.notes.append(f"auto: {len(lookups)} weights stay lookups: {NON_AFFINE_NOTE} ({shown})")
         result.details = _details(ctx.budget, outputs, inputs, studies, best, rounds,
                                   {"measure": measured_at - started, "search": time.perf_counter() - measured_at})
         return result

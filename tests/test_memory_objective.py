@@ -22,6 +22,7 @@ from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan, kernel_lowering
 from graphpass.lowering.onnxruntime_contrib import pack_bits, unpack_bits
+from graphpass.verify import Budget
 
 ORT_ONLY = Deployment.parse("memory", "onnxruntime")
 LEVELS = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -307,3 +308,16 @@ def test_bert_under_memory_keeps_both_kernels_in_the_optimized_graph(tmp_path):
         feeds = {k: v[i:i + 1] for k, v in sentences.items()}
         want, got = reference.run(["461"], feeds)[0].ravel(), session.run(["461"], feeds)[0].ravel()
         assert np.dot(want, got) / np.linalg.norm(want) / np.linalg.norm(got) > 0.97
+
+
+def test_auto_under_memory_chooses_only_kernels_and_meets_its_budget(fixture_dir, tmp_path):
+    target = tmp_path / "auto.onnx"
+    result = graphpass.run(fixture_dir / "transformer_untied.onnx", "auto", output=target,
+                           budget=Budget(min_cosine=0.99), deployment=ORT_ONLY)
+    assert result.report["verify"]["passed"]
+    auto = next(p for p in result.report["passes"] if p["name"] == "auto")
+    chosen = [t for t in auto["details"]["tensors"] if t["setting"] != "kept as is"]
+    assert chosen and all("lower=kernel" in t["setting"] for t in chosen)
+    assert all(t["plan"]["packing"].startswith(("MatMulNBits/4bit", "GatherBlockQuantized/")) for t in chosen)
+    kernels = [n.op_type for n in onnx.load(target).graph.node if n.domain == "com.microsoft"]
+    assert len(kernels) >= len(chosen)  # one kernel per reader: a weight may have several
