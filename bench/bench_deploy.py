@@ -290,6 +290,10 @@ def main(argv=None) -> int:
     spec = "uniform(bits=4,granularity=group,group_size=32)"
     rows.append((f"{spec} --objective memory", uniform_path,
                  graphpass_row(source, uniform_path, spec, calibration, None, targets)))
+    gptq_path = folder / "uniform4_b32_gptq_memory.onnx"
+    gptq = "uniform(bits=4,granularity=group,group_size=32,gptq=true)"
+    rows.append((f"{gptq} --objective memory", gptq_path, graphpass_row(source, gptq_path, gptq, calibration, None,
+                                                                         targets)))
     same_path = folder / "uniform4_b32_matmul_only.onnx"
     same = "uniform(bits=4,granularity=group,group_size=32,exclude=Gather)"
     rows.append((f"{same} --objective memory", same_path, graphpass_row(source, same_path, same, calibration, None, targets)))

@@ -130,3 +130,52 @@ def weighted_error(rows: np.ndarray, fitted: BlockQuantized, importance: np.ndar
     """Sum of importance-weighted squared errors of a fit (for comparisons and reports)."""
     diff = np.square(fitted.dequantized(np.float64) - np.asarray(rows, np.float64))
     return float(np.sum(diff if importance is None else diff * np.broadcast_to(importance, diff.shape)))
+
+
+# GPTQ's damping: this share of the mean diagonal keeps the inverse Hessian well conditioned.
+GPTQ_DAMPING = 0.01
+
+
+def quantize_blocks_gptq(rows: np.ndarray, bits: int, block_size: int, hessian: np.ndarray) -> BlockQuantized:
+    """GPTQ-style error feedback (Frantar et al., 2022) on the same block format.
+
+    `rows` [N, K] are the weight's output rows, `hessian` [K, K] the second moment of the
+    activations along K. Columns are rounded in order; each column's rounding error, scaled by
+    the inverse Hessian's Cholesky factor, is pushed onto the columns not yet rounded, so that the
+    layer's output error X (W - W_q) rather than the weight error is what stays small. Each
+    block's range is fitted (clip search, weighted by the Hessian's diagonal) on the columns as
+    updated when the block is reached."""
+    rows = np.asarray(rows, dtype=np.float64)
+    count, length = rows.shape
+    blocks = -(-length // block_size)
+    padded_length = blocks * block_size
+    work = np.zeros((count, padded_length))
+    work[:, :length] = rows
+    h = np.eye(padded_length)
+    h[:length, :length] = hessian
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    h[np.diag_indices_from(h)] += GPTQ_DAMPING * float(np.mean(np.diag(h)))
+    inverse = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
+    top = float(2**bits - 1)
+    q = np.zeros((count, blocks, block_size), dtype=np.uint8)
+    scales = np.zeros((count, blocks), dtype=np.float32)
+    zeros = np.zeros((count, blocks), dtype=np.uint8)
+    importance = np.diag(h)
+    for b in range(blocks):
+        start, stop = b * block_size, (b + 1) * block_size
+        fitted = quantize_blocks(work[:, start:stop], bits, block_size, importance[start:stop][None, :])
+        scale, zero = fitted.scale[:, 0].astype(np.float64), fitted.zero_point[:, 0].astype(np.float64)
+        errors = np.zeros((count, block_size))
+        for j in range(block_size):
+            column = work[:, start + j]
+            level = np.clip(np.rint(column / scale) + zero, 0, top)
+            rounded = (level - zero) * scale
+            error = (column - rounded) / inverse[start + j, start + j]
+            work[:, start + j:stop] -= np.outer(error, inverse[start + j, start + j:stop])
+            errors[:, j] = error
+            q[:, b, j] = level
+        work[:, stop:] -= errors @ inverse[start:stop, stop:]
+        scales[:, b], zeros[:, b] = fitted.scale[:, 0], fitted.zero_point[:, 0]
+    return BlockQuantized(q, scales, zeros, bits, block_size, length)

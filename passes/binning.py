@@ -44,9 +44,10 @@ from graphpass.codec import (
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
+from graphpass.errors import UsageError
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
-from graphpass.sensitivity import input_channel_energy
+from graphpass.sensitivity import input_channel_energy, input_covariance
 from graphpass.weights import Replacement, WeightRef
 
 # Fitting is numpy work that releases the GIL for long stretches: two threads use both cores.
@@ -116,7 +117,7 @@ class BinningPass(Pass):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.options = tuple(cls.method_options) + COMMON_OPTIONS
+        cls.options = tuple(cls.method_options) + COMMON_OPTIONS + tuple(getattr(cls, "options_after", ()))
 
     def fit_groups(self, values: np.ndarray) -> tuple[binning.Binning, dict[str, Any]]:
         """Codebook per row of `values` [groups, n]; extra figures for the report."""
@@ -408,17 +409,22 @@ class UniformPass(BinningPass):
     method_options = (
         _BITS,
         Option("symmetric", bool, False, "a grid symmetric around zero"),
-        Option("lower", str, "auto", "auto: lookup, or kernel under --objective memory; lookup: GatherElements "
-               "table; dequantize: DequantizeLinear (UINT4 blocked at opset >= 21, which onnxruntime fuses into "
-               "MatMulNBits; its default accuracy level moves outputs by about 1e-2); kernel: what the targets keep "
-               "compressed in memory (MatMulNBits, GatherBlockQuantized; granularity=group, group_size the "
-               "block, ranges fitted for the least activation-weighted error), else left as is with the reason "
-               "(auto under --objective memory: else a lookup, with the reason)",
+        Option("lower", str, "auto", "lookup: GatherElements table; dequantize: DequantizeLinear (UINT4 blocked "
+               "at opset >= 21, which onnxruntime fuses into MatMulNBits; its default accuracy level moves outputs "
+               "by about 1e-2); kernel: what the targets keep compressed in memory (MatMulNBits, "
+               "GatherBlockQuantized; granularity=group, group_size the block, ranges fitted for the least "
+               "activation-weighted error), a weight no kernel reads left as is with the reason; auto: lookup, "
+               "or under --objective memory kernel with a lookup (and the reason) where no kernel reads the weight",
                choices=("auto", "lookup", "dequantize", "kernel")),
     )
 
     # Kernel plans weight each value's error by its activation energy when auto gives one.
     supports_value_weight = True
+    options_after = (
+        Option("gptq", bool, False, "lower=kernel: GPTQ error feedback on MatMul weights with the second moment "
+               "of their inputs on the calibration inputs (--inputs): lowers the layer's output error rather "
+               "than the weight's"),
+    )
 
     def call(self, ctx: PassContext) -> PassResult:
         if not self._lowers_to_kernel(ctx):
@@ -433,12 +439,13 @@ class UniformPass(BinningPass):
             else:
                 keys.append((weight.scope.path, weight.name))
         energy = self._activation_energy(ctx, keys)
+        hessians = self._input_covariance(ctx, keys)
         tensors, deferred = [], []
         with ctx.progress(f"{self.name}: block-quantizing weights", len(keys)) as advance:
             # Kernels first: a bias they fold in must still be a plain initializer then; the
             # fallbacks after (a folded bias is read by MatMulNBits by then, and stays).
             for key in keys:
-                plan = self._fresh_plan(ctx, weight_filter, key, energy)
+                plan = self._fresh_plan(ctx, weight_filter, key, energy, hessians)
                 if isinstance(plan, Plan) and "lowering" in plan.details:
                     plan.apply()
                     tensors.append(plan.details)
@@ -446,7 +453,7 @@ class UniformPass(BinningPass):
                 else:
                     deferred.append(key)
             for key in deferred:
-                plan = self._fresh_plan(ctx, weight_filter, key, energy)
+                plan = self._fresh_plan(ctx, weight_filter, key, energy, hessians)
                 if isinstance(plan, str):
                     result.skip(key[1], plan)
                 else:
@@ -461,21 +468,24 @@ class UniformPass(BinningPass):
         result.notes.extend(_kernel_notes(self.name, tensors))
         return result
 
-    def _fresh_plan(self, ctx: PassContext, weight_filter: WeightFilter, key, energy) -> Plan | str:
+    def _fresh_plan(self, ctx: PassContext, weight_filter: WeightFilter, key, energy, hessians) -> Plan | str:
         """The plan for a weight found afresh: taking over readers makes earlier handles stale."""
         weight = {(w.scope.path, w.name): w for w in ctx.model.weights()}.get(key)
         if weight is None:
             return "replaced by an earlier kernel"
-        return weight_filter.reason_to_skip(weight) or self.plan(ctx, weight, value_weight=energy.get(key[1]))
+        return weight_filter.reason_to_skip(weight) or self.plan(ctx, weight, value_weight=energy.get(key[1]),
+                                                                 hessian=hessians.get(key[1]))
 
-    def plan(self, ctx: PassContext, weight: WeightRef, *, value_weight: np.ndarray | None = None) -> Plan | str:
+    def plan(self, ctx: PassContext, weight: WeightRef, *, value_weight: np.ndarray | None = None,
+             hessian: np.ndarray | None = None) -> Plan | str:
         """Under the kernel lowering, the chooser's plan; a weight no kernel of the run's targets
         can read falls back to the lookup, and its plan says why (details.memory)."""
         if not self._lowers_to_kernel(ctx):
             return super().plan(ctx, weight, value_weight=value_weight)
         reason = self._kernel_reason(weight)
         if reason is None:
-            found = compressed_plan(weight, ctx.deployment, self.config["bits"], self.config["group_size"], value_weight)
+            found = compressed_plan(weight, ctx.deployment, self.config["bits"], self.config["group_size"], value_weight,
+                                    hessian=hessian)
             if not isinstance(found, str):
                 return found
             reason = found
@@ -511,6 +521,15 @@ class UniformPass(BinningPass):
         weights = [w for w in ctx.model.weights() if w.name in names]
         energy = input_channel_energy(ctx.model, weights, ctx.calibration_inputs)
         return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
+
+    def _input_covariance(self, ctx: PassContext, keys) -> dict[str, np.ndarray]:
+        """With gptq: the second moment of each MatMul weight's inputs on the calibration inputs."""
+        if not self.config["gptq"]:
+            return {}
+        if not ctx.calibration_inputs:
+            raise UsageError("uniform(gptq=true) needs calibration inputs: give --inputs")
+        names = {name for _, name in keys}
+        return input_covariance(ctx.model, [w for w in ctx.model.weights() if w.name in names], ctx.calibration_inputs)
 
     def fit_weighted(self, values, sample_weight):
         return self.fit_groups(values)  # the lookup's even grid ignores weights; kernel plans use them

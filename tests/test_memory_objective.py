@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphpass
-from graphpass.affine import quantize_blocks, weighted_error
+from graphpass.affine import quantize_blocks, quantize_blocks_gptq, weighted_error
 from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan, kernel_lowering
@@ -103,6 +103,17 @@ def test_clip_search_beats_min_max_ranges_and_weighs_loud_channels():
     aware = quantize_blocks(rows, 4, 32, loud)
     assert weighted_error(rows, aware, loud) <= weighted_error(rows, searched, loud)
     assert searched.q.max() <= 15 and searched.zero_point.max() <= 15
+
+
+def test_gptq_error_feedback_lowers_the_layer_output_error_on_correlated_inputs():
+    rng = np.random.default_rng(9)
+    mixing = rng.standard_normal((128, 128)) / np.sqrt(128) + np.eye(128)
+    x = rng.standard_normal((2048, 128)) @ mixing  # correlated input channels, as real activations are
+    w = rng.standard_normal((128, 64))  # [K, N]
+    hessian = x.T @ x / len(x)
+    rounded = quantize_blocks(w.T, 4, 32).dequantized(np.float64).T
+    fed_back = quantize_blocks_gptq(w.T, 4, 32, hessian).dequantized(np.float64).T
+    assert np.sum((x @ (w - fed_back)) ** 2) < 0.8 * np.sum((x @ (w - rounded)) ** 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +246,17 @@ def test_uniform_asked_for_kernels_leaves_a_weight_without_one_as_it_is(tmp_path
     (stats,) = result.report["passes"]
     assert stats["tensors_changed"] == 0
     assert any(s["weight"] == "W" and "fast at 4 bits only" in s["reason"] for s in stats["skipped"])
+
+
+def test_uniform_gptq_lowers_kernels_that_match_their_plan(tmp_path):
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(matmul_bias_model(128, 32), source)
+    a = np.random.default_rng(10).standard_normal((16, 7, 128)).astype(np.float32)
+    result = graphpass.run(source, "uniform(bits=4,granularity=group,group_size=32,gptq=true)", output=target,
+                           inputs={"A": a}, deployment=ORT_ONLY)
+    (stats,) = result.report["passes"]
+    assert stats["details"]["tensors"][0]["fit"] == "gptq"
+    assert ops(onnx.load(target)) == ["MatMulNBits"] and result.report["verify"]["passed"]
 
 
 def test_kmeans_under_memory_runs_as_before_and_says_it_is_rebuilt_dense(tmp_path):

@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 from onnx import helper
 
-from graphpass.affine import quantize_blocks
+from graphpass.affine import quantize_blocks, quantize_blocks_gptq
 from graphpass.codec import Plan
 from graphpass.deployment import Deployment
 from graphpass.lowering.onnxruntime_contrib import (
@@ -77,11 +77,13 @@ def _target_limit(op: str, deployment: Deployment, bits: int, block_size: int, l
 
 
 def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_size: int,
-                    importance: np.ndarray | None = None, *, search: bool = True) -> Plan | str:
+                    importance: np.ndarray | None = None, *, search: bool = True,
+                    hessian: np.ndarray | None = None) -> Plan | str:
     """A plan whose nodes keep the weight block-quantized in memory, or the reason there is none.
 
     `importance` (broadcastable to the weight) weights each value's squared error in the fit;
-    `search=False` fits plain min/max ranges. The reconstruction is exactly the kernel's
+    `search=False` fits plain min/max ranges. `hessian` [K, K] (the second moment of a MatMul
+    weight's input activations) turns on GPTQ-style error feedback. The reconstruction is exactly the kernel's
     dequantized weight; the kernel's matmul may round differently from a MatMul on it."""
     lowering = kernel_lowering(weight, deployment, bits, block_size)
     if isinstance(lowering, str):
@@ -93,7 +95,10 @@ def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_
     weights_of_rows = None
     if importance is not None:
         weights_of_rows = lowering.rows(np.broadcast_to(np.asarray(importance, np.float32), weight.shape))
-    fitted = quantize_blocks(rows, bits, block_size, weights_of_rows, search=search)
+    if hessian is not None and isinstance(lowering, MatMulNBitsLowering):
+        fitted = quantize_blocks_gptq(rows, bits, block_size, hessian)
+    else:
+        fitted = quantize_blocks(rows, bits, block_size, weights_of_rows, search=search)
     weight_type = np.dtype(helper.tensor_dtype_to_np_dtype(weight.dtype))
     reconstruction = lowering.from_rows(fitted.dequantized()).astype(weight_type)
     stored = lowering.stored_bytes(fitted, weight_type.itemsize)
@@ -120,5 +125,6 @@ def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_
         "bits_per_weight": round(8.0 * stored / weight.size, 3),
         "sqnr_db": None if error == 0 else round(float(10 * np.log10(signal / error)), 2) if signal > 0 else None,
         "packing": f"{lowering.op}/{bits}bit/block{block_size}",
+        "fit": "gptq" if hessian is not None and isinstance(lowering, MatMulNBitsLowering) else "clip search",
     }
     return Plan(weight, reconstruction, stored, emit, details)
