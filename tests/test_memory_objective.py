@@ -343,3 +343,21 @@ def test_auto_under_memory_chooses_only_kernels_and_meets_its_budget(fixture_dir
     assert all(t["plan"]["packing"].startswith(("MatMulNBits/4bit", "GatherBlockQuantized/")) for t in chosen)
     kernels = [n.op_type for n in onnx.load(target).graph.node if n.domain == "com.microsoft"]
     assert len(kernels) >= len(chosen)  # one kernel per reader: a weight may have several
+
+
+def test_cli_objective_memory_with_any_target_says_which_runtime_has_no_kernel(tmp_path):
+    from click.testing import CliRunner
+
+    from graphpass.cli import main
+
+    source = tmp_path / "in.onnx"
+    onnx.save(matmul_bias_model(64, 32), source)
+    spec = "uniform(bits=4,granularity=group,group_size=32)"
+    for target, kernel in (("onnxruntime", True), ("onnxruntime,openvino", True), ("any", False)):
+        out = tmp_path / f"{target}.onnx"
+        ran = CliRunner().invoke(main, ["run", str(source), "--passes", spec, "--objective", "memory", "--target",
+                                        target, "-o", str(out)])
+        assert ran.exit_code == 0, ran.output
+        assert ("MatMulNBits" in ops(onnx.load(out))) == kernel
+        if not kernel:
+            assert "tract cannot run MatMulNBits" in ran.output
