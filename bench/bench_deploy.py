@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-auto", action="store_true")
     parser.add_argument("--openvino", action="store_true",
                         help="target onnxruntime and OpenVINO, and also measure OpenVINO's session memory per row")
-    parser.add_argument("--min-cosine", type=float, nargs="+", default=[0.99, 0.995],
+    parser.add_argument("--min-cosine", type=float, nargs="+", default=[0.99, 0.993, 0.995],
                         help="auto's budgets (verify's cosine over all calibration sentences at once)")
     parser.add_argument("--keep", type=Path, help="keep the models in this folder")
     args = parser.parse_args(argv)
