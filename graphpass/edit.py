@@ -151,7 +151,8 @@ class Model:
         positions = [i for i, node in enumerate(body.node) if node.output and node.output[0] in removed]
         if len(positions) != len(removed):
             raise ValueError(f"nodes to take over not found in {scope.path}: {sorted(removed)}")
-        still_read = [n.op_type for n in iter_nodes(body) if weight.name in n.input and n.output[0] not in removed]
+        still_read = [n.op_type for n in iter_nodes(body)
+                      if weight.name in n.input and not (n.output and n.output[0] in removed)]
         if still_read:
             raise ValueError(f"'{weight.name}' is still read by {', '.join(still_read)} after taking over its readers")
         for index in reversed(positions):

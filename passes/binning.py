@@ -544,7 +544,7 @@ class UniformPass(BinningPass):
         if self.config["lower"] == "kernel":
             bits, block = self.config["bits"], self.config["group_size"]
             blocks = -(-weight.size // block)
-            return (weight.size * bits + 7) // 8 + blocks * (lookup.np_dtype(weight.dtype).itemsize + bits / 8)
+            return (weight.size * bits + 7) // 8 + blocks * lookup.np_dtype(weight.dtype).itemsize + (blocks * bits + 7) // 8
         if self.config["lower"] == "dequantize" and lookup.dequantize_supported(layout, opset):
             top_level = np.array([2 ** self.config["bits"] - 1])
             bits = 4 if lookup.dequantize_packing(top_level, opset, ir_version) == "uint4" else 8

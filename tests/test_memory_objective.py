@@ -361,3 +361,19 @@ def test_cli_objective_memory_with_any_target_says_which_runtime_has_no_kernel(t
         assert ("MatMulNBits" in ops(onnx.load(out))) == kernel
         if not kernel:
             assert "tract cannot run MatMulNBits" in ran.output
+
+
+def test_a_float16_matmul_keeps_float16_scales_and_matches_its_plan():
+    proto = matmul_bias_model(64, 32)
+    for tensor in proto.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    proto.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    proto.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    out, plan = lowered(proto, "W", 4, 32)
+    scales = next(t for t in out.graph.initializer if t.name.endswith("lut_scale"))
+    assert scales.data_type == TensorProto.FLOAT16
+    a = np.random.default_rng(11).standard_normal((2, 7, 64)).astype(np.float16)
+    bias = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "bias"))
+    expected = a.astype(np.float32) @ plan.reconstruction.astype(np.float32) + bias
+    for got in run_all_levels(out, {"A": a}):
+        np.testing.assert_allclose(got.astype(np.float32), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())

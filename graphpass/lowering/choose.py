@@ -100,6 +100,7 @@ def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_
     else:
         fitted = quantize_blocks(rows, bits, block_size, weights_of_rows, search=search)
     weight_type = np.dtype(helper.tensor_dtype_to_np_dtype(weight.dtype))
+    fitted.scale = fitted.scale.astype(weight_type).astype(np.float32)  # scales are stored in the weight's type
     reconstruction = lowering.from_rows(fitted.dequantized()).astype(weight_type)
     stored = lowering.stored_bytes(fitted, weight_type.itemsize)
 
