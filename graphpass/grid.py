@@ -41,10 +41,16 @@ class Setting:
         """The setting as a pass spec, e.g. kmeans(bits=3,granularity=channel)."""
         return f"{self.method}({','.join(f'{k}={v}' for k, v in self.options)})"
 
-    def plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None) -> Plan | str:
+    def plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None,
+             hessian: np.ndarray | None = None) -> Plan | str:
+        """`value_weight` and `hessian` (the weight's input second moment) reach codecs that
+        declare they use them (`supports_value_weight`, `supports_hessian`)."""
+        extra = {}
         if value_weight is not None and getattr(self.codec, "supports_value_weight", False):
-            return self.codec.plan(ctx, weight, value_weight=value_weight)
-        return self.codec.plan(ctx, weight)
+            extra["value_weight"] = value_weight
+        if hessian is not None and getattr(self.codec, "supports_hessian", False) and self.codec.config.get("gptq"):
+            extra["hessian"] = hessian
+        return self.codec.plan(ctx, weight, **extra)
 
     def expected_bytes(self, weight: WeightRef, model: Model) -> int:
         return self.codec.expected_bytes(weight, model)
@@ -150,7 +156,8 @@ def kernel_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[d
     the kernels take, in blocks of 32, 64 and 128 (the chooser drops what a weight's kernel
     cannot take or runs slowly, e.g. 8-bit MatMulNBits in onnxruntime)."""
     bits = [b for b in _bits(config) if b in MEMORY_BITS]
-    return [{"bits": b, "granularity": "group", "group_size": size, "lower": "kernel"}
+    gptq = {"gptq": True} if config.get("gptq") else {}
+    return [{"bits": b, "granularity": "group", "group_size": size, "lower": "kernel", **gptq}
             for b in bits for size in MEMORY_BLOCKS]
 
 

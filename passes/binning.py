@@ -418,8 +418,10 @@ class UniformPass(BinningPass):
                choices=("auto", "lookup", "dequantize", "kernel")),
     )
 
-    # Kernel plans weight each value's error by its activation energy when auto gives one.
+    # Kernel plans weight each value's error by its activation energy, and with gptq use the
+    # input second moment, when auto gives them.
     supports_value_weight = True
+    supports_hessian = True
     options_after = (
         Option("gptq", bool, False, "lower=kernel: GPTQ error feedback on MatMul weights with the second moment "
                "of their inputs on the calibration inputs (--inputs): lowers the layer's output error rather "
