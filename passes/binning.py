@@ -408,7 +408,7 @@ class UniformPass(BinningPass):
     summary = "evenly spaced codebook per tensor, channel or group; may lower to DequantizeLinear"
     method_options = (
         _BITS,
-        Option("symmetric", bool, False, "a grid symmetric around zero"),
+        Option("symmetric", bool, False, "a grid symmetric around zero (lookups; kernels fit a zero point per block)"),
         Option("lower", str, "auto", "lookup: GatherElements table; dequantize: DequantizeLinear (UINT4 blocked "
                "at opset >= 21, which onnxruntime fuses into MatMulNBits; its default accuracy level moves outputs "
                "by about 1e-2); kernel: what the targets keep compressed in memory (MatMulNBits, "
