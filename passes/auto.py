@@ -40,6 +40,7 @@ import math
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -315,7 +316,9 @@ class AutoPass(Pass):
         calibration = self._calibrate(ctx, weights, inputs, outputs) if weights else None
         studies = self._measure(ctx, weights, calibration) if weights else []
         if not any(not p.kept for s in studies for p in s.points):
-            result.notes.append("no weight could be compressed: nothing changed")
+            reasons = Counter(reason for s in studies for _, reason in s.unplanned)
+            why = f" (most often: {reasons.most_common(1)[0][0]})" if reasons else ""
+            result.notes.append(f"no weight could be compressed{why}: nothing changed")
             return result
         measured_at = time.perf_counter()
         best, rounds = self._search(ctx, studies, inputs, outputs, calibration)

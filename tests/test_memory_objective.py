@@ -377,3 +377,11 @@ def test_a_float16_matmul_keeps_float16_scales_and_matches_its_plan():
     expected = a.astype(np.float32) @ plan.reconstruction.astype(np.float32) + bias
     for got in run_all_levels(out, {"A": a}):
         np.testing.assert_allclose(got.astype(np.float32), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+
+
+def test_auto_under_memory_for_every_runtime_keeps_weights_and_names_tract(fixture_dir, tmp_path):
+    result = graphpass.run(fixture_dir / "mlp.onnx", "auto", output=tmp_path / "auto.onnx",
+                           budget=Budget(min_cosine=0.99), deployment=Deployment.parse("memory", "any"))
+    auto = next(p for p in result.report["passes"] if p["name"] == "auto")
+    assert auto["tensors_changed"] == 0
+    assert any("no weight could be compressed" in note and "tract cannot run" in note for note in auto["notes"])
