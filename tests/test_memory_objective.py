@@ -7,6 +7,7 @@ are checked by what the kernel computes, not by how the graph looks.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -385,3 +386,14 @@ def test_auto_under_memory_for_every_runtime_keeps_weights_and_names_tract(fixtu
     auto = next(p for p in result.report["passes"] if p["name"] == "auto")
     assert auto["tensors_changed"] == 0
     assert any("no weight could be compressed" in note and "tract cannot run" in note for note in auto["notes"])
+
+
+def test_the_ort_format_keeps_the_kernels_packed(tmp_path):
+    out, _ = lowered(matmul_bias_model(1024, 1024), "W", 4, 32)
+    table, _ = lowered(embedding_model(4096, 256), "E", 4, 32)
+    for name, proto in (("matmul", out), ("table", table)):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(proto, path)
+        subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(path)], check=True,
+                       capture_output=True)
+        assert path.with_suffix(".ort").stat().st_size < 1.15 * path.stat().st_size  # not folded to dense
