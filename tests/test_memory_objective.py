@@ -397,3 +397,15 @@ def test_the_ort_format_keeps_the_kernels_packed(tmp_path):
         subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(path)], check=True,
                        capture_output=True)
         assert path.with_suffix(".ort").stat().st_size < 1.15 * path.stat().st_size  # not folded to dense
+
+
+def test_a_table_also_read_as_a_tied_output_head_has_no_kernel_and_says_so():
+    rng = np.random.default_rng(12)
+    table = numpy_helper.from_array(rng.standard_normal((256, 64)).astype(np.float32), "E")
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], axis=0),
+             helper.make_node("Transpose", ["E"], ["Et"]),
+             helper.make_node("MatMul", ["x", "Et"], ["Y"])]
+    proto = _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [table])
+    reason = kernel_lowering(Model(proto).weights()[0], ORT_ONLY, 4, 32)
+    assert "Gather and Transpose" in reason

@@ -45,6 +45,8 @@ def kernel_lowering(weight: WeightRef, deployment: Deployment, bits: int, block_
     if not weight.consumers:
         return "nothing reads it"
     readers = weight.consumer_ops
+    if len(readers) > 1:
+        return f"no compressed kernel: read by {' and '.join(sorted(readers))}, and no one kernel serves both"
     found = gather_lowering(weight) if readers == {"Gather"} else matmul_lowering(weight)
     if isinstance(found, str):
         return f"no compressed kernel: {found}"
