@@ -500,8 +500,11 @@ class UniformPass(BinningPass):
         return fallback
 
     def memory_note(self) -> str:
-        return (f"lower={self.config['lower']} is rebuilt dense at load by onnxruntime; lower=kernel keeps "
-                "weights compressed")
+        if self.config["lower"] == "dequantize":
+            return ("lower=dequantize stays compressed in onnxruntime only as blocked UINT4 DequantizeLinear + MatMul "
+                    "(opset >= 21, fused into MatMulNBits) and is rebuilt dense at load otherwise; lower=kernel keeps "
+                    "weights compressed at any opset")
+        return f"lower={self.config['lower']} is rebuilt dense at load by onnxruntime; lower=kernel keeps weights compressed"
 
     def _lowers_to_kernel(self, ctx: PassContext) -> bool:
         lower = self.config["lower"]
