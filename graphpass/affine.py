@@ -1,10 +1,10 @@
 """Block-wise affine quantization fitted for the least (importance-weighted) squared error.
 
-The compressed kernels runtimes keep in memory (onnxruntime's MatMulNBits and
-GatherBlockQuantized, OpenVINO's u4/u8 weight decompression) all store the same thing: per block
-of `block_size` consecutive values of a row, integers q in [0, 2**bits) with one scale and one
-integer zero point, read back as w = scale * (q - zero_point). What is left to choose is the
-range each block's grid covers.
+The compressed kernels runtimes keep in memory (com.microsoft MatMulNBits and
+GatherBlockQuantized, which onnxruntime and OpenVINO both run, and blocked DequantizeLinear) all
+store the same thing: per block of `block_size` consecutive values of a row, integers q in
+[0, 2**bits) with one scale and one integer zero point, read back as w = scale * (q - zero_point).
+What is left to choose is the range each block's grid covers.
 
 Min/max ranges (what onnxruntime's MatMulNBitsQuantizer and most converters use) waste levels on
 the one outlier of a block. Here each block's range is searched, as AWQ's clip search and
@@ -15,7 +15,10 @@ has a closed-form best s), and the values re-rounded, kept only where that lower
 
 Importance weights each value's squared error, e.g. the mean square of the activation channel a
 MatMul weight multiplies (graphpass.sensitivity.input_channel_energy): an error on a loud input
-channel moves the output more.
+channel moves the output more. On the 3-layer BERT's MatMul weights at 4-bit block 32 this gave
+an activation-weighted error 0.70x that of onnxruntime's MatMulNBitsQuantizer (plain error 1.06x;
+bench/bench_deploy.py). `quantize_blocks_gptq` adds GPTQ's error feedback; with 32 calibration
+sentences it lowered the mean test cosine gap but overfitted the worst sentence.
 
 Rows whose length the block size does not divide are padded with zeros (importance 0), which
 MatMulNBits accepts (K is an attribute; the padding multiplies nothing).
