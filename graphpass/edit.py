@@ -131,6 +131,9 @@ class Model:
         the scope stays topologically sorted. The final value takes over the weight's own name
         when the replacement computed it, so no reader needs to change.
         """
+        if replacement.takes_over_readers:
+            self._apply_kernel(weight, replacement)
+            return
         if replacement.row_gather is not None and self._apply_row_gather(weight, replacement):
             return
         scope = weight.scope
@@ -180,6 +183,37 @@ class Model:
             scope.body.node.insert(position + offset, node)
         self._edited()
         return True
+
+    def _apply_kernel(self, weight: WeightRef, replacement: Replacement) -> None:
+        """A replacement that took over the weight's readers: they and the weight's definition
+        leave the scope; its nodes go where the first of them was (their inputs, activations and
+        stored tensors, are all defined before it), and its domains are imported."""
+        scope = weight.scope
+        if scope.parent is not None or scope.is_function:
+            raise ValueError("kernel replacements apply to main-graph weights only")
+        self._remove_definition(weight)
+        body = scope.body
+        removed = set(replacement.taken_over)
+        positions = [i for i, node in enumerate(body.node) if node.output and node.output[0] in removed]
+        if len(positions) != len(removed):
+            raise ValueError(f"nodes to take over not found in {scope.path}: {sorted(removed)}")
+        still_read = [n.op_type for n in iter_nodes(body)
+                      if weight.name in n.input and not (n.output and n.output[0] in removed)]
+        if still_read:
+            raise ValueError(f"'{weight.name}' is still read by {', '.join(still_read)} after taking over its readers")
+        for index in reversed(positions):
+            del body.node[index]
+        body.initializer.extend(replacement.tensors)
+        for offset, node in enumerate(replacement.nodes):
+            body.node.insert(positions[0] + offset, node)
+        for domain, version in replacement.domains.items():
+            self._import_domain(domain, version)
+        self._edited()
+
+    def _import_domain(self, domain: str, version: int) -> None:
+        """Add an operator domain to the model's imports (the default domain's version never changes)."""
+        if not any(entry.domain == domain for entry in self.proto.opset_import):
+            self.proto.opset_import.append(helper.make_opsetid(domain, version))
 
     def add_shared_tensor(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
         """Store a tensor that several replacements in `scope` and below will reference."""
