@@ -1,22 +1,23 @@
-"""What `--objective memory` buys at run time: the 3-layer BERT, measured in fresh processes.
+"""What each objective costs at run time: the 3-layer BERT, measured in fresh processes.
 
-    python bench/bench_deploy.py [--skip-auto] [--openvino] [--rounds 3]
+    python bench/bench_deploy.py [--skip-auto] [--openvino] [--rounds 3] [--keep DIR]
 
 Rows: the input; onnxruntime's MatMulNBitsQuantizer (4-bit, block 32); NNCF's compress_weights
 (int4 asymmetric, group 32, the model converted to opset 21 first, as NNCF's opset-17 output does
-not load) when `import nncf` works (it is not a dependency: `pip install nncf` needs no torch); `uniform(bits=4,granularity=group,
-group_size=32) --objective memory`; `tie,auto,fold --objective memory --min-cosine 0.99`.
+not load) when `import nncf` works (it is not a dependency: `pip install nncf` needs no torch);
+the file objective: `tie,kmeans,fold`, `tie,kmeans(bits=6),fold --target any` and
+`tie,auto,fold` at each `--min-cosine`; the memory objective: `uniform(bits=4,granularity=group,
+group_size=32)` (plain, with GPTQ, MatMuls only) and `tie,auto,fold` at each `--min-cosine`.
 
 Per row: file and zip -9 bytes, onnxruntime session memory (RSS growth from creating the
-session through the first run), peak RSS (VmHWM of the probe process), start (session creation), latency
-(median of 20 runs), all on batch 1 x 128 tokens with one intra-op thread, in one fresh
-process per model and round; input and candidates alternate, the best of the rounds counts
-(a busy neighbour then biases no side). Ratios are to the input's. Also the worst test
-sentence's cosine of the sentence embedding (each of the 32 test sentences alone, ORT default
-level) and the `.ort` file size after convert_onnx_models_to_ort relative to the `.onnx`.
-
-Runtime cost comes from graphpass.runtimes.cost.measure_cost when that module exists, else from
-the minimal probe below (same protocol, from bench/NOTES: one fresh process per model).
+session through the first run), peak RSS (of the probe process), start (session creation),
+latency (median of 20 runs), all on batch 1 x 128 tokens with one intra-op thread, from
+`graphpass.runtimes.cost.measure_cost` (one fresh process per model and round, models
+alternating, best of the rounds). Ratios are to the input's. Also the worst test sentence's
+cosine of the sentence embedding (each of the 32 test sentences alone, ORT default level), the
+`.ort` file size after convert_onnx_models_to_ort relative to the `.onnx`, and the runtimes
+(onnxruntime, OpenVINO, tract) the output loads and runs a test sentence in. With
+`--openvino`, OpenVINO's session memory too (its own probe below).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import onnxruntime as ort
 
 import graphpass
 from graphpass.deployment import Deployment
+from graphpass.runtimes import RuntimeFailure, adapter
+from graphpass.runtimes.cost import measure_cost
 from graphpass.verify import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,7 +55,9 @@ SEQUENCE = 128
 # Runtime cost in a fresh process
 # ---------------------------------------------------------------------------------------------
 
-_PROBE = r"""
+# OpenVINO's session memory: graphpass.runtimes.cost measures onnxruntime only, so the same
+# protocol for OpenVINO lives here (RSS growth through the first inference, VmHWM for the peak).
+_OPENVINO_PROBE = r"""
 import json, sys, time
 import numpy as np
 
@@ -64,31 +69,21 @@ def peak():  # VmHWM: ru_maxrss would carry the parent's peak across fork and ex
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
-path, feeds_path, runs, runtime = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+path, feeds_path, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 feeds = dict(np.load(feeds_path))
+import openvino as ov
 before = rss()
 started = time.perf_counter()
-if runtime == "onnxruntime":
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    run = lambda: session.run(None, feeds)
-else:
-    import openvino as ov
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_NUM_THREADS": 1})
-    request = compiled.create_infer_request()
-    run = lambda: request.infer(feeds)
+core = ov.Core()
+compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_NUM_THREADS": 1})
+request = compiled.create_infer_request()
 start = time.perf_counter() - started
-run()
+request.infer(feeds)
 session_memory = rss() - before
 times = []
 for _ in range(runs):
-    t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
-print(json.dumps({"session_memory_bytes": session_memory,
-                  "peak_rss_bytes": peak(),
+    t = time.perf_counter(); request.infer(feeds); times.append(time.perf_counter() - t)
+print(json.dumps({"session_memory_bytes": session_memory, "peak_rss_bytes": peak(),
                   "start_seconds": start, "latency_seconds": float(np.median(times))}))
 """
 
@@ -101,32 +96,28 @@ class Cost:
     latency_seconds: float
 
 
-def _probe_once(path: Path, feeds_path: Path, runs: int, runtime: str) -> Cost:
+def _openvino_once(path: Path, feeds_path: Path, runs: int) -> Cost | None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(feeds_path), str(runs), runtime],
+    done = subprocess.run([sys.executable, "-c", _OPENVINO_PROBE, str(path), str(feeds_path), str(runs)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        print(f"{runtime} failed on {path.name}: {done.stderr.strip().splitlines()[-1][:300]}", file=sys.stderr)
+        print(f"openvino failed on {path.name}: {done.stderr.strip().splitlines()[-1][:300]}", file=sys.stderr)
         return None
     return Cost(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def measure(paths: list[Path], feeds: dict[str, np.ndarray], rounds: int, runs: int = 20,
-            runtime: str = "onnxruntime") -> list[Cost]:
+            runtime: str = "onnxruntime") -> list:
     """Best of `rounds` per model, models alternating within each round."""
     if runtime == "onnxruntime":
-        try:
-            from graphpass.runtimes.cost import measure_cost  # another branch builds it
-            return measure_cost(paths, feeds, rounds=rounds, runs=runs, threads=1)
-        except ImportError:
-            pass
+        return measure_cost(paths, feeds, rounds=rounds, runs=runs, threads=1)
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = Path(folder) / "feeds.npz"
         np.savez(feeds_path, **feeds)
         best: list[Cost | None] = [None] * len(paths)
         for _ in range(rounds):
             for i, path in enumerate(paths):
-                cost = _probe_once(path, feeds_path, runs, runtime)
+                cost = _openvino_once(path, feeds_path, runs)
                 if cost is None:
                     continue
                 best[i] = cost if best[i] is None else Cost(
@@ -135,6 +126,18 @@ def measure(paths: list[Path], feeds: dict[str, np.ndarray], rounds: int, runs: 
                     min(best[i].start_seconds, cost.start_seconds),
                     min(best[i].latency_seconds, cost.latency_seconds))
         return best
+
+
+def runs_in(path: Path, feeds: dict[str, np.ndarray]) -> str:
+    """The runtimes that load the model and run one test sentence: o(nnxruntime), v (OpenVINO), t(ract)."""
+    letters = []
+    for name, letter in (("onnxruntime", "o"), ("openvino", "v"), ("tract", "t")):
+        try:
+            adapter(name).open(str(path), feeds).run(feeds)
+            letters.append(letter)
+        except RuntimeFailure:
+            letters.append("-")
+    return "".join(letters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,10 +251,11 @@ def calibration_energy(source: Path, calibration: dict[str, np.ndarray]) -> dict
     return input_channel_energy(model, model.weights(), calibration)
 
 
-def graphpass_row(source: Path, target: Path, spec: str, calibration, budget: Budget | None, targets: str) -> float:
+def graphpass_row(source: Path, target: Path, spec: str, calibration, budget: Budget | None, targets: str,
+                  objective: str = "memory") -> float:
     started = time.perf_counter()
     graphpass.run(source, spec, output=target, inputs=calibration, budget=budget,
-                  budget_outputs=[EMBEDDING] if budget else None, deployment=Deployment.parse("memory", targets))
+                  budget_outputs=[EMBEDDING] if budget else None, deployment=Deployment.parse(objective, targets))
     return time.perf_counter() - started
 
 
@@ -286,6 +290,15 @@ def main(argv=None) -> int:
         rows.append(("NNCF compress_weights int4_asym group 32 (at opset 21)", nncf_path, None))
     else:
         print(f"NNCF row left out: {why_not}", file=sys.stderr)
+    for spec, row_targets in (("tie,kmeans,fold", targets), ("tie,kmeans(bits=6),fold", "any")):
+        path = folder / f"file_{spec.replace(',', '_').replace('(', '_').replace(')', '').replace('=', '')}.onnx"
+        rows.append((f"{spec} --target {row_targets}", path,
+                     graphpass_row(source, path, spec, calibration, None, row_targets, objective="file")))
+    for min_cosine in [] if args.skip_auto else args.min_cosine:
+        auto_path = folder / f"tie_auto_fold_file_{min_cosine}.onnx"
+        rows.append((f"tie,auto,fold --min-cosine {min_cosine}", auto_path,
+                     graphpass_row(source, auto_path, "tie,auto,fold", calibration, Budget(min_cosine=min_cosine),
+                                   targets, objective="file")))
     uniform_path = folder / "uniform4_b32_memory.onnx"
     spec = "uniform(bits=4,granularity=group,group_size=32)"
     rows.append((f"{spec} --objective memory", uniform_path,
@@ -307,8 +320,8 @@ def main(argv=None) -> int:
     costs = measure([path for _, path, _ in rows], feeds, args.rounds)
     ov_costs = measure([path for _, path, _ in rows], feeds, args.rounds, runtime="openvino") if args.openvino else None
     base, base_file, base_zip = costs[0], source.stat().st_size, zip_bytes(source)
-    header = (f"{'model':<62} {'file':>7} {'zip':>7} {'session':>8} {'peak':>7} {'start':>7} {'latency':>8} "
-              f"{'worst cos':>10} {'.ort/.onnx':>10} {'time':>6}" + (f" {'OV mem':>8}" if ov_costs else ""))
+    header = (f"{'model':<66} {'file':>7} {'zip':>7} {'session':>8} {'peak':>7} {'start':>7} {'latency':>8} "
+              f"{'worst cos':>10} {'.ort/.onnx':>10} {'runs in':>7} {'time':>6}" + (f" {'OV mem':>8}" if ov_costs else ""))
     print(f"paraphrase-MiniLM-L3-v2, --target {targets}, onnxruntime {ort.__version__}, batch 1 x {SEQUENCE}, 1 thread, best of "
           f"{args.rounds} fresh processes; input: {base_file / 1e6:.2f} MB, session memory "
           f"{base.session_memory_bytes / 1e6:.1f} MB, peak RSS {base.peak_rss_bytes / 1e6:.1f} MB, "
@@ -318,11 +331,11 @@ def main(argv=None) -> int:
     for index, ((label, path, seconds), cost) in enumerate(zip(rows, costs)):
         cosine = worst_sentence_cosine(reference, embeddings(path, test))
         ort_ratio = ort_format_ratio(path)
-        line = (f"{label:<62} {path.stat().st_size / base_file:>7.3f} {zip_bytes(path) / base_zip:>7.3f} "
+        line = (f"{label:<66} {path.stat().st_size / base_file:>7.3f} {zip_bytes(path) / base_zip:>7.3f} "
                 f"{cost.session_memory_bytes / base.session_memory_bytes:>8.3f} "
                 f"{cost.peak_rss_bytes / base.peak_rss_bytes:>7.3f} {cost.start_seconds / base.start_seconds:>7.2f} "
                 f"{cost.latency_seconds / base.latency_seconds:>8.2f} {cosine:>10.5f} "
-                f"{'-' if ort_ratio is None else f'{ort_ratio:.3f}':>10} "
+                f"{'-' if ort_ratio is None else f'{ort_ratio:.3f}':>10} {runs_in(path, feeds):>7} "
                 f"{'-' if seconds is None else f'{seconds:.0f}s':>6}")
         if ov_costs:
             ov = ov_costs[index]
