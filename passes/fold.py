@@ -461,6 +461,36 @@ class _BatchedLookup:
         self.tensors.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
         return name
 
+    def _offset_gather(self, node: onnx.NodeProto, inputs: list[str]) -> list[str] | None:
+        """Inputs for one Gather over the N tables laid end to end, each block's indices shifted
+        by its table's offset, or None where the table's shape or the indices' type is unknown.
+        GatherND would need the indices as int64 with a trailing axis: two more copies of them,
+        twice as wide, while the runtime rebuilds the weights at load."""
+        table_dims = self._dims(node.input[0])
+        index_rank, index_type = self._rank(node.input[1]), self._elem_type(node.input[1])
+        if not table_dims or None in table_dims or index_rank is None or index_type not in (TensorProto.INT32,
+                                                                                              TensorProto.INT64):
+            return None
+        names, rows = self.model.names, table_dims[0]
+        flat = names.fresh(f"{node.input[0]}.end_to_end")
+        shape = self._int64s(f"{node.input[0]}.end_to_end_shape", [self.run.length * rows, *table_dims[1:]])
+        self.emitted.append(helper.make_node("Reshape", [inputs[0], shape], [flat], name=flat))
+        offsets = (np.arange(self.run.length) * rows).reshape([self.run.length] + [1] * index_rank)
+        offset_name = names.fresh(f"{node.input[1]}.table_offsets")
+        self.tensors.append(numpy_helper.from_array(offsets.astype(helper.tensor_dtype_to_np_dtype(index_type)),
+                                                    offset_name))
+        shifted = names.fresh(f"{node.input[1]}.shifted")
+        self.emitted.append(helper.make_node("Add", [inputs[1], offset_name], [shifted], name=shifted))
+        return [flat, shifted]
+
+    def _dims(self, name: str) -> tuple | None:
+        if name in self.weight_shapes:
+            return tuple(self.weight_shapes[name])
+        return self.rewrite.found.value_types.get(name, (None, None))[1]
+
+    def _elem_type(self, name: str) -> int | None:
+        return self.rewrite.found.value_types.get(name, (None, None))[0]
+
     def _as_nd_indices(self, indices: str, node: onnx.NodeProto) -> str:
         """Gather's indices [N, ...] as GatherND's: int64, with a trailing axis of 1."""
         names = self.model.names
@@ -508,11 +538,15 @@ class _BatchedLookup:
             rank = self._rank(node.input[0])
             if not sources[1][1] or rank is None or attrs.get("axis", 0) % rank != 0:
                 return False
-            if sources[0][1]:  # each block its own table: GatherND over the block axis
-                if self.model.opset < GATHER_ND_BATCH_OPSET:
+            if sources[0][1]:  # each block its own table
+                offset = self._offset_gather(node, inputs)
+                if offset is not None:
+                    inputs = offset
+                elif self.model.opset < GATHER_ND_BATCH_OPSET:
                     return False
-                inputs[1] = self._as_nd_indices(inputs[1], node)
-                op, attrs = "GatherND", {"batch_dims": 1}
+                else:
+                    inputs[1] = self._as_nd_indices(inputs[1], node)
+                    op, attrs = "GatherND", {"batch_dims": 1}
         elif op == "Transpose":
             rank = self._rank(node.input[0])
             if rank is None:
