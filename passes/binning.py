@@ -228,6 +228,9 @@ class BinningPass(Pass):
         tuples = lookup.row_storage_bytes(k, layout, itemsize, opset, ir_version)
         if tuples is not None:
             return tuples
+        table = itemsize * layout.groups * k
+        if lookup.per_row_codebooks(layout):
+            return lookup.row_digits_bytes(k, layout, opset, ir_version) + table
         packing = lookup.choose_packing(k, opset, ir_version)
         return packing.stored_bytes(weight.size) + itemsize * layout.groups * k
 

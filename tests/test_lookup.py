@@ -173,8 +173,10 @@ def test_lookup_rebuilds_codebook_values_exactly(k, opset, ir, granularity):
             r, codebook, labels, layout, opset=opset, ir_version=ir))
         assert model.opset_import[0].version == opset  # never raised
         assert_rebuilds(model, expected_weight(layout, codebook, labels))
-        packing = lookup.choose_packing(k, opset, ir)
-        assert cost.index_bytes == packing.stored_bytes(values.size)
+        if lookup.per_row_codebooks(layout):  # packed within rows, whole bytes, for row Gathers
+            assert cost.index_bytes == lookup.row_digits_bytes(k, layout, opset, ir)
+        else:
+            assert cost.index_bytes == lookup.choose_packing(k, opset, ir).stored_bytes(values.size)
 
 
 def test_opset_13_lookup_unpacks_with_integer_arithmetic():
@@ -359,11 +361,17 @@ def embedding_model(table: np.ndarray, ids_shapes: list[tuple[int, ...]], also_m
 
 
 @pytest.mark.parametrize("also_matmul", [False, True])
-def test_embedding_rows_decode_after_the_gather(also_matmul):
+@pytest.mark.parametrize("granularity,k,columns", [
+    ("tensor", 16, 128),  # tuples
+    ("channel", 16, 128),  # a codebook per row, base-16 digits packed within rows
+    ("channel", 3, 127),  # base-3 digits, the row's last word padded
+    ("channel", 200, 128),  # a codebook per row, a byte per index
+])
+def test_embedding_rows_decode_after_the_gather(also_matmul, granularity, k, columns):
     rng = np.random.default_rng(11)
-    shape = (1000, 128)
-    layout = Layout.per_tensor(shape)
-    codebook, labels = random_binning(layout, 16, rng)
+    shape = (1000, columns)
+    layout = Layout.per_tensor(shape) if granularity == "tensor" else Layout.per_channel(shape, 0)
+    codebook, labels = random_binning(layout, k, rng)
     ids_shapes = [(2, 3, 5), (), (7,)]  # any index rank, a scalar index included
     proto = embedding_model(rng.normal(size=shape).astype(np.float32), ids_shapes, also_matmul)
     weight = Model(proto).weights()[0]
@@ -380,9 +388,10 @@ def test_embedding_rows_decode_after_the_gather(also_matmul):
     assert result.passed, result.failures
 
     gathers_of_words = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0].endswith("lut_indices")]
-    weight_sized = [n for n in proto.graph.node if n.op_type == "Reshape" and n.output[0] == "W"]
+    rebuilds_weight = [n for n in proto.graph.node if n.output[0] == "W"]
     if also_matmul:  # one dense rebuild serves both readers
-        assert not gathers_of_words and weight_sized
+        assert not gathers_of_words and rebuilds_weight
     else:  # each reader gathers packed rows; nothing rebuilds the table
-        assert len(gathers_of_words) == len(ids_shapes) and not weight_sized
-        assert all(t.dims[-1] == shape[1] // 2 for t in proto.graph.initializer if t.name.endswith("lut_indices"))
+        assert len(gathers_of_words) == len(ids_shapes) and not rebuilds_weight
+        (words,) = [t for t in proto.graph.initializer if t.name.endswith("lut_indices")]
+        assert words.dims[0] == shape[0] and words.data_type in (TensorProto.UINT8, TensorProto.UINT16)

@@ -211,11 +211,14 @@ def _native(name: str, dtype, bits: int) -> Packing:
 _DIGIT_WORDS = ((np.uint8, 8, 2**8), (np.uint16, 16, 2**16), (np.int32, 32, 2**31))
 
 
-def choose_packing(k: int, opset: int, ir_version: int) -> Packing:
+def choose_packing(k: int, opset: int, ir_version: int, *, whole_bytes: bool = False) -> Packing:
     """The smallest storage for indices in [0, k) that the model's opset and IR can read.
 
-    Ties go to the native types, whose unpacking is a single Cast.
+    Ties go to the native types, whose unpacking is a single Cast. `whole_bytes` leaves out
+    UINT4/UINT2, which onnxruntime cannot Gather rows of.
     """
+    if whole_bytes:
+        ir_version = min(ir_version, UINT4_MIN_IR - 1)
     if opset < MIN_OPSET:
         raise ValueError(f"lookups need opset >= {MIN_OPSET}, the model has {opset}")
     if k > 2**16:
@@ -410,6 +413,9 @@ def emit_lookup(
     storage = row_storage(k, layout, np_dtype(stored_dtype).itemsize, opset, ir_version)
     if storage is not None:
         return _emit_row_aligned(r, codebook[0], labels.reshape(layout.shape), storage, stored_dtype)
+    if per_row_codebooks(layout):
+        return _emit_row_digits(r, codebook, labels, choose_packing(k, opset, ir_version, whole_bytes=True),
+                                stored_dtype)
     index = emit_indices(r, layout.merge(labels), k, opset, ir_version)
     table = _codebook_table(r, np.asarray(layout.merge(codebook)), stored_dtype)
     values = r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}values", axis=layout.within_axis)
@@ -496,7 +502,91 @@ def row_storage(k: int, layout: Layout, table_itemsize: int, opset: int, ir_vers
 def storage_name(k: int, layout: Layout, stored_dtype: int, opset: int, ir_version: int) -> str:
     """How `emit_lookup` stores this weight's indices, for reports."""
     storage = row_storage(k, layout, np_dtype(stored_dtype).itemsize, opset, ir_version)
-    return storage.name if storage is not None else choose_packing(k, opset, ir_version).name
+    if storage is not None:
+        return storage.name
+    if per_row_codebooks(layout):
+        return "rows/" + choose_packing(k, opset, ir_version, whole_bytes=True).name
+    return choose_packing(k, opset, ir_version).name
+
+
+def per_row_codebooks(layout: Layout) -> bool:
+    """A codebook per row of a 2-D weight: what a row Gather (an embedding) reads whole, so its
+    indices are packed within rows (see `RowDigits`)."""
+    return layout.granularity == "channel" and layout.channel_axis == 0 and len(layout.shape) == 2
+
+
+def row_digits_bytes(k: int, layout: Layout, opset: int, ir_version: int) -> int:
+    """Stored index bytes of `RowDigits`: whole words per row."""
+    packing = choose_packing(k, opset, ir_version, whole_bytes=True)
+    rows, length = layout.shape
+    return rows * -(-length // packing.per_word) * packing.dtype.itemsize
+
+
+def _emit_row_digits(r: Replacement, codebook: np.ndarray, labels: np.ndarray, packing: Packing,
+                     stored_dtype: int) -> str:
+    rows, length = r.weight.shape
+    words = r.stored(f"{LUT_ROLE_PREFIX}indices", pack_row_digits(labels, packing))
+    table = _codebook_table(r, np.asarray(codebook), stored_dtype)
+    decoder = RowDigits(words, table, packing, length)
+    r.row_gather = decoder
+    index = decoder.unpack(r, words, _int64s(r, "index_shape", [rows, decoder.padded_length]))
+    return r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}values", axis=1)
+
+
+def pack_row_digits(labels: np.ndarray, packing: Packing) -> np.ndarray:
+    """Labels [rows, length] -> words [rows, length] (native) or [rows, words, 1] (base-k
+    digits within each row, least significant first, the row's end padded with zeros)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if packing.native:
+        return labels.astype(packing.dtype)
+    rows, length = labels.shape
+    padded = np.zeros((rows, -(-length // packing.per_word) * packing.per_word), dtype=np.int64)
+    padded[:, :length] = labels
+    powers = packing.base ** np.arange(packing.per_word, dtype=np.int64)
+    words = padded.reshape(rows, -1, packing.per_word) @ powers
+    return words.astype(packing.dtype)[..., None]
+
+
+@dataclass(frozen=True)
+class RowDigits:
+    """Indices packed within rows, one codebook per row: a row Gather picks the rows' words and
+    their codebooks, and only those are unpacked and looked up."""
+
+    words: str
+    table: str
+    packing: Packing
+    length: int
+
+    @property
+    def padded_length(self) -> int:
+        return -(-self.length // self.packing.per_word) * self.packing.per_word
+
+    def unpack(self, r: Replacement, words: str, shape: str) -> str:
+        """int32 indices [..., length] from words [..., w] or [..., w, 1]; `shape` is the
+        unpacked digits' shape [..., padded length]."""
+        index = r.node("Cast", [words], f"{LUT_ROLE_PREFIX}index", to=TensorProto.INT32)
+        if self.packing.native:
+            return index
+        powers = r.stored(f"{LUT_ROLE_PREFIX}powers",
+                          self.packing.base ** np.arange(self.packing.per_word, dtype=np.int32))
+        base = r.stored(f"{LUT_ROLE_PREFIX}base", np.array(self.packing.base, dtype=np.int32))
+        shifted = r.node("Div", [index, powers], f"{LUT_ROLE_PREFIX}shifted")  # [..., w, per_word]
+        digits = r.node("Mod", [shifted, base], f"{LUT_ROLE_PREFIX}digits")
+        index = r.node("Reshape", [digits, shape], f"{LUT_ROLE_PREFIX}row_index")
+        if self.padded_length == self.length:
+            return index
+        return r.node("Slice", [index, _int64s(r, "starts", [0]), _int64s(r, "ends", [self.length]),
+                                _int64s(r, "axes", [-1])], f"{LUT_ROLE_PREFIX}trimmed")
+
+    def decode(self, r: Replacement, indices: str) -> str:
+        """Nodes computing Gather(weight, indices, axis=0) from the stored rows."""
+        words = r.node("Gather", [self.words, indices], f"{LUT_ROLE_PREFIX}gathered_words", axis=0)
+        index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
+        tail = _int64s(r, "gathered_tail", [self.padded_length])
+        shape = r.node("Concat", [index_shape, tail], f"{LUT_ROLE_PREFIX}gathered_shape", axis=0)
+        index = self.unpack(r, words, shape)
+        table = r.node("Gather", [self.table, indices], f"{LUT_ROLE_PREFIX}gathered_codebooks", axis=0)
+        return r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=-1)
 
 
 def _tuple_table_bytes(base: int, per_word: int, itemsize: int) -> int:
