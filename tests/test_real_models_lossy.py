@@ -93,7 +93,10 @@ def test_kmeans_then_fold_on_a_real_bert(tmp_path):
     assert "3 blocks" in " ".join(fold["notes"])
     assert sum(n.op_type == "Scan" for n in onnx.load(out).graph.node) == 1
     assert report["output"]["nodes"] < report["input"]["nodes"]
-    assert report["output"]["file_bytes"] < 0.25 * report["input"]["file_bytes"]
+    # Large weights store a byte per 6-bit index (so the runtime rebuilds them without int32
+    # copies); the download, what zip keeps of the bytes, stays near 6 bits per weight.
+    assert report["output"]["file_bytes"] < 0.26 * report["input"]["file_bytes"]
+    assert report["output"]["zip_bytes"] < 0.21 * report["input"]["zip_bytes"]
 
 
 def test_auto_meets_its_budget_on_magika(tmp_path):
