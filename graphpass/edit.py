@@ -26,6 +26,8 @@ class Model:
         self.generation = 0  # bumped on every edit, so cached analyses know they are stale
         self._value_types: tuple[int, dict[str, onnx.TypeProto]] | None = None
         self.shape_inference_error: str | None = None
+        # The weight a pass last read or replaced: named when the pass fails (a bug report's lead).
+        self.last_weight: str | None = None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class Model:
         the scope stays topologically sorted. The final value takes over the weight's own name
         when the replacement computed it, so no reader needs to change.
         """
+        self.last_weight = weight.name
         if replacement.row_gather is not None and self._apply_row_gather(weight, replacement):
             return
         scope = weight.scope
@@ -128,8 +131,7 @@ class Model:
             _rename_output(nodes, result, weight.name)
         else:
             self._alias(scope, weight.name, result, nodes)
-        if scope.is_function:
-            # Function bodies have no initializers: stored tensors become Constant nodes.
+        if self.holds_no_initializers(scope):
             nodes = [self._constant_node(t) for t in replacement.tensors] + nodes
         else:
             scope.body.initializer.extend(replacement.tensors)
@@ -158,7 +160,11 @@ class Model:
             decoders.append((node, decoded))
         shared = _ancestors(replacement.nodes[:first_decode], replacement.nodes[first_decode:])
         used = {name for n in shared + replacement.nodes[first_decode:] for name in n.input}
-        scope.body.initializer.extend(t for t in replacement.tensors if t.name in used)
+        kept = [t for t in replacement.tensors if t.name in used]
+        if self.holds_no_initializers(scope):
+            shared = [self._constant_node(t) for t in kept] + shared
+        else:
+            scope.body.initializer.extend(kept)
         for node, decoded in decoders:
             index = next(i for i, n in enumerate(scope.body.node) if n is node)
             del scope.body.node[index]
@@ -172,12 +178,40 @@ class Model:
     def add_shared_tensor(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
         """Store a tensor that several replacements in `scope` and below will reference."""
         tensor = numpy_helper.from_array(np.asarray(array, order="C"), self.names.fresh(base_name))
-        if scope.is_function:
+        if self.holds_no_initializers(scope):
             scope.body.node.insert(0, self._constant_node(tensor))
         else:
             scope.body.initializer.append(tensor)
         self._edited()
         return tensor.name
+
+    def holds_no_initializers(self, scope: Scope) -> bool:
+        """Where new stored tensors must be Constant nodes: function bodies have no
+        initializers, and before IR version 4 a subgraph's initializers must be inputs too,
+        which If, Loop and Scan bodies cannot grow."""
+        return scope.is_function or (scope.parent is not None and self.proto.ir_version < 4)
+
+    def settle_subgraph_initializers(self) -> int:
+        """Turn initializers a pass put straight into a subgraph at IR < 4 into Constant nodes
+        (see holds_no_initializers); return how many. Declared subgraph inputs stay."""
+        moved = 0
+        for scope in self.scopes:
+            if scope.is_function or not self.holds_no_initializers(scope):
+                continue
+            declared = {v.name for v in scope.body.input}
+            loose = [t for t in scope.body.initializer if t.name not in declared]
+            if not loose:
+                continue
+            kept = [t for t in scope.body.initializer if t.name in declared]
+            constants = [self._constant_node(t) for t in loose]
+            del scope.body.initializer[:]
+            scope.body.initializer.extend(kept)
+            for offset, node in enumerate(constants):
+                scope.body.node.insert(offset, node)
+            moved += len(loose)
+        if moved:
+            self._edited()
+        return moved
 
     def remove_unused_weights(self) -> int:
         """Drop stored weights nothing reads (for example after a tie); return how many."""

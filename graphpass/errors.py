@@ -28,9 +28,13 @@ class PassFailed(GraphpassError):
 
     exit_code = 3
 
-    def __init__(self, pass_name: str, cause: BaseException):
-        super().__init__(f"pass '{pass_name}' failed: {type(cause).__name__}: {cause}")
+    def __init__(self, pass_name: str, cause: BaseException, weight: str | None = None):
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        at = f" (the last weight it read or replaced: '{weight}')" if weight else ""
+        super().__init__(f"pass '{pass_name}' failed: {type(cause).__name__}: {first_line}{at}. "
+                         "This is a bug in graphpass, not in your model: please report it with this line")
         self.pass_name = pass_name
+        self.weight = weight
         self.cause = cause
 
 
