@@ -19,7 +19,8 @@ from graphpass import report as reporting
 from graphpass import verify as verification
 from graphpass.deployment import Deployment
 from graphpass.edit import Model
-from graphpass.errors import UsageError
+from graphpass.errors import InputError, OutputUnloadable, UsageError
+from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
                              load_model, save_model, serialized_bytes)
@@ -123,7 +124,14 @@ def run(
                 chosen = verification.LOSSLESS_BUDGET.overridden_by(budget)
             else:
                 chosen = budget or verification.Budget()
-            checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs)
+            try:
+                checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs)
+            except verification.ModelLoadError as exc:
+                if exc.role == "candidate":  # the reference loaded at the same level just before
+                    raise OutputUnloadable(_describe(pipeline), str(exc)) from None
+                raise
+        else:
+            _check_output_loads(staged, reference, pipeline)
         measured = None
         if measure_cost:
             measured = check_cost(reference, staged, feeds, cost_budget,
@@ -144,6 +152,22 @@ def run(
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")
     return RunResult(ctx.model.proto, report, written, checked, measured)
+
+
+def _describe(pipeline: Sequence[Pass]) -> str:
+    return ",".join(p.describe() for p in pipeline)
+
+
+def _check_output_loads(staged: Path, reference: Path | bytes, pipeline: Sequence[Pass]) -> None:
+    """Without verification, still write only what onnxruntime loads: an input it cannot load
+    either is bad input (exit 2); otherwise the passes broke it (exit 3)."""
+    problem = onnxruntime_load_problem(staged)
+    if problem is None:
+        return
+    input_problem = onnxruntime_load_problem(reference)
+    if input_problem is not None:
+        raise InputError(f"onnxruntime cannot load the input model: {input_problem}")
+    raise OutputUnloadable(_describe(pipeline), problem)
 
 
 def _private_copy(model):

@@ -38,5 +38,17 @@ class PassFailed(GraphpassError):
         self.cause = cause
 
 
+class OutputUnloadable(GraphpassError):
+    """The passes wrote a model onnxruntime cannot load from one it can: a bug in graphpass."""
+
+    exit_code = 3
+
+    def __init__(self, passes: str, problem: str):
+        super().__init__(f"the passes '{passes}' wrote a model onnxruntime cannot load, from an input it loads "
+                         f"({problem}). This is a bug in graphpass, not in your model: please report it with "
+                         "this line; no output was written")
+        self.passes = passes
+
+
 class ConditionError(Exception):
     """A pass broke a pre- or post-condition of the model (internal; wrapped in PassFailed)."""

@@ -67,6 +67,14 @@ class VerifyInputError(Exception):
     --shape is malformed. The message is one line, ready to show to a user."""
 
 
+class ModelLoadError(VerifyInputError):
+    """onnxruntime cannot load one of the models; `role` says which ("reference", "candidate")."""
+
+    def __init__(self, message: str, role: str):
+        super().__init__(message)
+        self.role = role
+
+
 # ---------------------------------------------------------------------------
 # Budget
 # ---------------------------------------------------------------------------
@@ -688,8 +696,8 @@ def _open_session(source: str | bytes, role: str, level: str) -> ort.InferenceSe
     try:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise VerifyInputError(
-            f"onnxruntime cannot load the {role} model (level {level}): {_one_line(exc)}") from exc
+        raise ModelLoadError(
+            f"onnxruntime cannot load the {role} model (level {level}): {_one_line(exc)}", role) from exc
 
 
 def _build_feed(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], role: str) -> dict:
