@@ -16,7 +16,8 @@ from onnx import TensorProto
 
 from graphpass.errors import InputError, UsageError
 from graphpass.scopes import Scope, build_scope_tree, iter_tensors, subgraphs_of
-from graphpass.validate import TensorProblem, check_tensors
+from graphpass.validate import TensorProblem, check_tensors, tensor_label
+from graphpass.weights import stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,12 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, tuple[
             raise InputError(
                 f"{path}: external data for tensor '{tensor.name}' is short: "
                 f"{data_path.name} has {file_size} bytes, needs {offset + length}"
+            )
+        needed = stored_bytes(tensor.data_type, tensor.dims)
+        if length != needed:  # without a length key, the data runs to the end of the file
+            raise InputError(
+                f"{path}: tensor '{tensor.name}' declares {tensor_label(tensor)} ({needed} bytes) but its "
+                f"external data in {data_path.name} from offset {offset} holds {length} bytes"
             )
         with open(data_path, "rb") as handle:
             handle.seek(offset)

@@ -361,3 +361,8 @@ def _check_external(tensor: _Tensor, label: str, declared: str, count: int) -> N
         raise TensorProblem(f"{label} is a STRING tensor with external data; strings live in string_data")
     if length and int(length) != needed:
         raise TensorProblem(f"{label} declares {declared} ({needed} bytes) but its external data length is {length}")
+
+
+def tensor_label(tensor: TensorProto) -> str:
+    """What a tensor declares, as the messages above say it: `FLOAT [384, 384]`."""
+    return f"{KNOWN_DTYPES.get(tensor.data_type, tensor.data_type)} {list(tensor.dims)}"
