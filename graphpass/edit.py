@@ -187,13 +187,15 @@ class Model:
 
     def holds_no_initializers(self, scope: Scope) -> bool:
         """Where new stored tensors must be Constant nodes: function bodies have no
-        initializers, and before IR version 4 a subgraph's initializers must be inputs too,
-        which If, Loop and Scan bodies cannot grow."""
-        return scope.is_function or (scope.parent is not None and self.proto.ir_version < 4)
+        initializers, and before IR version 4 every initializer must also be a graph input,
+        which If, Loop and Scan bodies cannot grow and which would let a caller override a
+        codebook (onnxruntime refuses a subgraph initializer that is not an input, and a
+        top-level one that only a subgraph reads)."""
+        return scope.is_function or self.proto.ir_version < 4
 
-    def settle_subgraph_initializers(self) -> int:
-        """Turn initializers a pass put straight into a subgraph at IR < 4 into Constant nodes
-        (see holds_no_initializers); return how many. Declared subgraph inputs stay."""
+    def settle_undeclared_initializers(self) -> int:
+        """Turn initializers a pass stored directly at IR < 4 without declaring them as graph
+        inputs into Constant nodes (see holds_no_initializers); return how many."""
         moved = 0
         for scope in self.scopes:
             if scope.is_function or not self.holds_no_initializers(scope):

@@ -268,7 +268,7 @@ class PassManager:
         try:
             pass_.requires(ctx)
             result = pass_.call(ctx)
-            ctx.model.settle_subgraph_initializers()
+            ctx.model.settle_undeclared_initializers()
             pass_.ensures(ctx)
         except GraphpassError:
             raise
