@@ -14,6 +14,7 @@ those bytes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -76,7 +77,7 @@ def check_tensors(data: bytes) -> None:
     """Raise TensorProblem for the first tensor of the serialized model `data` that is not
     what it declares, wherever it lives (initializers, sparse initializers, Constant and other
     tensor attributes, If/Loop/Scan bodies, function bodies)."""
-    view = memoryview(data)
+    view = data
     for number, start, end in _fields(view, 0, len(view)):
         if number == _MODEL_GRAPH:
             _check_graph(view, start, end, "main")
@@ -87,7 +88,7 @@ def check_tensors(data: bytes) -> None:
 def check_tensor_proto(tensor: TensorProto, where: str = "tensor") -> None:
     """The same check on one TensorProto (for tensors that never were bytes)."""
     data = tensor.SerializeToString()
-    _check_tensor(memoryview(data), 0, len(data), where)
+    _check_tensor(data, 0, len(data), where)
 
 
 # ---------------------------------------------------------------------------
@@ -95,8 +96,12 @@ def check_tensor_proto(tensor: TensorProto, where: str = "tensor") -> None:
 # ---------------------------------------------------------------------------
 
 
-def _varint(view: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
+def _varint(view: bytes, pos: int) -> tuple[int, int]:
+    byte = view[pos]
+    if byte < 0x80:  # most keys and lengths fit in one byte
+        return byte, pos + 1
+    result, shift = byte & 0x7F, 7
+    pos += 1
     while True:
         byte = view[pos]
         pos += 1
@@ -108,24 +113,34 @@ def _varint(view: memoryview, pos: int) -> tuple[int, int]:
             raise TensorProblem("malformed protobuf varint")
 
 
-def _fields(view: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+def _fields(view: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
     """(field number, start, end) of every length-delimited field in view[pos:end]; varint
-    and fixed fields are skipped (those the checks need are read by _scalar_fields)."""
+    and fixed fields are skipped (those the checks need are read by _read_tensor)."""
+    found = []
     while pos < end:
-        key, pos = _varint(view, pos)
+        key = view[pos]
+        pos += 1
+        if key >= 0x80:
+            key, pos = _varint(view, pos - 1)
         wire = key & 7
         if wire == 2:
-            length, pos = _varint(view, pos)
-            yield key >> 3, pos, pos + length
+            length = view[pos]
+            pos += 1
+            if length >= 0x80:
+                length, pos = _varint(view, pos - 1)
+            found.append((key >> 3, pos, pos + length))
             pos += length
         elif wire == 0:
-            _, pos = _varint(view, pos)
+            while view[pos] >= 0x80:
+                pos += 1
+            pos += 1
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
         else:
             raise TensorProblem(f"malformed protobuf (wire type {wire})")
+    return found
 
 
 @dataclass
@@ -141,7 +156,7 @@ class _Tensor:
     location: int = 0
 
 
-def _read_tensor(view: memoryview, pos: int, end: int) -> _Tensor:
+def _read_tensor(view: bytes, pos: int, end: int) -> _Tensor:
     tensor = _Tensor()
     while pos < end:
         key, pos = _varint(view, pos)
@@ -191,20 +206,20 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _varints(view: memoryview, pos: int, end: int) -> Iterator[int]:
+def _varints(view: bytes, pos: int, end: int) -> Iterator[int]:
     while pos < end:
         value, pos = _varint(view, pos)
         yield value
 
 
-def _packed_count(view: memoryview, pos: int, end: int, width: int) -> int:
+def _packed_count(view: bytes, pos: int, end: int, width: int) -> int:
     if width:
         return (end - pos) // width
     # A varint ends at each byte below 0x80.
     return int(np.count_nonzero(np.frombuffer(view[pos:end], dtype=np.uint8) < 0x80))
 
 
-def _entry(view: memoryview, pos: int, end: int) -> tuple[str, str]:
+def _entry(view: bytes, pos: int, end: int) -> tuple[str, str]:
     key = value = ""
     for number, start, stop in _fields(view, pos, end):
         text = bytes(view[start:stop]).decode("utf-8", "replace")
@@ -220,11 +235,11 @@ def _entry(view: memoryview, pos: int, end: int) -> tuple[str, str]:
 # ---------------------------------------------------------------------------
 
 
-def _check_graph(view: memoryview, start: int, end: int, path: str) -> None:
+def _check_graph(view: bytes, start: int, end: int, path: str) -> None:
     _check_body(view, start, end, path, _GRAPH_NODE)
 
 
-def _check_body(view: memoryview, start: int, end: int, path: str, node_field: int) -> None:
+def _check_body(view: bytes, start: int, end: int, path: str, node_field: int) -> None:
     node_index = 0
     for number, begin, stop in _fields(view, start, end):
         if number == node_field:
@@ -240,12 +255,14 @@ def _place(kind: str, path: str) -> str:
     return kind if path == "main" else f"{kind} in {path}"
 
 
-def _check_node(view: memoryview, start: int, end: int, path: str, index: int) -> None:
-    attributes, name, op_type = [], "", ""
-    for number, begin, stop in _fields(view, start, end):
-        if number == _NODE_ATTRIBUTE:
-            attributes.append((begin, stop))
-        elif number == _NODE_NAME:
+def _check_node(view: bytes, start: int, end: int, path: str, index: int) -> None:
+    fields = _fields(view, start, end)
+    attributes = [(b, s) for n, b, s in fields if n == _NODE_ATTRIBUTE]
+    if not attributes:
+        return
+    name = op_type = ""
+    for number, begin, stop in fields:
+        if number == _NODE_NAME:
             name = bytes(view[begin:stop]).decode("utf-8", "replace")
         elif number == _NODE_OP_TYPE:
             op_type = bytes(view[begin:stop]).decode("utf-8", "replace")
@@ -254,12 +271,15 @@ def _check_node(view: memoryview, start: int, end: int, path: str, index: int) -
         _check_attribute(view, begin, stop, path, label, op_type)
 
 
-def _check_attribute(view: memoryview, start: int, end: int, path: str, label: str, op_type: str) -> None:
-    fields = list(_fields(view, start, end))
+def _check_attribute(view: bytes, start: int, end: int, path: str, label: str, op_type: str) -> None:
+    fields = _fields(view, start, end)
+    holders = [f for f in fields if f[0] in _TENSOR_OR_GRAPH_FIELDS]
+    if not holders:
+        return
     attr_name = next((bytes(view[b:s]).decode("utf-8", "replace") for n, b, s in fields if n == _ATTR_NAME), "")
     where = _place(f"{op_type} node '{label}' attribute '{attr_name}'", path)
     graph_index = 0
-    for number, begin, stop in fields:
+    for number, begin, stop in holders:
         if number in (_ATTR_T, _ATTR_TENSORS):
             _check_tensor(view, begin, stop, where)
         elif number in (_ATTR_SPARSE_TENSOR, _ATTR_SPARSE_TENSORS):
@@ -271,7 +291,11 @@ def _check_attribute(view: memoryview, start: int, end: int, path: str, label: s
             graph_index += 1
 
 
-def _check_sparse(view: memoryview, start: int, end: int, where: str) -> None:
+_TENSOR_OR_GRAPH_FIELDS = frozenset({_ATTR_T, _ATTR_TENSORS, _ATTR_SPARSE_TENSOR, _ATTR_SPARSE_TENSORS,
+                                     _ATTR_G, _ATTR_GRAPHS})
+
+
+def _check_sparse(view: bytes, start: int, end: int, where: str) -> None:
     parts: dict[int, _Tensor] = {}
     for number, begin, stop in _fields(view, start, end):
         if number in (_SPARSE_VALUES, _SPARSE_INDICES):
@@ -289,7 +313,7 @@ def _check_sparse(view: memoryview, start: int, end: int, where: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _check_tensor(view: memoryview, start: int, end: int, where: str) -> _Tensor:
+def _check_tensor(view: bytes, start: int, end: int, where: str) -> _Tensor:
     tensor = _read_tensor(view, start, end)
     label = f"{where}: tensor '{tensor.name}'"
     dtype_name = KNOWN_DTYPES.get(tensor.data_type)
@@ -297,7 +321,7 @@ def _check_tensor(view: memoryview, start: int, end: int, where: str) -> _Tensor
         raise TensorProblem(f"{label} has data_type {tensor.data_type}, which graphpass does not know")
     if any(d < 0 for d in tensor.dims):
         raise TensorProblem(f"{label} declares negative dims {tensor.dims}")
-    count = int(np.prod(tensor.dims, dtype=object)) if tensor.dims else 1
+    count = math.prod(tensor.dims)
     declared = f"{dtype_name} {tensor.dims}"
     if count > MAX_ELEMENTS:
         raise TensorProblem(f"{label} declares {declared}: {count} elements, more than any model holds")
