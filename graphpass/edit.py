@@ -125,7 +125,9 @@ class Model:
         if replacement.row_gather is not None and self._apply_row_gather(weight, replacement):
             return
         scope = weight.scope
-        position = self._remove_definition(weight) or 0
+        position = self._remove_definition(weight)
+        if position is None:  # an initializer: after the Constant nodes shared tensors may have become
+            position = _leading_constants(scope.body)
         nodes = list(replacement.nodes)
         if result in {o for node in nodes for o in node.output}:
             _rename_output(nodes, result, weight.name)
@@ -149,7 +151,9 @@ class Model:
         if scope.is_function or weight.name in scope.output_names() or not readers or any(
                 id(node) not in direct or not _gathers_rows(node, index, rank) for node, index in readers):
             return False
-        position = self._remove_definition(weight) or 0
+        position = self._remove_definition(weight)
+        if position is None:
+            position = _leading_constants(scope.body)
         first_decode = len(replacement.nodes)
         decoders = []
         for node, _ in readers:
@@ -257,6 +261,17 @@ class Model:
     def _edited(self) -> None:
         self._weights = None
         self.generation += 1
+
+
+def _leading_constants(body) -> int:
+    """How many argument-less Constant nodes open a body (where add_shared_tensor puts its
+    tensors when the body holds no initializers)."""
+    count = 0
+    for node in body.node:
+        if node.op_type != "Constant" or node.input:
+            break
+        count += 1
+    return count
 
 
 def _gathers_rows(node: NodeProto, index: int, rank: int) -> bool:

@@ -351,3 +351,16 @@ def test_the_cli_in_a_real_process_gives_one_line_not_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "data_type 999" in done.stderr
+
+
+def test_ir3_shared_row_tables_are_defined_before_the_lookups_that_read_them(tmp_path):
+    """Found by the fuzzer: at IR 3 the shared row table is a Constant node at the top of the
+    graph, and a replaced initializer's lookup nodes went in front of it."""
+    model = generate.build("conv_repeated_filters")
+    model.ir_version = 3
+    code, stderr = _cli("run", _write(model, tmp_path / "m.onnx"), "--passes", "tie(rows=true),codebook(k=16)",
+                        "--no-verify", "-o", tmp_path / "o.onnx")
+    assert code == 0, stderr
+    written = onnx.load(tmp_path / "o.onnx")
+    assert any(n.op_type == "Gather" for n in written.graph.node)  # the rows really are shared
+    assert onnxruntime_load_problem(tmp_path / "o.onnx") is None
