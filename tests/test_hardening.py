@@ -364,3 +364,39 @@ def test_ir3_shared_row_tables_are_defined_before_the_lookups_that_read_them(tmp
     written = onnx.load(tmp_path / "o.onnx")
     assert any(n.op_type == "Gather" for n in written.graph.node)  # the rows really are shared
     assert onnxruntime_load_problem(tmp_path / "o.onnx") is None
+
+
+def _with_local_function(weight: TensorProto) -> onnx.ModelProto:
+    """y = Scale(x), where the model-local function Scale multiplies by a Constant it holds."""
+    body = [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("Mul", ["x", "w"], ["y"])]
+    function = helper.make_function("local", "Scale", ["x"], ["y"], body, [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Scale", ["x"], ["y"], domain="local")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                             functions=[function], ir_version=8)
+
+
+def test_a_tensor_in_a_function_body_is_checked(tmp_path):
+    weight = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w_value")
+    assert _cli("inspect", _write(_with_local_function(weight), tmp_path / "ok.onnx"))[0] == 0
+    weight.raw_data = weight.raw_data[:-2]
+    line = _one_error_line(*_cli("inspect", _write(_with_local_function(weight), tmp_path / "m.onnx")))
+    assert "function" in line and "tensor 'w_value'" in line and "holds 14 bytes" in line
+
+
+def test_a_sparse_initializer_whose_indices_disagree_is_refused(tmp_path):
+    model = generate.build("mlp")
+    values = helper.make_tensor("sparse_w", TensorProto.FLOAT, [2], [1.0, 2.0])
+    indices = helper.make_tensor("sparse_w_idx", TensorProto.INT64, [3], [0, 1, 2])
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [16]))
+    line = _one_error_line(*_cli("inspect", _write(model, tmp_path / "m.onnx")))
+    assert "sparse tensor 'sparse_w'" in line and "[2]" in line and "[3]" in line
+
+
+def test_the_library_call_raises_one_documented_error_not_a_traceback(tmp_path):
+    model = generate.build("subgraphs")
+    _subgraph_weight(model).dims.append(2)
+    with pytest.raises(InputError, match="If.then_branch"):
+        graphpass.run(model, "tie,kmeans,fold", output=tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
