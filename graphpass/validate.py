@@ -77,18 +77,14 @@ def check_tensors(data: bytes) -> None:
     """Raise TensorProblem for the first tensor of the serialized model `data` that is not
     what it declares, wherever it lives (initializers, sparse initializers, Constant and other
     tensor attributes, If/Loop/Scan bodies, function bodies)."""
-    view = data
-    for number, start, end in _fields(view, 0, len(view)):
-        if number == _MODEL_GRAPH:
-            _check_graph(view, start, end, "main")
-        elif number == _MODEL_FUNCTIONS:
-            _check_body(view, start, end, "function", _FUNCTION_NODE)
-
-
-def check_tensor_proto(tensor: TensorProto, where: str = "tensor") -> None:
-    """The same check on one TensorProto (for tensors that never were bytes)."""
-    data = tensor.SerializeToString()
-    _check_tensor(data, 0, len(data), where)
+    try:
+        for number, start, end in _fields(data, 0, len(data)):
+            if number == _MODEL_GRAPH:
+                _check_graph(data, start, end, "main")
+            elif number == _MODEL_FUNCTIONS:
+                _check_body(data, start, end, "function", _FUNCTION_NODE)
+    except IndexError:  # a length that runs past its message: protobuf itself would refuse it
+        raise TensorProblem("malformed protobuf (a field runs past the end of its message)") from None
 
 
 # ---------------------------------------------------------------------------
