@@ -400,3 +400,13 @@ def test_the_library_call_raises_one_documented_error_not_a_traceback(tmp_path):
     with pytest.raises(InputError, match="If.then_branch"):
         graphpass.run(model, "tie,kmeans,fold", output=tmp_path / "o.onnx")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_tie_rows_below_the_lookup_opset_leaves_rows_unshared_with_a_note():
+    """Found by the fuzzer: tie(rows=true) at opset 1 raised inside the lookup lowering (exit 3)."""
+    model = generate.build("conv_repeated_filters")
+    model.opset_import[0].version = 9
+    result = graphpass.run(model, "tie(rows=true)", verify=False)
+    (stats,) = result.report["passes"]
+    assert any("row-index lookups need" in note for note in stats["notes"])
+    assert "rows" not in stats["details"]
