@@ -95,7 +95,9 @@ def run(
     manager = PassManager(pipeline)
     if output is not None:
         check_output_path(Path(output), loaded.path, in_place)
-    reference = loaded.path if loaded.path is not None else serialized_bytes(loaded.proto)
+    # Once load has rewritten declared -1 sizes, the model to compare against is the rewritten one.
+    repaired = loaded.dynamic_minus_one > 0
+    reference = loaded.path if loaded.path is not None and not repaired else serialized_bytes(loaded.proto)
     feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify else None
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
@@ -148,6 +150,8 @@ def run(
     if ctx.model.shape_inference_error:
         report["notes"].append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
                                "the passes worked from the types the model declares")
+    if repaired:
+        report["notes"].append(f"{loaded.dynamic_minus_one} declared size(s) of -1 read as dynamic (and written so)")
     if budget_outputs:
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")

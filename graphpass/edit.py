@@ -351,6 +351,7 @@ def _typed_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = proto.graph
     skeleton = onnx.GraphProto(name=graph.name)
     skeleton.input.extend(graph.input)
+    _forget_huge_dims(skeleton.input)
     skeleton.output.extend(graph.output)
     skeleton.value_info.extend(graph.value_info)
     declared = {v.name for v in graph.input}
@@ -368,6 +369,18 @@ def _typed_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(
         skeleton, ir_version=proto.ir_version, opset_imports=proto.opset_import, functions=proto.functions
     )
+
+
+# onnx's data propagation materialises values derived from input sizes (a Range over a batch
+# dim, say): a declared size this large would have it allocate without bound.
+_INFERENCE_DIM_LIMIT = 2**24
+
+
+def _forget_huge_dims(values) -> None:
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.WhichOneof("value") == "dim_value" and dim.dim_value > _INFERENCE_DIM_LIMIT:
+                dim.Clear()
 
 
 def _count(dims) -> int:

@@ -33,6 +33,7 @@ class LoadedModel:
     path: Path | None
     file_bytes: int | None  # the model file plus its external data, as read from disk
     data_files: tuple[Path, ...] = ()  # the external data files it read, in first-use order
+    dynamic_minus_one: int = 0  # declared sizes of -1 read as dynamic (cleared in `proto`)
 
     def zip_bytes(self) -> int:
         """What the model costs to download: `zip -9` of its file(s)."""
@@ -47,12 +48,14 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedMod
         data = source.SerializeToString()
         _check_tensors(data, "model")
         check_structure(source, label="model")
-        return LoadedModel(source, None, len(data))  # what it would take as a file
+        cleared = clear_minus_one_dims(source, "model")
+        return LoadedModel(source, None, len(data), dynamic_minus_one=cleared)  # what it would take as a file
     if isinstance(source, bytes):
         proto = _parse(source, "model bytes")
         _check_tensors(source, "model bytes")
         check_structure(proto, label="model bytes")
-        return LoadedModel(proto, None, len(source))
+        cleared = clear_minus_one_dims(proto, "model bytes")
+        return LoadedModel(proto, None, len(source), dynamic_minus_one=cleared)
     path = Path(source)
     try:
         data = path.read_bytes()
@@ -66,7 +69,8 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedMod
     _check_tensors(data, str(path))  # before external data is read: its keys and lengths are checked
     external_bytes, data_files = _load_external_data(proto, path)
     check_structure(proto, label=str(path))
-    return LoadedModel(proto, path, len(data) + external_bytes, data_files)
+    cleared = clear_minus_one_dims(proto, str(path))
+    return LoadedModel(proto, path, len(data) + external_bytes, data_files, cleared)
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -78,6 +82,35 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     if proto.ir_version <= 0 or not proto.opset_import or not proto.HasField("graph"):
         raise InputError(f"{label}: not an ONNX model (no IR version, opset or graph)")
     return proto
+
+
+# A declared input size above this is no real input's: refused at load, as a negative one is.
+MAX_DECLARED_DIM = 2**31 - 1
+
+
+def clear_minus_one_dims(proto: onnx.ModelProto, label: str) -> int:
+    """Read a declared size of -1 (older exporters' spelling of "dynamic") as dynamic, in every
+    graph's inputs, outputs and value_info; return how many were cleared. onnx's shape
+    inference takes -1 literally and aborts the process on some models, so it must not see one.
+    A top-level input with another negative or an impossibly large size is refused."""
+    cleared = 0
+    for scope in build_scope_tree(proto):
+        if scope.is_function:
+            continue
+        body = scope.body
+        for kind, values in (("input", body.input), ("output", body.output), ("value", body.value_info)):
+            for value in values:
+                for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                    if dim.WhichOneof("value") != "dim_value" or 0 <= dim.dim_value <= MAX_DECLARED_DIM:
+                        continue
+                    if dim.dim_value != -1 and scope.parent is None and kind == "input":
+                        raise InputError(
+                            f"{label}: input '{value.name}' declares size {dim.dim_value} on axis {axis}, which no "
+                            f"input can have; declare it dynamic (-1 or a name) and give its size with "
+                            f"--shape {value.name}=...")
+                    dim.Clear()  # dynamic; elsewhere than an input it is only a hint
+                    cleared += 1
+    return cleared
 
 
 def _check_tensors(data: bytes, label: str) -> None:

@@ -410,3 +410,39 @@ def test_tie_rows_below_the_lookup_opset_leaves_rows_unshared_with_a_note():
     (stats,) = result.report["passes"]
     assert any("row-index lookups need" in note for note in stats["notes"])
     assert "rows" not in stats["details"]
+
+
+def test_minus_one_dims_on_a_real_export_run_and_are_written_dynamic(tmp_path):
+    """Found by the fuzzer: onnx's shape inference takes -1 literally and aborts the process on
+    magika (std::clamp assertion), so a real process runs it, and load clears every -1."""
+    from fixtures import real_models
+
+    model = onnx.load(real_models.fetch("magika"))
+    for dim in model.graph.input[0].type.tensor_type.shape.dim:
+        if dim.WhichOneof("value") != "dim_value":
+            dim.Clear()
+            dim.dim_value = -1
+    path = _write(model, tmp_path / "m.onnx")
+    done = subprocess.run([sys.executable, "-m", "graphpass.cli", "run", str(path), "--passes", "tie,kmeans",
+                           "--no-cost", "--report", str(tmp_path / "r.json"), "-o", str(tmp_path / "o.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    written = onnx.load(tmp_path / "o.onnx")
+    assert all(d.dim_value >= 0 for v in written.graph.input for d in v.type.tensor_type.shape.dim)
+    import json
+
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("size(s) of -1 read as dynamic" in note for note in notes)
+
+
+def test_an_absurd_declared_size_never_reaches_shape_inference():
+    """Found by the fuzzer: a batch declared 2**40 had onnx's data propagation allocate without
+    bound. Inside the limit of a real input, the inference skeleton forgets such sizes."""
+    from graphpass.edit import _typed_skeleton
+
+    model = generate.build("mlp")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**30
+    skeleton = _typed_skeleton(model)
+    assert skeleton.graph.input[0].type.tensor_type.shape.dim[0].WhichOneof("value") is None
+    assert skeleton.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 64
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2**30  # the model is untouched
