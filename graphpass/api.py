@@ -24,6 +24,7 @@ from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
                              load_model, save_model, serialized_bytes)
+from graphpass.runtimes import usable_adapters
 from graphpass.runtimes.cost import CostBudget, CostCheck, check_cost, seconds_beside
 
 
@@ -48,7 +49,11 @@ class RunResult:
 def budget_failures(checked: verification.VerifyResult | None, cost: CostCheck | None) -> list[str]:
     missed = []
     if checked is not None and not checked.passed:
-        missed.append("verification budget not met")
+        unrun = [name for name, outcome in checked.runtimes.items() if outcome.failed]
+        if unrun:
+            missed.append(f"the output does not run in {', '.join(unrun)}, where its input does")
+        if not all(m.passed for m in checked.outputs.values()):
+            missed.append("verification budget not met")
     if cost is not None:
         missed += cost.failures
     return missed
@@ -73,7 +78,8 @@ def run(
     cost: bool = False,
     cost_budget: CostBudget | None = None,
 ) -> RunResult:
-    """Compress `model` with `passes`; verify the written result in onnxruntime.
+    """Compress `model` with `passes`; verify the written result in onnxruntime and in each
+    target runtime of `deployment` (where the input runs).
 
     The output file appears only when verification passes (or `keep_failed`), and is written
     atomically. Without `output`, the result is written to a temporary folder so that its size
@@ -86,6 +92,8 @@ def run(
     """
     started = time.perf_counter()
     deployment = deployment or Deployment()
+    if verify:
+        usable_adapters(deployment.targets)  # a missing runtime fails before the passes run, not after
     cost_budget = cost_budget or CostBudget()
     if cost_budget.given and not verify:
         raise UsageError("cost budgets are measured on the verification inputs; drop --no-verify to use them")
@@ -127,7 +135,8 @@ def run(
             else:
                 chosen = budget or verification.Budget()
             try:
-                checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs)
+                checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
+                                              runtimes=deployment.targets)
             except verification.ModelLoadError as exc:
                 if exc.role == "candidate":  # the reference loaded at the same level just before
                     raise OutputUnloadable(_describe(pipeline), str(exc)) from None

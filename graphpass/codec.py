@@ -107,6 +107,8 @@ class WeightFilter:
             return f"not a float tensor ({kind}): integer, quantized or index data"
         if weight.overridable:
             return "initializer is also a graph input, so a caller may override it"
+        if weight.pinned:
+            return weight.pinned
         if weight.consumer_ops & _QUANTIZED_OPS:
             return "read by a quantized op (" + ", ".join(sorted(weight.consumer_ops & _QUANTIZED_OPS)) + ")"
         if any(reader in _SHAPE_LIKE_INPUTS for reader in weight.consumers):

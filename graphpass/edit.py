@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
+from graphpass.pinned import pinned_values
 from graphpass.scopes import NameAllocator, Scope, all_value_and_node_names, build_scope_tree, iter_nodes, subgraphs_of
 from graphpass.weights import Replacement, WeightRef, constant_type_and_shape
 
@@ -28,6 +29,8 @@ class Model:
         self.shape_inference_error: str | None = None
         # The weight a pass last read or replaced: named when the pass fails (a bug report's lead).
         self.last_weight: str | None = None
+        self._constant_needs: dict = {}
+        self._pinned: dict[str, str] = {}
 
     # -- reading -------------------------------------------------------------------------
 
@@ -48,8 +51,15 @@ class Model:
     def weights(self) -> list[WeightRef]:
         """Every stored weight, in a deterministic order: by scope, then by position."""
         if self._weights is None:
+            self._pinned = pinned_values(self.proto, self._constant_needs)
             self._weights = [w for scope in self.scopes for w in self._scope_weights(scope)]
         return self._weights
+
+    def keep_constant(self, needs: dict) -> None:
+        """What the target runtimes need kept constant (op type -> rules, from
+        graphpass.runtimes.required_constants); weights that feed those inputs get `pinned`."""
+        self._constant_needs = dict(needs)
+        self._weights = None
 
     def value_types(self) -> dict[str, onnx.TypeProto]:
         """Types and shapes of the top graph's values from onnx shape inference.
@@ -104,12 +114,14 @@ class Model:
                 found.append(WeightRef(
                     self, scope, tensor.name, "initializer", tensor.data_type, tuple(tensor.dims),
                     overridable=tensor.name in graph_inputs, consumers=readers.get(tensor.name, []),
+                    pinned=self._pinned.get(tensor.name),
                 ))
         for node in scope.body.node:
             typed = constant_type_and_shape(node)
             if typed is not None:
                 name = node.output[0]
-                found.append(WeightRef(self, scope, name, "constant", *typed, consumers=readers.get(name, [])))
+                found.append(WeightRef(self, scope, name, "constant", *typed, consumers=readers.get(name, []),
+                                       pinned=self._pinned.get(name)))
         return found
 
     # -- editing -------------------------------------------------------------------------
@@ -122,6 +134,9 @@ class Model:
         when the replacement computed it, so no reader needs to change.
         """
         self.last_weight = weight.name
+        if replacement.takes_over_readers:
+            self._apply_kernel(weight, replacement)
+            return
         if replacement.row_gather is not None and self._apply_row_gather(weight, replacement):
             return
         scope = weight.scope
@@ -178,6 +193,37 @@ class Model:
             scope.body.node.insert(position + offset, node)
         self._edited()
         return True
+
+    def _apply_kernel(self, weight: WeightRef, replacement: Replacement) -> None:
+        """A replacement that took over the weight's readers: they and the weight's definition
+        leave the scope; its nodes go where the first of them was (their inputs, activations and
+        stored tensors, are all defined before it), and its domains are imported."""
+        scope = weight.scope
+        if scope.parent is not None or scope.is_function:
+            raise ValueError("kernel replacements apply to main-graph weights only")
+        self._remove_definition(weight)
+        body = scope.body
+        removed = set(replacement.taken_over)
+        positions = [i for i, node in enumerate(body.node) if node.output and node.output[0] in removed]
+        if len(positions) != len(removed):
+            raise ValueError(f"nodes to take over not found in {scope.path}: {sorted(removed)}")
+        still_read = [n.op_type for n in iter_nodes(body)
+                      if weight.name in n.input and not (n.output and n.output[0] in removed)]
+        if still_read:
+            raise ValueError(f"'{weight.name}' is still read by {', '.join(still_read)} after taking over its readers")
+        for index in reversed(positions):
+            del body.node[index]
+        body.initializer.extend(replacement.tensors)
+        for offset, node in enumerate(replacement.nodes):
+            body.node.insert(positions[0] + offset, node)
+        for domain, version in replacement.domains.items():
+            self._import_domain(domain, version)
+        self._edited()
+
+    def _import_domain(self, domain: str, version: int) -> None:
+        """Add an operator domain to the model's imports (the default domain's version never changes)."""
+        if not any(entry.domain == domain for entry in self.proto.opset_import):
+            self.proto.opset_import.append(helper.make_opsetid(domain, version))
 
     def add_shared_tensor(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
         """Store a tensor that several replacements in `scope` and below will reference."""

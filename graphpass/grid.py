@@ -17,6 +17,7 @@ import numpy as np
 
 from graphpass.lowering import lookup
 from graphpass.codec import Plan
+from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.errors import UsageError
 from graphpass.manager import Pass, PassContext, registered_passes
@@ -40,10 +41,16 @@ class Setting:
         """The setting as a pass spec, e.g. kmeans(bits=3,granularity=channel)."""
         return f"{self.method}({','.join(f'{k}={v}' for k, v in self.options)})"
 
-    def plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None) -> Plan | str:
+    def plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None,
+             hessian: np.ndarray | None = None) -> Plan | str:
+        """`value_weight` and `hessian` (the weight's input second moment) reach codecs that
+        declare they use them (`supports_value_weight`, `supports_hessian`)."""
+        extra = {}
         if value_weight is not None and getattr(self.codec, "supports_value_weight", False):
-            return self.codec.plan(ctx, weight, value_weight=value_weight)
-        return self.codec.plan(ctx, weight)
+            extra["value_weight"] = value_weight
+        if hessian is not None and getattr(self.codec, "supports_hessian", False) and self.codec.config.get("gptq"):
+            extra["hessian"] = hessian
+        return self.codec.plan(ctx, weight, **extra)
 
     def expected_bytes(self, weight: WeightRef, model: Model) -> int:
         return self.codec.expected_bytes(weight, model)
@@ -137,11 +144,33 @@ def is_codec(cls: type[Pass]) -> bool:
     return all(hasattr(cls, method) for method in ("plan", "expected_bytes", "effect_key", "row_local"))
 
 
-def candidate_settings(config: dict[str, Any], model: Model) -> list[Setting]:
+# --objective memory: what the compressed kernels take and run fast (MatMulNBits 4 bits in
+# onnxruntime, GatherBlockQuantized 4/8; blocks a power of two >= 16), searched per weight by auto.
+MEMORY_METHODS = ("uniform",)
+MEMORY_BITS = (4, 8)
+MEMORY_BLOCKS = (32, 64, 128)
+
+
+def kernel_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[dict[str, Any]]:
+    """Affine block settings the memory objective lowers to compressed kernels: each of `bits`
+    the kernels take, in blocks of 32, 64 and 128 (the chooser drops what a weight's kernel
+    cannot take or runs slowly, e.g. 8-bit MatMulNBits in onnxruntime)."""
+    bits = [b for b in _bits(config) if b in MEMORY_BITS]
+    gptq = {"gptq": True} if config.get("gptq") else {}
+    return [{"bits": b, "granularity": "group", "group_size": size, "lower": "kernel", **gptq}
+            for b in bits for size in MEMORY_BLOCKS]
+
+
+def candidate_settings(config: dict[str, Any], model: Model, deployment: Deployment | None = None) -> list[Setting]:
     """Every setting of the grid `config` describes: `methods`, `bits` and `granularities`
-    (|-separated), `group_size`, and the weight filter options every codec shares."""
+    (|-separated), `group_size`, and the weight filter options every codec shares.
+
+    Under `--objective memory` the default methods are the affine ones the targets keep
+    compressed, on `kernel_grid`; other methods asked for by name keep their own grids (and
+    their lookups are rebuilt dense at load, which their passes report)."""
     passes = registered_passes()
-    methods = _tokens(config["methods"]) or list(DEFAULT_METHODS)
+    memory = deployment is not None and deployment.objective == "memory"
+    methods = _tokens(config["methods"]) or list(MEMORY_METHODS if memory else DEFAULT_METHODS)
     settings = []
     for method in methods:
         cls = passes.get(method)
@@ -149,6 +178,7 @@ def candidate_settings(config: dict[str, Any], model: Model) -> list[Setting]:
             codecs = [name for name, c in passes.items() if is_codec(c)]
             raise UsageError(f"method '{method}' is not a weight codec; valid: {', '.join(codecs)}")
         shared = {o.name: config[o.name] for o in cls.options if o.name in ("min_size", "include", "exclude")}
-        for options in SETTING_GRIDS.get(method, binning_grid)(cls, config, model):
+        grid = kernel_grid if memory and method in MEMORY_METHODS else SETTING_GRIDS.get(method, binning_grid)
+        for options in grid(cls, config, model):
             settings.append(Setting(method, tuple(options.items()), cls(**{**shared, **options})))
     return settings

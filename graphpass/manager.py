@@ -19,6 +19,7 @@ from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.errors import ConditionError, GraphpassError, PassFailed, UsageError
 from graphpass.model import find_structure_problem
+from graphpass.runtimes import required_constants
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class PassContext:
                  deployment: Deployment | None = None):
         self.model = model
         self.deployment = deployment or Deployment()
+        # Weights a target runtime needs as constants stay as they are (WeightRef.pinned).
+        model.keep_constant(required_constants(self.deployment.targets))
         self._progress = progress
         self.budget = budget
         self.budget_outputs = budget_outputs

@@ -103,8 +103,9 @@ def shared_row_tables(ctx: PassContext, tol: float) -> list[SharedRows]:
 
 def _may_repeat(weight: WeightRef) -> bool:
     # Our own codebooks and indices are tables already: sharing their rows would only add nodes.
+    # A weight a target runtime needs constant cannot become a row lookup.
     return (weight.is_float and len(weight.shape) >= 2 and weight.size >= RELATED_MIN_SIZE
-            and not weight.overridable and not is_lookup_table(weight))
+            and not weight.overridable and not weight.pinned and not is_lookup_table(weight))
 
 
 def find_shared_rows(weights: list[WeightRef], tol: float, index_bytes: IndexBytes,

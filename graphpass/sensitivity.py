@@ -270,6 +270,22 @@ def input_channel_energy(model: Model, weights: Sequence[WeightRef], inputs: Map
     return {weight: _energy(captured, uses) for weight, uses in readers.items()}
 
 
+def input_covariance(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
+                     ) -> dict[str, np.ndarray]:
+    """For each 2-D weight read as a main-graph MatMul's right operand (or Gemm's B), the second
+    moment X^T X / rows [in, in] of the activations it multiplies: the Hessian of the output's
+    squared error in the weight's input axis, which GPTQ-style error feedback needs (its
+    diagonal is `input_channel_energy`)."""
+    readers = _matmul_readers(model, weights)
+    captured = _capture(model, inputs, {act for uses in readers.values() for act, _ in uses})
+    found = {}
+    for weight, uses in readers.items():
+        rows = [np.asarray(captured[act], dtype=np.float64).reshape(-1, np.shape(captured[act])[-1]) for act, _ in uses]
+        stacked = np.concatenate(rows)
+        found[weight] = stacked.T @ stacked / max(len(stacked), 1)
+    return found
+
+
 def gathered_rows(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
                   ) -> dict[str, np.ndarray]:
     """For each weight read only as the table of main-graph Gathers on axis 0 (an embedding), the

@@ -1,11 +1,16 @@
-"""Verification engine: run a reference and a candidate ONNX model in onnxruntime
-on the same inputs and check that every output stays within a numeric budget.
+"""Verification engine: run a reference and a candidate ONNX model in onnxruntime (and in
+the other target runtimes) on the same inputs and check that every output stays within a
+numeric budget.
 
-Each model runs once per optimisation level (by default ORT_ENABLE_ALL, called
+Each model runs once per onnxruntime optimisation level (by default ORT_ENABLE_ALL, called
 "default", and ORT_DISABLE_ALL). At each level the candidate is compared with the
 reference at that same level, so the check sees what a deployment sees (fused
-kernels) and what the graph literally says (no fusion). Each output reports the
-worst figure across levels, and the figures for each level.
+kernels) and what the graph literally says (no fusion). Each other target runtime
+(graphpass.runtimes: openvino, tract) is one more level, named after it, where the
+candidate is compared with the reference run in that runtime. A reference that does not run
+in a runtime leaves that runtime out with a note; a candidate that does not run where its
+reference does fails. Each output reports the worst figure across levels, each level's
+figures, and each runtime's worst.
 
 Metric definitions. Float outputs are compared in float64, over the positions
 where both reference and candidate are finite. d = candidate - reference.
@@ -43,21 +48,24 @@ must match exactly.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import math
 import os
 import re
+import tempfile
 import zlib
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from graphpass.runtimes import Runtime, RuntimeFailure, usable_adapters
+from graphpass.runtimes.onnxruntime import OPTIMIZATION_LEVELS, OnnxRuntime
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
@@ -136,13 +144,7 @@ LOSSLESS_BUDGET = Budget(atol=1e-5, rtol=1e-4)
 # Constants (documented choices)
 # ---------------------------------------------------------------------------
 
-OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
-    "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-}
+ONNXRUNTIME = "onnxruntime"
 DEFAULT_LEVELS: tuple[str, ...] = ("default", "disable_all")
 
 # Floor for the max_rel_error denominator, as a fraction of the output's max |ref|.
@@ -173,7 +175,6 @@ INDEX_PASSTHROUGH_OPS = frozenset(
 SHAPE_PRESERVING_OPS = frozenset({"Cast", "Identity", "DequantizeLinear"})
 _LENGTH_NAME = re.compile(r"length|(?:^|[_.])(?:seq_?)?lens?(?:[_.]|$)")
 
-_BFLOAT16 = np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
 
 # ---------------------------------------------------------------------------
 # Result types
@@ -216,11 +217,13 @@ class LevelMetrics(Figures):
 
 @dataclass
 class OutputMetrics(Figures):
-    """One output: the worst figures across levels, plus each level's figures."""
+    """One output: the worst figures across levels (and runtimes), each level's figures, and
+    each runtime's worst (onnxruntime: the worse of its levels)."""
 
     passed: bool = True
     failure: str | None = None
     per_level: dict[str, LevelMetrics] = field(default_factory=dict)
+    per_runtime: dict[str, OutputMetrics] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -228,7 +231,38 @@ class OutputMetrics(Figures):
             "passed": self.passed,
             "failure": self.failure,
             "per_level": {level: m.to_dict() for level, m in self.per_level.items()},
+            "per_runtime": {name: {**m.figures_dict(), "passed": m.passed, "failure": m.failure}
+                            for name, m in self.per_runtime.items()},
         }
+
+
+COMPARED = "compared"
+INPUT_DOES_NOT_RUN = "input does not run"
+OUTPUT_DOES_NOT_RUN = "output does not run"
+
+
+@dataclass
+class RuntimeOutcome:
+    """What verification did in one runtime: compared at `levels`, or why it could not.
+
+    `stage` and `reason` say where the runtime failed (load, inputs, run) and its own words.
+    An input that does not run there is a note, not a failure: that runtime says nothing of
+    the candidate. An output that does not run where its input does is a failure."""
+
+    levels: list[str]
+    status: str = COMPARED
+    stage: str | None = None
+    reason: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == OUTPUT_DOES_NOT_RUN
+
+    def message(self, runtime: str) -> str | None:
+        return None if self.status == COMPARED else f"{self.status} in {runtime}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "levels": list(self.levels), "stage": self.stage, "reason": self.reason}
 
 
 @dataclass
@@ -237,11 +271,17 @@ class VerifyResult:
     budget: dict
     levels: list[str]
     outputs: dict[str, OutputMetrics]
+    runtimes: dict[str, RuntimeOutcome] = field(default_factory=dict)
 
     @property
     def failures(self) -> dict[str, str]:
         """Output name -> failure message, for the outputs that failed."""
         return {name: m.failure or "failed" for name, m in self.outputs.items() if not m.passed}
+
+    @property
+    def runtime_notes(self) -> list[str]:
+        """One line per runtime that was not compared: a note for the input, a failure for the output."""
+        return [message for name, outcome in self.runtimes.items() if (message := outcome.message(name))]
 
     def to_dict(self) -> dict:
         """Strict-JSON-safe dict (non-finite floats become None)."""
@@ -250,6 +290,7 @@ class VerifyResult:
             "budget": {k: _json_float(v) for k, v in self.budget.items()},
             "levels": list(self.levels),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
+            "runtimes": {name: outcome.to_dict() for name, outcome in self.runtimes.items()},
         }
 
 
@@ -605,31 +646,89 @@ def verify(
     *,
     levels: Sequence[str] = DEFAULT_LEVELS,
     budget_outputs: Sequence[str] | None = None,
+    runtimes: Sequence[str] = (ONNXRUNTIME,),
 ) -> VerifyResult:
-    """Run both models at each level on `inputs` and compare each reference output with
-    the candidate output of the same name. Inputs the models do not take are ignored.
-    Extra candidate outputs are ignored. With `budget_outputs`, only those outputs are held
-    to `budget`; the others get the structural checks (missing, misshapen, non-finite).
-    Raises VerifyInputError when a model cannot be loaded or run, or when an input is
-    missing."""
+    """Run both models at each onnxruntime level, and in each other runtime of `runtimes`, on
+    `inputs` and compare each reference output with the candidate output of the same name
+    (run in the same runtime). Inputs the models do not take are ignored. Extra candidate
+    outputs are ignored. With `budget_outputs`, only those outputs are held to `budget`; the
+    others get the structural checks (missing, misshapen, non-finite).
+
+    onnxruntime always runs: a model it cannot load or run raises VerifyInputError. In another
+    runtime, a reference that does not run there is a note (that runtime says nothing of the
+    candidate); a candidate that does not run where the reference does fails verification.
+    A runtime that is not installed raises RuntimeUnavailable."""
     levels = _checked_levels(levels)
+    others = [r for r in usable_adapters(list(dict.fromkeys(runtimes))) if r.name != ONNXRUNTIME]
     reference, candidate = _as_source(reference), _as_source(candidate)
     same_model = _source_key(reference) == _source_key(candidate)
     per_output: dict[str, dict[str, LevelMetrics]] = defaultdict(dict)
+    comparison = _Comparison(per_output, budget, budget_outputs)
+    outcomes = {ONNXRUNTIME: RuntimeOutcome(list(levels))}
     for level in levels:
-        ref_outputs = _run_model(reference, "reference", level, inputs)
+        ref_outputs = _run_in_onnxruntime(reference, "reference", level, inputs)
         # One session per (model, level): an identical candidate reuses the reference run.
-        cand_outputs = ref_outputs if same_model else _run_model(candidate, "candidate", level, inputs)
-        for name, ref_value in ref_outputs.items():
-            held = budget if budget_outputs is None or name in budget_outputs else Budget()
-            per_output[name][level] = compare_arrays(name, ref_value, cand_outputs.get(name), held)
-    outputs = {name: _summarise_levels(per_level) for name, per_level in per_output.items()}
+        cand_outputs = ref_outputs if same_model else _run_in_onnxruntime(candidate, "candidate", level, inputs)
+        comparison.add(level, ref_outputs, cand_outputs)
+    if others:
+        with _as_files(reference, candidate) as (reference_path, candidate_path):
+            for runtime in others:
+                outcomes[runtime.name] = _verify_in(runtime, reference_path, candidate_path, same_model,
+                                                    inputs, comparison)
+    compared = [level for outcome in outcomes.values() for level in outcome.levels]
+    outputs = {name: _summarise_output(per_level, outcomes) for name, per_level in per_output.items()}
     return VerifyResult(
-        passed=all(m.passed for m in outputs.values()),
+        passed=all(m.passed for m in outputs.values()) and not any(o.failed for o in outcomes.values()),
         budget=budget.to_dict(),
-        levels=list(levels),
+        levels=compared,
         outputs=outputs,
+        runtimes=outcomes,
     )
+
+
+@dataclass
+class _Comparison:
+    """Collects each output's figures at each level (an onnxruntime level or another runtime)."""
+
+    per_output: dict[str, dict[str, LevelMetrics]]
+    budget: Budget
+    budget_outputs: Sequence[str] | None
+
+    def add(self, level: str, ref_outputs: Mapping[str, np.ndarray], cand_outputs: Mapping[str, np.ndarray]) -> None:
+        for name, ref_value in ref_outputs.items():
+            held = self.budget if self.budget_outputs is None or name in self.budget_outputs else Budget()
+            self.per_output[name][level] = compare_arrays(name, ref_value, cand_outputs.get(name), held)
+
+
+def _verify_in(runtime: Runtime, reference: str, candidate: str, same_model: bool,
+               inputs: Mapping[str, np.ndarray], comparison: _Comparison) -> RuntimeOutcome:
+    """Compare in one runtime other than onnxruntime, at its one level."""
+    try:
+        ref_outputs = runtime.open(reference, inputs).run(inputs)
+    except RuntimeFailure as failure:
+        return RuntimeOutcome([], INPUT_DOES_NOT_RUN, failure.stage, failure.detail)
+    try:
+        cand_outputs = ref_outputs if same_model else runtime.open(candidate, inputs).run(inputs)
+    except RuntimeFailure as failure:
+        return RuntimeOutcome([], OUTPUT_DOES_NOT_RUN, failure.stage, failure.detail)
+    level = runtime.levels[0]
+    # Outputs onnxruntime gave define what is compared; a runtime that drops one fails on it.
+    named = {name: ref_outputs.get(name) for name in comparison.per_output}
+    if any(value is None for value in named.values()):
+        lost = ", ".join(name for name, value in named.items() if value is None)
+        return RuntimeOutcome([], INPUT_DOES_NOT_RUN, "run", f"gives no output {lost}")
+    comparison.add(level, named, cand_outputs)
+    return RuntimeOutcome([level])
+
+
+def _summarise_output(per_level: dict[str, LevelMetrics], outcomes: Mapping[str, RuntimeOutcome]) -> OutputMetrics:
+    """The worst figures over every level of every runtime, and each runtime's own worst."""
+    summary = _summarise_levels(per_level)
+    for name, outcome in outcomes.items():
+        own = {level: per_level[level] for level in outcome.levels if level in per_level}
+        if own:
+            summary.per_runtime[name] = _summarise_levels(own)
+    return summary
 
 
 def budget_output_names(proto: onnx.ModelProto, names: Sequence[str] | None) -> list[str]:
@@ -669,70 +768,41 @@ def _source_key(source: str | bytes) -> tuple[str, str]:
     return ("path", os.path.realpath(source))
 
 
-def _run_model(source: str | bytes, role: str, level: str,
-               inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = _open_session(source, role, level)
-    feed = _build_feed(session, inputs, role)
-    output_names = [o.name for o in session.get_outputs()]
-    try:
-        if any(o.type == "tensor(bfloat16)" for o in session.get_outputs()):
-            values = _run_with_ort_values(session, output_names, feed)
-        else:
-            values = session.run(output_names, feed)
-    except Exception as exc:  # onnxruntime raises several unrelated exception types
-        raise VerifyInputError(
-            f"onnxruntime failed to run the {role} model at level {level}: {_one_line(exc)} "
-            "(give real inputs with --inputs, or sizes of dynamic dims with --shape)") from exc
-    return {name: np.asarray(value) for name, value in zip(output_names, values)}
+@contextmanager
+def _as_files(*sources: str | bytes):
+    """Paths for runtimes that read models only from files: serialized models go to a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="graphpass-verify-") as folder:
+        paths = []
+        for index, source in enumerate(sources):
+            if isinstance(source, bytes):
+                path = Path(folder) / f"model{index}.onnx"
+                path.write_bytes(source)
+                source = str(path)
+            paths.append(source)
+        yield paths
 
 
-def _open_session(source: str | bytes, role: str, level: str) -> ort.InferenceSession:
+def _run_in_onnxruntime(source: str | bytes, role: str, level: str,
+                        inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One model at one onnxruntime level, its failures worded as verification input errors."""
     if isinstance(source, str) and not Path(source).is_file():
         raise VerifyInputError(f"{role} model not found: {source}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
-    # Fatal only: ORT's own error lines would duplicate the one-line error we raise.
-    options.log_severity_level = 4
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelLoadError(
-            f"onnxruntime cannot load the {role} model (level {level}): {_one_line(exc)}", role) from exc
+        return OnnxRuntime().open(source, inputs, level).run(inputs)
+    except RuntimeFailure as failure:
+        message = _onnxruntime_message(failure, role, level)
+        if failure.stage == "load":
+            raise ModelLoadError(message, role) from failure
+        raise VerifyInputError(message) from failure
 
 
-def _build_feed(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], role: str) -> dict:
-    required = [i.name for i in session.get_inputs()]
-    missing = [name for name in required if name not in inputs]
-    if missing:
-        raise VerifyInputError(
-            f"no value for {role} model input(s) {', '.join(missing)} "
-            f"(provided: {', '.join(sorted(inputs)) or 'none'})")
-    # Initializers listed as graph inputs may be overridden, but only when asked to.
-    overridable = [i.name for i in session.get_overridable_initializers() if i.name in inputs]
-    return {name: _to_ort_input(np.asarray(inputs[name])) for name in required + overridable}
-
-
-def _to_ort_input(array: np.ndarray):
-    # onnxruntime's numpy bridge has no bfloat16; hand it the raw bits with the ONNX type.
-    if array.dtype == _BFLOAT16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-            np.ascontiguousarray(array).view(np.uint16), TensorProto.BFLOAT16)
-    return array
-
-
-def _run_with_ort_values(session, output_names, feed) -> list[np.ndarray]:
-    ort_feed = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
-                for name, value in feed.items()}
-    return [_ort_value_to_numpy(value) for value in session.run_with_ort_values(output_names, ort_feed)]
-
-
-def _ort_value_to_numpy(value: ort.OrtValue) -> np.ndarray:
-    if value.data_type() != "tensor(bfloat16)":
-        return value.numpy()
-    # OrtValue.numpy() refuses bfloat16: copy the CPU buffer and reinterpret it.
-    size = value.tensor_size_in_bytes()
-    raw = ctypes.string_at(value.data_ptr(), size) if size else b""
-    return np.frombuffer(raw, dtype=np.uint16).view(_BFLOAT16).reshape(value.shape()).copy()
+def _onnxruntime_message(failure: RuntimeFailure, role: str, level: str) -> str:
+    if failure.stage == "load":
+        return f"onnxruntime cannot load the {role} model (level {level}): {failure.detail}"
+    if failure.stage == "inputs":
+        return failure.detail.replace("no value for model", f"no value for {role} model", 1)
+    return (f"onnxruntime failed to run the {role} model at level {level}: {failure.detail} "
+            "(give real inputs with --inputs, or sizes of dynamic dims with --shape)")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -883,23 +953,34 @@ _COLUMNS = ("output", "max abs", "max rel", "mean abs", "cosine", "SNR dB", "arg
 
 
 def render_table(result: VerifyResult) -> str:
-    """Plain-text comparison summary: one row per output, failure reasons, verdict."""
-    rows = [_COLUMNS] + [_table_row(name, m) for name, m in result.outputs.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+    """Plain-text comparison summary: one row per output (per output and runtime when more
+    than onnxruntime ran), failure reasons, runtime notes, verdict."""
+    by_runtime = set(result.runtimes) - {ONNXRUNTIME}
+    columns = _COLUMNS[:1] + ("runtime",) + _COLUMNS[1:] if by_runtime else _COLUMNS
+    rows = [columns]
+    for name, m in result.outputs.items():
+        if by_runtime:
+            rows += [(name, runtime, *_figure_cells(own)) for runtime, own in m.per_runtime.items()]
+        else:
+            rows.append((name, *_figure_cells(m)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) if i < len(columns) - len(_COLUMNS) + 1 else cell.rjust(width)
                        for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
              for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines += [f"  {name}: {message}" for name, message in result.failures.items()]
+    for name, outcome in result.runtimes.items():
+        message = outcome.message(name)
+        if message:
+            lines.append(f"  {'FAIL' if outcome.failed else 'note'}: {message}")
     verdict = "PASSED" if result.passed else "FAILED"
     budget = Budget(**result.budget).describe()
     lines.append(f"verification {verdict} (budget: {budget}; levels: {', '.join(result.levels)})")
     return "\n".join(lines)
 
 
-def _table_row(name: str, m: OutputMetrics) -> tuple[str, ...]:
+def _figure_cells(m: OutputMetrics) -> tuple[str, ...]:
     return (
-        name,
         _format_number(m.max_abs_error, "{:.3e}"),
         _format_number(m.max_rel_error, "{:.3e}"),
         _format_number(m.mean_abs_error, "{:.3e}"),

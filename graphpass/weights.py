@@ -76,6 +76,9 @@ class WeightRef:
     shape: tuple[int, ...]
     overridable: bool = False  # an initializer also listed as a graph input: the caller may feed it
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (op_type, input index) of readers
+    # Why a target runtime needs this weight kept a plain stored tensor (graphpass.pinned), or None:
+    # it may then be shared as it is (an exact tie), never rebuilt by nodes at load time.
+    pinned: str | None = None
 
     @property
     def size(self) -> int:
@@ -203,6 +206,8 @@ class Replacement:
         self.weight = weight
         self.nodes: list[NodeProto] = []
         self.tensors: list[TensorProto] = []
+        self.taken_over: list[str] = []  # first outputs of the nodes this replacement removes
+        self.domains: dict[str, int] = {}  # operator domains its nodes need imported
         self._names = weight.model.names
         # Set by a lowering that can also decode just the rows a Gather picks (an object with
         # `decode(replacement, indices) -> rows`); the core uses it when every reader gathers rows.
@@ -223,3 +228,26 @@ class Replacement:
         node_name = self._names.fresh(f"{self.weight.name}.{role}.node")
         self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=node_name, **attrs))
         return output
+
+    # -- taking over the readers -----------------------------------------------------------
+    # A runtime's compressed kernel (MatMulNBits, say) reads the packed weight and the
+    # activation together, so it replaces the weight's reader node rather than computing the
+    # weight. Such a replacement names the nodes it takes over (every reader of the weight, and
+    # nodes folded into the kernel, like a bias Add) and adds nodes writing their outputs.
+
+    def take_over(self, node: NodeProto) -> None:
+        """`node` leaves the graph; this replacement's nodes write its outputs instead."""
+        self.taken_over.append(node.output[0])
+
+    def kernel_node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], role: str, *,
+                    domain: str = "", domain_version: int = 1, **attrs) -> None:
+        """A node writing the given outputs (those of a node taken over), in `domain`."""
+        node_name = self._names.fresh(f"{self.weight.name}.{role}.node")
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=node_name, domain=domain or None,
+                                           **attrs))
+        if domain:
+            self.domains[domain] = domain_version
+
+    @property
+    def takes_over_readers(self) -> bool:
+        return bool(self.taken_over)

@@ -42,9 +42,12 @@ from graphpass.lowering import lookup
 from graphpass.codec import (
     CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, layout_for, scope_opset, sqnr_db, sqnr_figure,
 )
+from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
+from graphpass.errors import UsageError
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
+from graphpass.sensitivity import input_channel_energy, input_covariance
 from graphpass.weights import Replacement, WeightRef
 
 # Fitting is numpy work that releases the GIL for long stretches: two threads use both cores.
@@ -66,6 +69,10 @@ COMMON_OPTIONS = (
 _SHAPING_OPTIONS = frozenset({"bits", "k", "granularity", "group_size"})
 
 _CODEBOOK_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+# Activation energy below this fraction of the mean still counts a little (as auto's): a channel
+# silent on the calibration inputs may not be silent on others.
+ENERGY_FLOOR = 1e-2
 
 # ---------------------------------------------------------------------------------------------
 # The engine
@@ -110,7 +117,7 @@ class BinningPass(Pass):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.options = tuple(cls.method_options) + COMMON_OPTIONS
+        cls.options = tuple(cls.method_options) + COMMON_OPTIONS + tuple(getattr(cls, "options_after", ()))
 
     def fit_groups(self, values: np.ndarray) -> tuple[binning.Binning, dict[str, Any]]:
         """Codebook per row of `values` [groups, n]; extra figures for the report."""
@@ -137,7 +144,15 @@ class BinningPass(Pass):
         result.changed = bool(tensors)
         result.details = self._details(tensors)
         result.notes.extend(self._notes(tensors))
+        if ctx.deployment.objective == "memory" and tensors:
+            for tensor in tensors:
+                tensor["memory"] = self.memory_note()
+            result.notes.append(f"{self.name}: {len(tensors)} weights: {self.memory_note()} (--objective memory)")
         return result
+
+    def memory_note(self) -> str:
+        """What runtimes do with this pass's lookups, said under --objective memory."""
+        return NON_AFFINE_NOTE
 
     def plan(self, ctx: PassContext, weight: WeightRef, *, value_weight: np.ndarray | None = None) -> Plan | str:
         """This pass's plan for one weight (graphpass.codec.WeightCodec), or why it stays as it is.
@@ -397,12 +412,136 @@ class UniformPass(BinningPass):
     summary = "evenly spaced codebook per tensor, channel or group; may lower to DequantizeLinear"
     method_options = (
         _BITS,
-        Option("symmetric", bool, False, "a grid symmetric around zero"),
-        Option("lower", str, "lookup", "lookup: GatherElements table; dequantize: DequantizeLinear "
-               "(UINT4 blocked at opset >= 21, which onnxruntime fuses into MatMulNBits; its default "
-               "accuracy level moves outputs by about 1e-2)",
-               choices=("lookup", "dequantize")),
+        Option("symmetric", bool, False, "a grid symmetric around zero (lookups; kernels fit a zero point per block)"),
+        Option("lower", str, "auto", "lookup: GatherElements table; dequantize: DequantizeLinear (UINT4 blocked "
+               "at opset >= 21, which onnxruntime fuses into MatMulNBits; its default accuracy level moves outputs "
+               "by about 1e-2); kernel: what the targets keep compressed in memory (MatMulNBits, "
+               "GatherBlockQuantized; granularity=group, group_size the block, ranges fitted for the least "
+               "activation-weighted error), a weight no kernel reads left as is with the reason; auto: lookup, "
+               "or under --objective memory kernel with a lookup (and the reason) where no kernel reads the weight",
+               choices=("auto", "lookup", "dequantize", "kernel")),
     )
+
+    # Kernel plans weight each value's error by its activation energy, and with gptq use the
+    # input second moment, when auto gives them.
+    supports_value_weight = True
+    supports_hessian = True
+    options_after = (
+        Option("gptq", bool, False, "lower=kernel: GPTQ error feedback on MatMul weights with the second moment "
+               "of their inputs on the calibration inputs (--inputs): lowers the layer's output error rather "
+               "than the weight's"),
+    )
+
+    def call(self, ctx: PassContext) -> PassResult:
+        if not self._lowers_to_kernel(ctx):
+            return super().call(ctx)
+        result = PassResult()
+        weight_filter = WeightFilter.from_config(self.config)
+        keys = []
+        for weight in ctx.model.weights():
+            reason = weight_filter.reason_to_skip(weight)
+            if reason:
+                result.skip(weight.name, reason)
+            else:
+                keys.append((weight.scope.path, weight.name))
+        energy = self._activation_energy(ctx, keys)
+        hessians = self._input_covariance(ctx, keys)
+        tensors, deferred = [], []
+        with ctx.progress(f"{self.name}: block-quantizing weights", len(keys)) as advance:
+            # Kernels first: a bias they fold in must still be a plain initializer then; the
+            # fallbacks after (a folded bias is read by MatMulNBits by then, and stays).
+            for key in keys:
+                plan = self._fresh_plan(ctx, weight_filter, key, energy, hessians)
+                if isinstance(plan, Plan) and "lowering" in plan.details:
+                    plan.apply()
+                    tensors.append(plan.details)
+                    advance(1)
+                else:
+                    deferred.append(key)
+            for key in deferred:
+                plan = self._fresh_plan(ctx, weight_filter, key, energy, hessians)
+                if isinstance(plan, str):
+                    result.skip(key[1], plan)
+                else:
+                    plan.apply()
+                    tensors.append(plan.details)
+                advance(1)
+        result.tensors_changed = len(tensors)
+        result.changed = bool(tensors)
+        result.details = {"method": self.name, "tensors": tensors,
+                          "bytes_before": sum(t["bytes_before"] for t in tensors),
+                          "bytes_after": sum(t["bytes_after"] for t in tensors)}
+        result.notes.extend(_kernel_notes(self.name, tensors))
+        return result
+
+    def _fresh_plan(self, ctx: PassContext, weight_filter: WeightFilter, key, energy, hessians) -> Plan | str:
+        """The plan for a weight found afresh: taking over readers makes earlier handles stale."""
+        weight = {(w.scope.path, w.name): w for w in ctx.model.weights()}.get(key)
+        if weight is None:
+            return "replaced by an earlier kernel"
+        return weight_filter.reason_to_skip(weight) or self.plan(ctx, weight, value_weight=energy.get(key[1]),
+                                                                 hessian=hessians.get(key[1]))
+
+    def plan(self, ctx: PassContext, weight: WeightRef, *, value_weight: np.ndarray | None = None,
+             hessian: np.ndarray | None = None) -> Plan | str:
+        """Under the kernel lowering, the chooser's plan; a weight no kernel of the run's targets
+        can read falls back to the lookup, and its plan says why (details.memory)."""
+        if not self._lowers_to_kernel(ctx):
+            return super().plan(ctx, weight, value_weight=value_weight)
+        reason = self._kernel_reason(weight)
+        if reason is None:
+            found = compressed_plan(weight, ctx.deployment, self.config["bits"], self.config["group_size"], value_weight,
+                                    hessian=hessian)
+            if not isinstance(found, str):
+                return found
+            reason = found
+        if self.config["lower"] == "kernel":
+            return reason  # asked for a kernel: no lookup in its place
+        fallback = super().plan(ctx, weight)
+        if isinstance(fallback, str):
+            return f"{reason}; and as a lookup: {fallback}"
+        fallback.details["memory"] = f"rebuilt dense at load: {reason}"
+        return fallback
+
+    def memory_note(self) -> str:
+        if self.config["lower"] == "dequantize":
+            return ("lower=dequantize stays compressed in onnxruntime only as blocked UINT4 DequantizeLinear + MatMul "
+                    "(opset >= 21, fused into MatMulNBits) and is rebuilt dense at load otherwise; lower=kernel keeps "
+                    "weights compressed at any opset")
+        return f"lower={self.config['lower']} is rebuilt dense at load by onnxruntime; lower=kernel keeps weights compressed"
+
+    def _lowers_to_kernel(self, ctx: PassContext) -> bool:
+        lower = self.config["lower"]
+        return lower == "kernel" or (lower == "auto" and ctx.deployment.objective == "memory")
+
+    def _kernel_reason(self, weight: WeightRef) -> str | None:
+        if self.config["granularity"] != "group":
+            return "compressed kernels quantize per block: granularity=group sets it"
+        if self.config["outliers"] > 0:
+            return "compressed kernels keep no exact outliers"
+        return None
+
+    def _activation_energy(self, ctx: PassContext, keys) -> dict[str, np.ndarray]:
+        """Activation energy of MatMul weights' input channels on the run's calibration inputs
+        (none given: every value's error counts the same)."""
+        if not ctx.calibration_inputs:
+            return {}
+        names = {name for _, name in keys}
+        weights = [w for w in ctx.model.weights() if w.name in names]
+        energy = input_channel_energy(ctx.model, weights, ctx.calibration_inputs)
+        return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
+
+    def _input_covariance(self, ctx: PassContext, keys) -> dict[str, np.ndarray]:
+        """With gptq: the second moment of each MatMul weight's inputs on the calibration inputs."""
+        if not self.config["gptq"]:
+            return {}
+        if not ctx.calibration_inputs:
+            raise UsageError("uniform(gptq=true) needs calibration inputs: give --inputs")
+        names = {name for _, name in keys}
+        return input_covariance(ctx.model, [w for w in ctx.model.weights() if w.name in names], ctx.calibration_inputs)
+
+    def fit_weighted(self, values, sample_weight):
+        return self.fit_groups(values)  # the lookup's even grid ignores weights; kernel plans use them
 
     def fit_groups(self, values):
         found = binning.uniform(values, 2 ** self.config["bits"], symmetric=self.config["symmetric"])
@@ -411,6 +550,10 @@ class UniformPass(BinningPass):
         return found, {}
 
     def predicted_bytes(self, weight, layout, opset, ir_version):
+        if self.config["lower"] == "kernel":
+            bits, block = self.config["bits"], self.config["group_size"]
+            blocks = -(-weight.size // block)
+            return (weight.size * bits + 7) // 8 + blocks * lookup.np_dtype(weight.dtype).itemsize + (blocks * bits + 7) // 8
         if self.config["lower"] == "dequantize" and lookup.dequantize_supported(layout, opset):
             top_level = np.array([2 ** self.config["bits"] - 1])
             bits = 4 if lookup.dequantize_packing(top_level, opset, ir_version) == "uint4" else 8
@@ -449,6 +592,17 @@ class UniformPass(BinningPass):
             notes.append(f"{len(lookups)} tensors stay lookups: DequantizeLinear needs opset 13 for "
                          "per-channel and opset 21 for per-group scales")
         return notes
+
+
+def _kernel_notes(name: str, tensors: list[dict[str, Any]]) -> list[str]:
+    kernels = Counter(t["lowering"] for t in tensors if "lowering" in t)
+    notes = [f"{name}: {count} weights kept compressed in memory by {op}" for op, count in sorted(kernels.items())]
+    dense = [t for t in tensors if "memory" in t]
+    for reason, count in Counter(t["memory"] for t in dense).most_common():
+        names = [t["name"] for t in dense if t["memory"] == reason]
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        notes.append(f"{name}: {count} weights stay lookups, {reason} ({shown})")
+    return notes
 
 
 def integer_zero_point(found: binning.Binning, values: np.ndarray) -> binning.Binning:

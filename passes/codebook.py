@@ -80,6 +80,7 @@ from scipy.spatial import cKDTree
 from threadpoolctl import ThreadpoolController
 
 from graphpass.lowering import lookup
+from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.analysis import common_scope
 from graphpass.codec import (
     CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, output_channel_axis, scope_opset, sqnr_db,
@@ -592,6 +593,8 @@ class CodebookPass(Pass):
         result.changed = bool(tensors)
         result.details = self._details(tensors, tables)
         result.notes.extend(self._notes(tensors))
+        if ctx.deployment.objective == "memory" and tensors:
+            result.notes.append(f"{self.name}: {len(tensors)} weights: {NON_AFFINE_NOTE} (--objective memory)")
         return result
 
     # -- selection -------------------------------------------------------------------------

@@ -2,13 +2,24 @@
 
 The runs come from `graphpass.blocks.RepeatedBlocks`. A run whose weights are equal in every
 block (after `tie`, or already) becomes a Loop with trip count N whose body is the first
-block, holding the one remaining copy of each weight as its own initializer (or reading it
-from the outer scope when something outside the run reads it too): weight bytes drop to one
-block's worth. A run whose weights differ keeps one [N, ...] stack per weight, fed as Scan
-inputs or sliced by Gather on the iteration number inside a Loop; the bytes stay, the nodes
-drop to one block. Lookup weights from a codebook pass (GatherElements of a codebook by
-unpacked indices) need no special case: the lookup nodes belong to the block, so packed
-indices are stacked and a codebook shared by every block is stored once.
+block, holding the one remaining copy of each weight as its own initializer: weight bytes
+drop to one block's worth. A run whose weights differ keeps one [N, ...] stack per weight,
+fed as Scan inputs or sliced by Gather on the iteration number inside a Loop; the bytes
+stay, the nodes drop to one block.
+
+Lookup weights (a codebook pass's GatherElements of a codebook by unpacked indices, and any
+other node computed from weights alone that depends on a per-block weight) are not run in
+the body, where nothing is constant and every iteration would rebuild them (4-5x the
+latency on BERT). They run once before the loop, over the stacked packed indices (see
+`_BatchedLookup`), or once per block with the results stacked when an op has no batched
+form; runtimes fold either to a constant at load and the body slices dense weights. The
+file keeps the packed indices. With the `memory` objective they stay in the body, where
+the weights stay compressed in memory.
+
+The Scan runs in onnxruntime, OpenVINO and tract: the body reads nothing from the outer
+scope (what it needs enters as a state variable returned unchanged, or as its own copy of a
+small constant) and declares no symbolic dims. tract has no Loop, so with tract as a target
+every fold is a Scan (mode=loop leaves the run unfolded, with a note).
 
 The body computes what each block computed, so the pass is lossless up to float rounding:
 a MatMul whose weight changes per iteration runs without MLAS prepacking, which sums in
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from heapq import heapify, heappop, heappush
 
 import numpy as np
@@ -33,21 +44,38 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from graphpass.blocks import BlockAnalysis, BlockRun, CarriedValue, Dims, RepeatedBlocks, WeightSlot, node_reads
+from graphpass.blocks import (
+    BlockAnalysis, BlockRun, CarriedValue, Dims, Port, RepeatedBlocks, WeightSlot, node_reads,
+)
 from graphpass.edit import Model
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
-from graphpass.weights import element_bits
+from graphpass.weights import element_bits, stored_bytes
 
 # Stacking per-block weights saves no bytes and costs a slice per iteration: worth it only
 # when the run is long enough for the node count to matter.
 MIN_STACKED_BLOCKS = 3
 # Scan needs opset 9 (its current signature); Loop works from opset 1.
 SCAN_MIN_OPSET = 9
+# Unsqueeze takes its axes as an input from opset 13, as an attribute before.
+UNSQUEEZE_AXES_INPUT_OPSET = 13
+# GatherND's batch_dims is opset 12.
+GATHER_ND_BATCH_OPSET = 12
 # Gemm without a C input is opset 11.
 GEMM_MIN_OPSET = 11
 # Below this many elements the per-call packing that Gemm's transB saves costs less than the
 # five small nodes (Reshape, Shape, Slice, Concat, Reshape) it takes to express it.
 GEMM_MIN_ELEMENTS = 1 << 16
+# A shared weight the body reads that is also read outside the run is copied into the body
+# up to this size (shape constants, scalars): there it is a constant, as runtimes need.
+COPY_INTO_BODY_BYTES = 1024
+# Never computed before the loop (see _may_precompute): random ops differ per call...
+RANDOM_OPS = frozenset({
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+})  # fmt: skip
+# ... and onnxruntime does not fold these (it keeps QDQ pairs for its fusions, MatMulNBits
+# among them): outside the loop they would run at every call, once per block and then
+# stacked. They stay in the body unless tract is a target, which needs their scales constant.
+QUANTIZE_OPS = frozenset({"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"})
 GEMM_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE})
 
 
@@ -78,12 +106,28 @@ class FoldPass(Pass):
         if not found.runs:
             result.notes.append("fold: no repeated blocks found; the model is unchanged")
             return result
-        chosen = [run for run in found.runs if self._foldable(run, result)]
+        self._types = found.value_types
+        modes = {id(run): self._mode(run, ctx) for run in found.runs}
+        chosen = [run for run in found.runs if self._foldable(run, modes[id(run)], ctx, result)]
+        if not chosen:
+            return result
+        hoist = ctx.deployment.objective != "memory"
+        keep_in_body = RANDOM_OPS | (frozenset() if ctx.deployment.targets_runtime("tract") else QUANTIZE_OPS)
+        plans = {}
+        for run in list(chosen):
+            plans[id(run)], why_not = plan_run(run, found.value_types, hoist, keep_in_body)
+            if why_not:
+                result.notes.append(f"fold: the lookups of the run at '{run.nodes(0)[0].name}' stay in the loop body, "
+                                    f"rebuilt at every iteration: {why_not}")
+            if modes[id(run)] == "scan" and not plans[id(run)].sliced and not _scan_over_copies(run, plans[id(run)]):
+                result.notes.append(f"fold: left the run at '{run.nodes(0)[0].name}' unfolded: tract (a target) "
+                                    "has no Loop, and no small float weight could give a Scan its steps")
+                chosen.remove(run)
         if not chosen:
             return result
         with quiet_graphsurgeon():
             rewrite = _Rewrite(ctx.model, found)
-            folded = [rewrite.fold(run, self._mode(run, ctx.model.opset)) for run in chosen]
+            folded = [rewrite.fold(run, modes[id(run)], plans[id(run)]) for run in chosen]
             result.tensors_changed = rewrite.commit()
         if rewrite.also_outside:
             result.notes.append(
@@ -98,12 +142,24 @@ class FoldPass(Pass):
                 f"({info['shared_weights']} shared weights, {info['stacked_weights']} stacked"
                 + (f", {info['gemm_weights']} of them read by Gemm(transB=1))" if info["gemm_weights"] else ")")
             )
+            if info["precomputed_values"]:
+                how = (
+                    "rebuilt once, over the stacked stored inputs," if info["precomputed_once"]
+                    else f"rebuilt per block ({info['precomputed_nodes_per_block']} nodes each) and stacked"
+                )
+                result.notes.append(
+                    f"fold: {info['precomputed_values']} per-block weights are lookups: {how} before the "
+                    f"{info['op']}, so runtimes fold them to constants at load and the body does no lookup"
+                )
         return result
 
-    def _foldable(self, run: BlockRun, result: PassResult) -> bool:
+    def _foldable(self, run: BlockRun, mode: str, ctx: PassContext, result: PassResult) -> bool:
         where = f"run of {run.length} blocks at '{run.nodes(0)[0].name or run.nodes(0)[0].op_type}'"
         reason = None
-        if run.length < self.config["min_blocks"]:
+        if mode == "loop" and ctx.deployment.targets_runtime("tract"):
+            why = "mode=loop" if self.config["mode"] == "loop" else f"Scan needs opset {SCAN_MIN_OPSET}"
+            reason = f"tract (a target) does not run Loop, and {why}"
+        elif run.length < self.config["min_blocks"]:
             reason = f"shorter than min_blocks={self.config['min_blocks']}"
         elif run.per_block_slots and not self.config["stack"]:
             reason = f"{len(run.per_block_slots)} weights differ between blocks and stack=false"
@@ -111,17 +167,24 @@ class FoldPass(Pass):
             reason = f"weights differ between blocks; stacking pays only for {MIN_STACKED_BLOCKS}+ blocks"
         elif any(c.dtype is None for c in run.carried):
             reason = "the type of a carried value is unknown (shape inference could not tell)"
+        elif mode == "scan" and any(i.name not in self._types for i in run.invariants):
+            # a Scan takes it as a state variable, which must declare its element type
+            reason = "the type of a value every block reads is unknown (shape inference could not tell)"
         if reason:
             result.notes.append(f"fold: left the {where} unfolded: {reason}")
         return reason is None
 
-    def _mode(self, run: BlockRun, opset: int) -> str:
-        """Scan unless told otherwise. Both slice a stacked weight per iteration; Scan hands
-        out views of the stack where Gather copies, and it measured faster on BERT. The
-        choice is fixed rather than timed per model, so a run always writes the same bytes."""
-        if not run.per_block_slots:
-            return "loop"  # nothing to slice: Scan would need a dummy scan input
-        if self.config["mode"] == "loop" or opset < SCAN_MIN_OPSET:
+    def _mode(self, run: BlockRun, ctx: PassContext) -> str:
+        """Scan unless told otherwise (or the opset predates it).
+
+        Both slice a stacked weight per iteration; Scan hands out views of the stack where
+        Gather copies, and it measured faster on BERT. A run of shared weights only is a Loop
+        (a Scan takes its trip count from a scan input, see _scan_over_copies), except when
+        tract is a target: it has no Loop. The choice is fixed rather than timed per model, so a run always writes
+        the same bytes."""
+        if self.config["mode"] == "loop" or ctx.model.opset < SCAN_MIN_OPSET:
+            return "loop"
+        if not run.per_block_slots and not ctx.deployment.targets_runtime("tract"):
             return "loop"
         return "scan"
 
@@ -153,6 +216,360 @@ def quiet_graphsurgeon() -> Iterator[None]:
         yield
 
 
+# -- what stays outside the loop ------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """How one run is split between the main graph and the body.
+
+    `outside` are the template nodes (aligned indices) that every block keeps in the main
+    graph: the nodes computed from weights alone that depend on a per-block weight (a
+    codebook lookup, say), with the weight-only nodes they read. `body` are the nodes the
+    body runs. `sliced` are what the body reads per iteration: per-block weights that body
+    nodes read, then the values the outside nodes compute for them (`computed`).
+    """
+
+    outside: frozenset[int]
+    body: frozenset[int]
+    sliced: list[WeightSlot]
+    computed: set[int]  # ids of the sliced entries that are computed values, not stored weights
+    shared: list[WeightSlot]  # shared weights the body reads (ports in body nodes only)
+    varies: frozenset[int] = frozenset()  # the outside nodes that depend on a per-block weight
+    hoisted_values: int = 0
+
+
+def plan_run(run: BlockRun, types: dict, hoist: bool, keep_in_body: frozenset[str]) -> tuple[_Plan, str | None]:
+    """The split of a run, and why its lookups stay in the body when it has some.
+
+    With `hoist`, the lookups (nodes computed from weights alone that depend on a per-block
+    weight) run before the loop and the body slices their dense results, which runtimes
+    fold to constants at load. Without, or when a looked-up value's type or shape is
+    unknown, the lookup nodes are part of the body and their packed inputs are stacked:
+    weights stay compressed in memory, and every iteration rebuilds them."""
+    varies = _weight_computed(run, keep_in_body)
+    reason = None
+    computed: list[WeightSlot] = []
+    if varies and not hoist:
+        reason = "the objective is memory, and there they stay compressed"
+    elif varies:
+        computed, reason = _computed_values(run, varies, types)
+    if reason:
+        varies, computed = set(), []
+    body = _live_nodes(run, varies)
+    outside = _with_weight_inputs(run, varies)
+    sliced = []
+    for slot in run.per_block_slots:
+        ports = tuple(p for p in slot.ports if p.node in body)
+        if ports:
+            sliced.append(slot if ports == slot.ports else replace(slot, ports=ports))
+    shared = []
+    for slot in run.shared_slots:
+        ports = tuple(p for p in slot.ports if p.node in body)
+        if ports:
+            shared.append(slot if ports == slot.ports else replace(slot, ports=ports))
+    plan = _Plan(frozenset(outside), frozenset(body), sliced + computed, {id(c) for c in computed}, shared,
+                 frozenset(varies), len(computed))
+    return plan, reason
+
+
+def _scan_over_copies(run: BlockRun, plan: _Plan) -> bool:
+    """Give a run of shared weights only a scan input: N copies of its smallest float weight
+    read element-wise (a bias, a LayerNorm scale). Scan takes its trip count from its scan
+    inputs, and tract drops one the body does not read ("No scan input"); a few hundred
+    bytes buy a Scan where tract has no Loop."""
+    readers_ok = {"LayerNormalization", "MatMul", "Gemm"} | ELEMENTWISE_OPS
+    nodes = run.nodes(0)
+    candidates = [
+        slot for slot in plan.shared
+        if slot.dtype in GEMM_TYPES and slot.shape and all(nodes[p.node].op_type in readers_ok for p in slot.ports)
+    ]
+    if not candidates:
+        return False
+    chosen = min(candidates, key=lambda slot: slot.nbytes)
+    plan.shared.remove(chosen)
+    plan.sliced.append(replace(chosen, names=(chosen.names[0],) * run.length, equal=False))
+    return True
+
+
+def _node_inputs(run: BlockRun):
+    """(aligned index, node, [(input index, name, weight slot or None, in-block producer or None)])."""
+    nodes = run.nodes(0)
+    slot_at = {p: slot for slot in run.slots for p in slot.ports}
+    producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
+    for k, node in enumerate(nodes):
+        reads = [(i, name, slot_at.get(Port(k, i)), producer.get(name)) for i, name in enumerate(node.input) if name]
+        yield k, node, reads
+
+
+def _weight_computed(run: BlockRun, keep_in_body: frozenset[str]) -> set[int]:
+    """Template nodes computed from weights alone that depend on a per-block weight."""
+    per_block = {id(s) for s in run.per_block_slots}
+    inputs = list(_node_inputs(run))
+    constant: set[int] = set()
+    varies: set[int] = set()
+    changed = True
+    while changed:  # the aligned order need not be topological; a few sweeps settle it
+        changed = False
+        for k, node, reads in inputs:
+            if k in constant or not _may_precompute(node, keep_in_body):
+                continue
+            if all(slot is not None or source in constant for _, _, slot, source in reads):
+                constant.add(k)
+                if any((slot is not None and id(slot) in per_block) or source in varies
+                       for _, _, slot, source in reads):
+                    varies.add(k)
+                changed = True
+    return varies
+
+
+def _may_precompute(node: onnx.NodeProto, keep_in_body: frozenset[str]) -> bool:
+    """Whether a node computed from weights alone may run before the loop (see RANDOM_OPS)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type in keep_in_body:
+        return False
+    return not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _computed_values(run: BlockRun, varies: set[int], types: dict) -> tuple[list[WeightSlot], str | None]:
+    """The outputs of `varies` nodes that other block nodes read, as slots of per-block values."""
+    nodes = run.nodes(0)
+    carried = {c.source for c in run.carried}
+    readers: dict[tuple[int, int], list[Port]] = {}
+    made_by = {name: (k, slot) for k in varies for slot, name in enumerate(nodes[k].output) if name}
+    for k, _, reads in _node_inputs(run):
+        if k in varies:
+            continue
+        for i, name, _, _ in reads:
+            if name in made_by:
+                readers.setdefault(made_by[name], []).append(Port(k, i))
+    values = []
+    for (k, slot), ports in sorted(readers.items()):
+        if (k, slot) in carried:
+            return [], f"'{nodes[k].output[slot]}' is computed from weights and carried"
+        names = tuple(run.nodes(j)[k].output[slot] for j in range(run.length))
+        dtype, dims = types.get(names[0], (None, None))
+        if dtype is None or dims is None or not all(isinstance(d, int) for d in dims):
+            return [], f"the type or shape of '{names[0]}' is unknown"
+        values.append(WeightSlot(tuple(ports), names, dtype, tuple(dims), False, stored_bytes(dtype, dims)))
+    return values, None
+
+
+def _live_nodes(run: BlockRun, precomputed: set[int]) -> set[int]:
+    """Template nodes the body needs for the carried values, given what comes precomputed."""
+    nodes = run.nodes(0)
+    producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
+    stack = [c.source[0] for c in run.carried]
+    live: set[int] = set()
+    while stack:
+        k = stack.pop()
+        if k in live or k in precomputed:
+            continue
+        live.add(k)
+        stack.extend(producer[n] for n in node_reads(nodes[k]) if n in producer)
+    return live
+
+
+def _with_weight_inputs(run: BlockRun, varies: set[int]) -> set[int]:
+    """`varies` and the in-block nodes they read from (weight-only ones, by construction)."""
+    nodes = run.nodes(0)
+    producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
+    found, stack = set(), list(varies)
+    while stack:
+        k = stack.pop()
+        if k not in found:
+            found.add(k)
+            stack.extend(producer[n] for n in nodes[k].input if n in producer)
+    return found
+
+
+# -- one lookup over the stacked inputs -------------------------------------------------------
+
+# Ops that act element by element: with a leading block axis on some inputs, each block still
+# gets what it got alone, as long as the other inputs broadcast from the right as before.
+ELEMENTWISE_OPS = frozenset({
+    "Cast", "Identity", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Sqrt", "Exp", "Log", "Pow",
+    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Relu", "Clip", "Min", "Max", "Where", "Equal", "Less",
+    "Greater", "Not", "And", "Or", "BitShift", "BitwiseAnd", "BitwiseOr",
+})  # fmt: skip
+
+
+class _BatchedLookup:
+    """The outside nodes of a run written once, over [N, ...] stacks of their per-block
+    inputs, instead of once per block: the file keeps one copy of the lookup nodes and the
+    stacked indices, as it did with the lookup in the body, and runtimes fold one lookup per
+    weight at load. Each op gets a leading block axis: element-wise ops as they are, Reshape
+    a leading N in its shape, Slice and GatherElements their axes moved by one, Transpose its
+    perm shifted, Gather on axis 0 its indices stacked (and GatherND over the block axis when
+    each block has its own table). Any other op (or a shape that is not a stored constant)
+    makes `emit` return None, and the caller stacks the blocks' own outputs instead."""
+
+    def __init__(self, rewrite: _Rewrite, run: BlockRun, plan: _Plan):
+        self.rewrite, self.run, self.plan = rewrite, run, plan
+        self.model = rewrite.model
+        self.nodes = run.nodes(0)
+        self.slot_at = {p: slot for slot in run.slots for p in slot.ports}
+        self.weight_shapes = {name: slot.shape for slot in run.slots for name in slot.names}  # name -> shape
+        self.producer = {name: k for k, node in enumerate(self.nodes) for name in node.output if name}
+        self.batched: dict[str, str] = {}  # block-0 value -> its [N, ...] stack
+        self.emitted: list[onnx.NodeProto] = []
+        self.tensors: list[TensorProto] = []
+
+    def emit(self) -> dict[str, str] | None:
+        """Block-0 names of the outside values -> their stacks, or None if an op cannot batch."""
+        for k in self._order():
+            if not self._emit(k, self.nodes[k]):
+                return None
+        return self.batched
+
+    def _order(self) -> list[int]:
+        done: list[int] = []
+        pending = sorted(self.plan.varies)
+        while pending:
+            ready = [k for k in pending if all(self.producer.get(n) not in pending or self.producer[n] == k
+                                               for n in self.nodes[k].input)]
+            if not ready:
+                raise RuntimeError("fold: the lookup nodes of a block form a cycle")
+            done += ready
+            pending = [k for k in pending if k not in ready]
+        return done
+
+    def _source(self, k: int, i: int, name: str) -> tuple[str, bool]:
+        """What the batched node reads at input i, and whether it carries the block axis."""
+        slot = self.slot_at.get(Port(k, i))
+        if slot is not None:
+            if slot.equal:
+                return slot.names[0], False
+            return self.rewrite.stacked_weight(slot), True
+        if name in self.batched:
+            return self.batched[name], True
+        return name, False  # made by a weight-only node every block shares (block 0's copy)
+
+    def _rank(self, name: str) -> int | None:
+        if name in self.weight_shapes:
+            return len(self.weight_shapes[name])
+        dims = self.rewrite.found.value_types.get(name, (None, None))[1]
+        return None if dims is None else len(dims)
+
+    def _constant(self, k: int, i: int) -> np.ndarray | None:
+        slot = self.slot_at.get(Port(k, i))
+        if slot is None or not slot.equal:
+            return None
+        return np.asarray(self.rewrite._weight(slot.names[0]).read())
+
+    def _int64s(self, base: str, values) -> str:
+        name = self.model.names.fresh(base)
+        self.tensors.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        return name
+
+    def _offset_gather(self, node: onnx.NodeProto, inputs: list[str]) -> list[str] | None:
+        """Inputs for one Gather over the N tables laid end to end, each block's indices shifted
+        by its table's offset, or None where the table's shape or the indices' type is unknown.
+        GatherND would need the indices as int64 with a trailing axis: two more copies of them,
+        twice as wide, while the runtime rebuilds the weights at load."""
+        table_dims = self._dims(node.input[0])
+        index_rank, index_type = self._rank(node.input[1]), self._elem_type(node.input[1])
+        if not table_dims or None in table_dims or index_rank is None or index_type not in (TensorProto.INT32,
+                                                                                              TensorProto.INT64):
+            return None
+        names, rows = self.model.names, table_dims[0]
+        flat = names.fresh(f"{node.input[0]}.end_to_end")
+        shape = self._int64s(f"{node.input[0]}.end_to_end_shape", [self.run.length * rows, *table_dims[1:]])
+        self.emitted.append(helper.make_node("Reshape", [inputs[0], shape], [flat], name=flat))
+        offsets = (np.arange(self.run.length) * rows).reshape([self.run.length] + [1] * index_rank)
+        offset_name = names.fresh(f"{node.input[1]}.table_offsets")
+        self.tensors.append(numpy_helper.from_array(offsets.astype(helper.tensor_dtype_to_np_dtype(index_type)),
+                                                    offset_name))
+        shifted = names.fresh(f"{node.input[1]}.shifted")
+        self.emitted.append(helper.make_node("Add", [inputs[1], offset_name], [shifted], name=shifted))
+        return [flat, shifted]
+
+    def _dims(self, name: str) -> tuple | None:
+        if name in self.weight_shapes:
+            return tuple(self.weight_shapes[name])
+        return self.rewrite.found.value_types.get(name, (None, None))[1]
+
+    def _elem_type(self, name: str) -> int | None:
+        return self.rewrite.found.value_types.get(name, (None, None))[0]
+
+    def _as_nd_indices(self, indices: str, node: onnx.NodeProto) -> str:
+        """Gather's indices [N, ...] as GatherND's: int64, with a trailing axis of 1."""
+        names = self.model.names
+        wide, nd = names.fresh(f"{indices}.int64"), names.fresh(f"{indices}.nd")
+        self.emitted.append(helper.make_node("Cast", [indices], [wide], name=wide, to=TensorProto.INT64))
+        if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:
+            axes = self._int64s(f"{node.name or 'gather'}.last_axis", [-1])
+            self.emitted.append(helper.make_node("Unsqueeze", [wide, axes], [nd], name=nd))
+        else:
+            self.emitted.append(helper.make_node("Unsqueeze", [wide], [nd], name=nd, axes=[-1]))
+        return nd
+
+    def _emit(self, k: int, node: onnx.NodeProto) -> bool:
+        sources = [self._source(k, i, n) if n else ("", False) for i, n in enumerate(node.input)]
+        inputs = [name for name, _ in sources]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        op = node.op_type
+        stacked_rank = max((self._rank(n) or 0) for n, (_, b) in zip(node.input, sources) if b)
+        if op in ELEMENTWISE_OPS:
+            if len({self._rank(n) for n, (_, b) in zip(node.input, sources) if b}) != 1:
+                return False  # stacks of different ranks would broadcast block against block
+            for name, (_, batched) in zip(node.input, sources):
+                if name and not batched and (self._rank(name) is None or self._rank(name) > stacked_rank):
+                    return False  # would broadcast against the block axis
+        elif op == "Reshape":
+            shape = self._constant(k, 1)
+            if shape is None or sources[1][1] or not sources[0][1]:
+                return False
+            inputs[1] = self._int64s(f"{node.input[1]}.stacked", [self.run.length, *shape.tolist()])
+        elif op == "Slice":
+            if self.model.opset < 10 or not sources[0][1] or any(b for _, b in sources[1:]):
+                return False
+            axes = self._constant(k, 3) if len(node.input) > 3 and node.input[3] else None
+            starts = self._constant(k, 1)
+            if starts is None or (axes is None and len(node.input) > 3 and node.input[3]):
+                return False
+            axes = np.arange(len(starts)) if axes is None else axes
+            moved = [a + 1 if a >= 0 else a for a in axes.tolist()]
+            inputs = inputs[:3] + [self._int64s(f"{node.name or op}.axes", moved)] + inputs[4:]
+        elif op == "GatherElements":
+            if not (sources[0][1] and sources[1][1]):
+                return False
+            attrs["axis"] = _shifted(attrs.get("axis", 0))
+        elif op == "Gather":
+            rank = self._rank(node.input[0])
+            if not sources[1][1] or rank is None or attrs.get("axis", 0) % rank != 0:
+                return False
+            if sources[0][1]:  # each block its own table
+                offset = self._offset_gather(node, inputs)
+                if offset is not None:
+                    inputs = offset
+                elif self.model.opset < GATHER_ND_BATCH_OPSET:
+                    return False
+                else:
+                    inputs[1] = self._as_nd_indices(inputs[1], node)
+                    op, attrs = "GatherND", {"batch_dims": 1}
+        elif op == "Transpose":
+            rank = self._rank(node.input[0])
+            if rank is None:
+                return False
+            perm = attrs.get("perm", list(reversed(range(rank))))
+            attrs["perm"] = [0] + [p % rank + 1 for p in perm]
+        else:
+            return False
+        outputs = []
+        for out in node.output:
+            outputs.append(self.model.names.fresh(f"{out}.stacked") if out else "")
+            if out:
+                self.batched[out] = outputs[-1]
+        name = self.model.names.fresh(f"{node.name or op}.stacked")
+        self.emitted.append(helper.make_node(op, inputs, outputs, name=name, domain=node.domain, **attrs))
+        return True
+
+
+def _shifted(axis: int) -> int:
+    """An axis of a value that gained a leading block axis (negative axes count from the end)."""
+    return axis + 1 if axis >= 0 else axis
+
+
 # -- the rewrite --------------------------------------------------------------------------
 
 
@@ -171,24 +588,46 @@ class _Rewrite:
     _weights: dict = field(default_factory=dict)  # main-graph weights by name, read before any edit
     _readers: dict = field(default_factory=dict)  # name -> positions of the nodes that read it
     _moved: set = field(default_factory=set)  # weights already moved into a body
+    renamed_inputs: dict = field(default_factory=dict)  # kept node position -> {old input: new}
+    _stacks: dict = field(default_factory=dict)  # id(slot) -> stacked weight, within one run
+    _axes: str | None = None  # the shared [0] axes of the Unsqueezes that stack values
 
     @property
     def body(self) -> onnx.GraphProto:
         return self.model.scopes[0].body
 
-    def fold(self, run: BlockRun, mode: str) -> dict:
+    def fold(self, run: BlockRun, mode: str, plan: _Plan) -> dict:
         names = self.model.names
         opset = self.model.opset
-        transposed = {id(s) for s in run.per_block_slots if feeds_matmul_b_only(run, s, opset)}
-        stacked = {id(s): self._stack(s, id(s) in transposed) for s in run.per_block_slots}
-        for slot in run.per_block_slots:
-            stacked[id(slot)] = self._widen(slot, stacked[id(slot)], min(run.all_positions()))
-        self.stacked_originals.update(name for s in run.per_block_slots for name in s.names)
+        first = min(run.all_positions())
+        transposed = {id(s) for s in plan.sliced if feeds_matmul_b_only(run, s, opset)}
+        self._stacks = {}
+        batched = self._batched_lookup(run, plan, first) if plan.computed else None
+        stacked = {}
+        for slot in plan.sliced:
+            if batched is not None and id(slot) in plan.computed:
+                stacked[id(slot)] = self._transposed(batched[slot.names[0]], id(slot) in transposed, first)
+            elif id(slot) in plan.computed:
+                stacked[id(slot)] = self._stack_values(slot, id(slot) in transposed, first)
+            else:
+                stacked[id(slot)] = self._widen(slot, self._stack(slot, id(slot) in transposed), first)
+                self.stacked_originals.update(slot.names)
         for slot in run.slots:
-            self.retired.update(slot.names if not slot.equal else slot.names[1:])
+            self.retired.update(slot.names)  # each dropped only once nothing reads it
+        if batched is not None:  # the weight-only nodes the batched lookup reads: block 0's copy
+            outside = {run.blocks[0][k] for k in plan.outside - plan.varies}
+        else:
+            outside = {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
+            self._read_shared_copy(run, plan)
         opsets = self.model.proto.opset_import
-        body = _BodyBuilder(run, self.found.value_types, names, mode, stacked, transposed, opsets).build()
-        body.initializer.extend(self._move_into_body(run))
+        # Weights the outside nodes read stay in the main graph (the batched lookup reads the
+        # same names), so only what the body alone reads may move into it.
+        in_body = run.all_positions() - {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
+        moved, renamed = self._move_into_body(run, plan, in_body)
+        builder = _BodyBuilder(run, plan.sliced, self.found.value_types, names, mode, stacked, transposed, opsets,
+                               {t.name for t in moved}, renamed, self._outer_types(run, plan))
+        body, captured = builder.build()
+        body.initializer.extend(moved)
         initial = [c.initial for c in run.carried]
         final = [c.final for c in run.carried]
         node_name = names.fresh("fold/Loop" if mode == "loop" else "fold/Scan")
@@ -197,22 +636,92 @@ class _Rewrite:
             self.tensors.append(numpy_helper.from_array(np.array(run.length, dtype=np.int64), trip_count))
             node = helper.make_node("Loop", [trip_count, "", *initial], final, name=node_name, body=body)
         else:
-            scanned = [stacked[id(s)] for s in run.per_block_slots]
+            scanned = [stacked[id(s)] for s in plan.sliced]
+            returned = [names.fresh(f"{name}.returned") for name in captured]  # unchanged, unread
             node = helper.make_node(
-                "Scan", [*initial, *scanned], final, name=node_name, body=body, num_scan_inputs=len(scanned)
+                "Scan", [*initial, *captured, *scanned], [*final, *returned], name=node_name, body=body,
+                num_scan_inputs=len(scanned),
             )
         positions = run.all_positions()
-        self.removed |= positions
+        self.removed |= positions - outside
         self.added.append((max(positions), node))
         return {
             "op": node.op_type,
             "blocks": run.length,
             "nodes_per_block": run.nodes_per_block,
             "shared_weights": len(run.shared_slots),
-            "stacked_weights": len(run.per_block_slots),
+            "stacked_weights": len(plan.sliced),
             "gemm_weights": len(transposed),
+            "precomputed_nodes_per_block": len(plan.outside),
+            "precomputed_values": plan.hoisted_values,
+            "precomputed_once": batched is not None,
             "carried": initial,
         }
+
+    def _batched_lookup(self, run: BlockRun, plan: _Plan, position: int) -> dict[str, str] | None:
+        """The outside nodes once over stacked inputs (see _BatchedLookup), or None."""
+        lookup = _BatchedLookup(self, run, plan)
+        mark = (len(self.tensors), dict(self._stacks))
+        found = lookup.emit()
+        if found is None:  # drop the stacks made for it
+            del self.tensors[mark[0]:]
+            self._stacks = mark[1]
+            return None
+        self.tensors += lookup.tensors
+        self.added += [(position, node) for node in lookup.emitted]
+        return found
+
+    def stacked_weight(self, slot: WeightSlot) -> str:
+        """The [N, ...] stack of a per-block weight as stored (one per slot and run)."""
+        if id(slot) not in self._stacks:
+            self._stacks[id(slot)] = self._stack(slot, False)
+        return self._stacks[id(slot)]
+
+    def _transposed(self, stacked: str, transposed: bool, position: int) -> str:
+        if not transposed:
+            return stacked
+        name = self.model.names.fresh(f"{stacked}.transposed")
+        self.added.append((position, helper.make_node("Transpose", [stacked], [name], name=name, perm=[0, 2, 1])))
+        return name
+
+    def _stack_values(self, slot: WeightSlot, transposed: bool, position: int) -> str:
+        """Concat of the blocks' values, each Unsqueezed to [1, ...] (and the stack transposed
+        to [N, cols, rows] for Gemm): all constants once the values are, so runtimes fold it
+        at load and the body slices a dense tensor."""
+        names = self.model.names
+        pieces = []
+        for value in slot.names:
+            piece = names.fresh(f"{value}.unsqueezed")
+            if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:
+                node = helper.make_node("Unsqueeze", [value, self._axes_zero()], [piece], name=piece)
+            else:
+                node = helper.make_node("Unsqueeze", [value], [piece], name=piece, axes=[0])
+            self.added.append((position, node))
+            pieces.append(piece)
+        stacked = names.fresh(f"{slot.names[0]}.stacked")
+        concat = names.fresh(f"{stacked}.concat") if transposed else stacked
+        self.added.append((position, helper.make_node("Concat", pieces, [concat], name=concat, axis=0)))
+        if transposed:
+            self.added.append((position, helper.make_node("Transpose", [concat], [stacked], name=stacked,
+                                                          perm=[0, 2, 1])))
+        return stacked
+
+    def _axes_zero(self) -> str:
+        if self._axes is None:
+            self._axes = self.model.names.fresh("fold.axes0")
+            self.tensors.append(numpy_helper.from_array(np.array([0], dtype=np.int64), self._axes))
+        return self._axes
+
+    def _read_shared_copy(self, run: BlockRun, plan: _Plan) -> None:
+        """Nodes kept outside read the first block's copy of a weight equal in every block, so
+        the other copies can go."""
+        for slot in run.shared_slots:
+            for port in slot.ports:
+                if port.node not in plan.outside:
+                    continue
+                for j in range(1, run.length):
+                    position = run.blocks[j][port.node]
+                    self.renamed_inputs.setdefault(position, {})[slot.names[j]] = slot.names[0]
 
     def _widen(self, slot: WeightSlot, stacked: str, position: int) -> str:
         """onnxruntime can neither slice (Scan) nor Gather (Loop) a sub-byte tensor, so 4-bit
@@ -225,22 +734,34 @@ class _Rewrite:
         self.added.append((position, helper.make_node("Cast", [stacked], [name], name=name, to=wide)))
         return name
 
-    def _move_into_body(self, run: BlockRun) -> list[TensorProto]:
-        """Shared weights that only this run reads become the body's own initializers.
+    def _move_into_body(self, run: BlockRun, plan: _Plan, inside: set[int]) -> tuple[list[TensorProto], dict[str, str]]:
+        """The body's own initializers, and the outer names the body reads them by -> theirs.
 
-        Still one copy, but onnxruntime treats only a subgraph's own initializers as
-        constants there: outer-scope ones get no MLAS prepacking and block the fusions
-        (Reshape, Gelu, ...) that need constant operands."""
-        inside = run.all_positions()
-        moved = []
-        for slot in run.shared_slots:
+        Shared weights that only the body's nodes read move into the body: still one copy,
+        but onnxruntime treats only a subgraph's own initializers as constants there
+        (outer-scope ones get no MLAS prepacking and block the fusions, Reshape, Gelu, ...,
+        that need constant operands). Small ones that are also read outside (shape constants
+        `tie` shared, say) are copied in under a fresh name: tract needs Unsqueeze axes and
+        the like to be constants of the body, and a state variable is not."""
+        moved, renamed = [], {}
+        for slot in plan.shared:
             keep = slot.names[0]
-            if keep in self._moved or not all(self._read_only_by(name, inside) for name in slot.names):
-                continue
-            self._moved.add(keep)
-            self.retired.add(keep)
-            moved.append(numpy_helper.from_array(np.asarray(self._weight(keep).read()), keep))
-        return moved
+            if keep not in self._moved and all(self._read_only_by(name, inside) for name in slot.names):
+                self._moved.add(keep)
+                self.retired.add(keep)
+                moved.append(numpy_helper.from_array(np.asarray(self._weight(keep).read()), keep))
+            elif slot.nbytes <= COPY_INTO_BODY_BYTES:
+                renamed[keep] = self.model.names.fresh(f"{keep}.body")
+                moved.append(numpy_helper.from_array(np.asarray(self._weight(keep).read()), renamed[keep]))
+        return moved, renamed
+
+    def _outer_types(self, run: BlockRun, plan: _Plan) -> dict[str, tuple[int, Dims | None]]:
+        """dtype and dims of what a body may read from the outer scope: the run's invariants
+        and its shared weights (a state variable must declare its element type)."""
+        found = {s.names[0]: (s.dtype, tuple(s.shape)) for s in plan.shared}
+        for invariant in run.invariants:
+            found[invariant.name] = self.found.value_types[invariant.name]
+        return found
 
     def _read_only_by(self, name: str, positions: set[int]) -> bool:
         if not self._readers:
@@ -270,7 +791,7 @@ class _Rewrite:
     def commit(self) -> int:
         """Apply the edits; return how many stored weights were removed or restacked."""
         body = self.body
-        kept = [(p, _copy(n)) for p, n in enumerate(body.node) if p not in self.removed]
+        kept = [(p, self._renamed(p, n)) for p, n in enumerate(body.node) if p not in self.removed]
         nodes = topological_order(kept + self.added, available=_always_defined(body) | {t.name for t in self.tensors})
         del body.node[:]
         body.node.extend(nodes)
@@ -279,6 +800,12 @@ class _Rewrite:
         _prune_value_info(body)
         self.model.structure_edited()  # the new body is a scope of its own
         return removed
+
+    def _renamed(self, position: int, node: onnx.NodeProto) -> onnx.NodeProto:
+        clone = _copy(node)
+        for i, name in enumerate(clone.input):
+            clone.input[i] = self.renamed_inputs.get(position, {}).get(name, name)
+        return clone
 
     def _drop_unread(self, candidates: set[str]) -> int:
         body = self.body
@@ -310,15 +837,25 @@ class _BodyBuilder:
     """The Loop/Scan body: the first block's nodes, rewired to read the carried values,
     the per-iteration slices of stacked weights, and everything else from the outer scope."""
 
-    def __init__(self, run: BlockRun, types, names, mode: str, stacked: dict[int, str], transposed: set[int], opsets):
+    def __init__(self, run: BlockRun, sliced: list[WeightSlot], types, names, mode: str, stacked: dict[int, str],
+                 transposed: set[int], opsets,
+                 own: set[str], renamed: dict[str, str], outer_types: dict[str, tuple[int, Dims | None]]):
         self.run, self.types, self.names, self.mode, self.stacked = run, types, names, mode, stacked
+        self.sliced = sliced  # what each iteration reads of the stacks, in Scan input order
         self.transposed = transposed
         self.opsets = list(opsets)
+        self.own = own  # names that become the body's own initializers
+        self.renamed = renamed  # outer names the body reads from its own copy instead
+        self.outer_types = outer_types  # dtype and dims of every outer-scope value the body may read
 
-    def build(self) -> onnx.GraphProto:
+    def build(self) -> tuple[onnx.GraphProto, list[str]]:
+        """The body, and the outer-scope values it reads as Scan state variables (in order)."""
         draft = helper.make_graph([_copy(n) for n in self.run.nodes(0)], "fold_body", [], [])
         graph = gs.import_onnx(helper.make_model(draft, opset_imports=self.opsets))
         tensors = graph.tensors()
+        for outer, own in self.renamed.items():
+            if outer in tensors:
+                tensors[outer].name = own
         inputs, outputs, iteration = [], [], None
         if self.mode == "loop":
             # Loop's body signature: (iteration number, condition, carried...) -> (condition, carried...)
@@ -329,17 +866,53 @@ class _BodyBuilder:
             inputs, outputs = [iteration, cond_in], [cond_out]
         for carried in self.run.carried:
             dims = self._dims(carried)
-            state = gs.Variable(self.names.fresh("fold.carried"), carried.dtype, self._input_dims(dims))
+            state = gs.Variable(self.names.fresh("fold.carried"), carried.dtype, dims)
             self._rewire(graph, carried.ports, state)
             inputs.append(state)
             produced = tensors[self._value_in_first_block(carried)]
             produced.dtype, produced.shape = carried.dtype, dims
             outputs.append(produced)
-        for slot in self.run.per_block_slots:
-            inputs += self._slice(graph, slot, iteration)
-        graph.inputs, graph.outputs = inputs, outputs
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return gs.export_onnx(graph, do_type_check=False).graph
+        scanned = []
+        for slot in self.sliced:
+            scanned += self._slice(graph, slot, iteration)
+        graph.inputs, graph.outputs = inputs + scanned, outputs
+        graph.cleanup(remove_unused_graph_inputs=False)
+        captured = []
+        if self.mode == "scan":
+            captured = self._capture_as_state(graph)
+            graph.inputs = inputs + [state for _, state, _ in captured] + scanned
+            graph.outputs = outputs + [same for _, _, same in captured]
+        graph.toposort()
+        return gs.export_onnx(graph, do_type_check=False).graph, [name for name, _, _ in captured]
+
+    def _capture_as_state(self, graph: gs.Graph) -> list[tuple[str, gs.Variable, gs.Variable]]:
+        """Every outer-scope value the body reads, as a state variable returned unchanged:
+        (outer name, body input, body output).
+
+        OpenVINO's ONNX frontend (2026.4) miscounts a Scan body that reads the outer scope
+        ("body outputs (1) is less than num_initial_values (2)"); passed in explicitly, the
+        same values work in onnxruntime, OpenVINO and tract. The value is returned through an
+        Identity: a body output that is its own input made onnxruntime read stale memory and
+        tract panic."""
+        defined = {t.name for t in graph.inputs} | self.own
+        outer: dict[str, gs.Variable] = {}
+        for node in graph.nodes:
+            for tensor in node.inputs:
+                free = isinstance(tensor, gs.Variable) and not tensor.inputs and tensor.name
+                if free and tensor.name not in defined:
+                    outer.setdefault(tensor.name, tensor)
+        captured = []
+        for name, tensor in outer.items():
+            dtype, dims = self.outer_types[name]
+            state = gs.Variable(self.names.fresh(f"{name}.state"), dtype, _static(dims))
+            for node in list(tensor.outputs):
+                for i, read in enumerate(node.inputs):
+                    if read is tensor:
+                        node.inputs[i] = state
+            same = gs.Variable(self.names.fresh(f"{name}.same"), dtype, _static(dims))
+            graph.nodes.append(self._node("Identity", f"{name}.same", [state], [same]))
+            captured.append((name, state, same))
+        return captured
 
     def _slice(self, graph: gs.Graph, slot: WeightSlot, iteration: gs.Variable | None) -> list[gs.Variable]:
         """This iteration's weight: a Scan input, or Gather(stacked, iteration) in a Loop."""
@@ -400,24 +973,22 @@ class _BodyBuilder:
         return self.run.nodes(0)[k].output[slot]
 
     def _dims(self, carried: CarriedValue) -> tuple | None:
-        """The body's carried type must hold for every iteration. Inference gives the first
-        block's input and output; a dim (static or symbolic) stays where they agree, since
-        then every block keeps it."""
+        """The body's carried shape must hold for every iteration: the rank, and each dim that
+        inference found static and equal in the first block's input and output. Symbolic dims
+        are left undeclared: tract (0.23) cannot unify a body's symbols with the outer
+        graph's values ("Impossible to unify Sym(unk__2) with Val(24)")."""
         first = carried.dims
         produced = self.types.get(self._value_in_first_block(carried), (None, None))[1]
         if first is None:
             return None
         if produced is None or len(produced) != len(first):
             return tuple(None for _ in first)
-        return tuple(a if a == b else None for a, b in zip(first, produced))
+        return tuple(a if a == b and isinstance(a, int) else None for a, b in zip(first, produced))
 
-    def _input_dims(self, dims: tuple | None) -> tuple | None:
-        """The body input's dims, with a fresh symbol for each unknown one. A symbol used
-        once asserts nothing, but values computed from it share it, which lets onnxruntime
-        merge the Shape chains of q, k and v as it does in the unrolled graph."""
-        if dims is None:
-            return None
-        return tuple(d if d is not None else self.names.fresh(f"fold_dim{i}") for i, d in enumerate(dims))
+
+def _static(dims: Dims | None) -> tuple | None:
+    """Dims as a body may declare them: the rank, with only the static dims filled in."""
+    return None if dims is None else tuple(d if isinstance(d, int) else None for d in dims)
 
 
 # -- graph helpers ------------------------------------------------------------------------

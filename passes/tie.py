@@ -52,6 +52,7 @@ class TiePass(Pass):
         result.details["exact_groups"] = len(groups)
         kinds = {k for k in ("transposed", "scaled") if self.config[k]} | ({"near"} if not self.is_lossless() else set())
         related = find_related(ctx, self.config["tol"], kinds) if kinds else []
+        related = [group for group in (_without_pinned(g, result) for g in related) if group.members]
         result.details["ties"] = [self._tie_related(ctx, group, result) for group in related]
         if self.config["rows"] and ctx.model.opset < LOOKUP_MIN_OPSET:
             result.notes.append(f"rows: opset {ctx.model.opset} is below {LOOKUP_MIN_OPSET}, which row-index "
@@ -124,6 +125,18 @@ class TiePass(Pass):
         return {"weight": weight.name, "axis": axis, "units": member.view.count,
                 "distinct": int(len(np.unique(member.ids))), "index_bytes": _stored_bytes(r),
                 "error": member.error, "unit_error": member.unit_error}
+
+
+def _without_pinned(group: RelatedGroup, result: PassResult) -> RelatedGroup:
+    """The group less the members a target runtime needs as constants: a Transpose or Mul
+    would rebuild them at load time (a near copy just reads the stored tensor, so it stays)."""
+    kept = []
+    for member, relation in group.members:
+        if member.pinned and relation.kind != "near":
+            result.skip(member.name, member.pinned)
+        else:
+            kept.append((member, relation))
+    return RelatedGroup(group.root, kept)
 
 
 def _stored_bytes(r: Replacement) -> int:

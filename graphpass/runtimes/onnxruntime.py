@@ -1,0 +1,102 @@
+"""onnxruntime (CPU): the runtime every output is verified in, at two optimization levels.
+
+"default" (ORT_ENABLE_ALL) is what a deployment sees: fused kernels, lookups constant-folded
+at session creation. "disable_all" runs what the graph literally says.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from graphpass.runtimes import Runtime, RuntimeFailure, Session, one_line
+
+OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "enable_all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+
+_BFLOAT16 = np.dtype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+    module = "onnxruntime"
+    extra = ""  # a dependency of graphpass itself
+    levels = ("default", "disable_all")
+
+    def open(self, model_path: str | bytes, feeds: Mapping[str, np.ndarray] | None = None,
+             level: str | None = None) -> OrtSession:
+        """`model_path` may also be the serialized model (bytes)."""
+        level = level or self.levels[0]
+        if isinstance(model_path, str) and not Path(model_path).is_file():
+            raise RuntimeFailure(self.name, "load", f"model not found: {model_path}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
+        # Fatal only: ORT's own error lines would duplicate the one-line error we raise.
+        options.log_severity_level = 4
+        try:
+            session = ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise RuntimeFailure(self.name, "load", one_line(exc)) from exc
+        return OrtSession(session)
+
+
+class OrtSession(Session):
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.session
+        feed = self._feed(feeds)
+        output_names = [o.name for o in session.get_outputs()]
+        try:
+            if any(o.type == "tensor(bfloat16)" for o in session.get_outputs()):
+                values = _run_with_ort_values(session, output_names, feed)
+            else:
+                values = session.run(output_names, feed)
+        except Exception as exc:
+            raise RuntimeFailure("onnxruntime", "run", one_line(exc)) from exc
+        return {name: np.asarray(value) for name, value in zip(output_names, values)}
+
+    def _feed(self, inputs: Mapping[str, np.ndarray]) -> dict:
+        required = [i.name for i in self.session.get_inputs()]
+        missing = [name for name in required if name not in inputs]
+        if missing:
+            raise RuntimeFailure("onnxruntime", "inputs",
+                                 f"no value for model input(s) {', '.join(missing)} "
+                                 f"(provided: {', '.join(sorted(inputs)) or 'none'})")
+        # Initializers listed as graph inputs may be overridden, but only when asked to.
+        overridable = [i.name for i in self.session.get_overridable_initializers() if i.name in inputs]
+        return {name: _to_ort_input(np.asarray(inputs[name])) for name in required + overridable}
+
+
+def _to_ort_input(array: np.ndarray):
+    # onnxruntime's numpy bridge has no bfloat16; hand it the raw bits with the ONNX type.
+    if array.dtype == _BFLOAT16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+            np.ascontiguousarray(array).view(np.uint16), TensorProto.BFLOAT16)
+    return array
+
+
+def _run_with_ort_values(session, output_names, feed) -> list[np.ndarray]:
+    ort_feed = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
+                for name, value in feed.items()}
+    return [_ort_value_to_numpy(value) for value in session.run_with_ort_values(output_names, ort_feed)]
+
+
+def _ort_value_to_numpy(value: ort.OrtValue) -> np.ndarray:
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    # OrtValue.numpy() refuses bfloat16: copy the CPU buffer and reinterpret it.
+    size = value.tensor_size_in_bytes()
+    raw = ctypes.string_at(value.data_ptr(), size) if size else b""
+    return np.frombuffer(raw, dtype=np.uint16).view(_BFLOAT16).reshape(value.shape()).copy()
