@@ -19,7 +19,7 @@ from graphpass import report as reporting
 from graphpass import verify as verification
 from graphpass.deployment import Deployment
 from graphpass.edit import Model
-from graphpass.errors import InputError, OutputUnloadable, UsageError
+from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageError
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
@@ -116,7 +116,7 @@ def run(
         # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
         input_zip_bytes = background.submit(loaded.zip_bytes)
         start = time.perf_counter()
-        stats = manager.run(ctx)
+        stats = _run_passes(manager, ctx, reference)
         pass_seconds = time.perf_counter() - start
         before["zip_bytes"] = input_zip_bytes.result()
 
@@ -165,6 +165,18 @@ def run(
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")
     return RunResult(ctx.model.proto, report, written, checked, measured)
+
+
+def _run_passes(manager: PassManager, ctx: PassContext, reference: Path | bytes) -> list:
+    """A pass that fails on an input onnxruntime cannot load either met bad input (exit 2), not a
+    bug: the passes may assume a model a runtime accepts (an op that its opset lacks, say)."""
+    try:
+        return manager.run(ctx)
+    except PassFailed:
+        problem = onnxruntime_load_problem(reference)
+        if problem is not None:
+            raise InputError(f"onnxruntime cannot load the input model: {problem}") from None
+        raise
 
 
 def _describe(pipeline: Sequence[Pass]) -> str:

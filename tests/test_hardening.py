@@ -446,3 +446,29 @@ def test_an_absurd_declared_size_never_reaches_shape_inference():
     assert skeleton.graph.input[0].type.tensor_type.shape.dim[0].WhichOneof("value") is None
     assert skeleton.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 64
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2**30  # the model is untouched
+
+
+def test_a_pass_failing_on_an_input_onnxruntime_cannot_load_is_bad_input(tmp_path):
+    """Found by the fuzzer: the example relabelled opset 6 (it uses Where, opset 9) made fold
+    raise on the values shape inference could not type; the input never loads in onnxruntime."""
+    model = generate.build("example")
+    model.opset_import[0].version = 6
+    line = _one_error_line(*_cli("run", _write(model, tmp_path / "m.onnx"), "--passes", "tie,kmeans,fold",
+                                 "--no-cost", "-o", tmp_path / "o.onnx"))
+    assert "onnxruntime cannot load the input model" in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_pass_failing_on_a_loadable_input_is_still_exit_3(scratch_pass, tmp_path):
+    @scratch_pass
+    class Fails(Pass):
+        name = "fails"
+        summary = "test"
+        lossless = True
+
+        def call(self, ctx):
+            raise KeyError("x")
+
+    code, stderr = _cli("run", _write(generate.build("mlp"), tmp_path / "m.onnx"), "--passes", "fails",
+                        "-o", tmp_path / "o.onnx")
+    assert "pass 'fails' failed" in _one_error_line(code, stderr, expected_code=3)
