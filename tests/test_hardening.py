@@ -335,8 +335,9 @@ def test_a_pass_that_adds_a_subgraph_initializer_at_ir3_is_settled(scratch_pass,
 # -- the fuzzer --------------------------------------------------------------------------
 
 
-def test_a_short_seeded_fuzz_campaign_finds_no_defect():
-    outcomes = fuzz.campaign(runs=150, seed=2024)
+@pytest.mark.parametrize("runs, seed, real", [(400, 2024, False), (150, 2025, True)])
+def test_a_short_seeded_fuzz_campaign_finds_no_defect(runs, seed, real):
+    outcomes = fuzz.campaign(runs=runs, seed=seed, real=real)
     defects = [o for o in outcomes if o.defect]
     assert not defects, [(o.seed_model, o.mutation, o.action, o.code, o.message[:300]) for o in defects]
     codes = {o.code for o in outcomes}
