@@ -7,9 +7,9 @@ the targets keep packed in memory, or the reason there is none (the pass then fa
 file lowering and reports the reason). No pass branches on a runtime: this table does.
 
 What each runtime runs, measured (tests/test_memory_objective.py, bench/bench_deploy.py):
-onnxruntime and OpenVINO (its ONNX frontend reads com.microsoft MatMulNBits and
-GatherBlockQuantized) run both kernels, OpenVINO only when a table row's packed zero points fill
-whole bytes; tract runs neither.
+onnxruntime, OpenVINO (its ONNX frontend reads com.microsoft MatMulNBits and
+GatherBlockQuantized) and tract 0.23 run both kernels; OpenVINO only when a table row's packed
+zero points fill whole bytes, tract at 4 bits only.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ KernelLowering = Union[MatMulNBitsLowering, GatherBlockQuantizedLowering]
 
 # Runtimes that load and run each kernel.
 RUNS = {
-    "MatMulNBits": ("onnxruntime", "openvino"),
-    "GatherBlockQuantized": ("onnxruntime", "openvino"),
+    "MatMulNBits": ("onnxruntime", "openvino", "tract"),
+    "GatherBlockQuantized": ("onnxruntime", "openvino", "tract"),
 }
+# tract 0.23 refuses other widths ("GatherBlockQuantized: only bits=4 is supported").
+TRACT_KERNEL_BITS = (4,)
 
 NON_AFFINE_NOTE = "no compressed kernel for a non-uniform codebook in onnxruntime; rebuilt dense at load"
 
@@ -71,6 +73,8 @@ def _target_limit(op: str, deployment: Deployment, bits: int, block_size: int, l
     if op == "MatMulNBits" and deployment.targets_runtime("onnxruntime") and bits not in ORT_FAST_MATMUL_NBITS_BITS:
         return (f"onnxruntime's CPU MatMulNBits is fast at 4 bits only ({bits} bits measured several times "
                 "the dense latency)")
+    if deployment.targets_runtime("tract") and bits not in TRACT_KERNEL_BITS:
+        return f"tract runs {op} at 4 bits only, not {bits}"
     blocks = -(-length // block_size)
     if op == "GatherBlockQuantized" and deployment.targets_runtime("openvino") and blocks * bits % 8:
         # OpenVINO 2026.4 fails to compile it when a row's packed zero points end in padding.
