@@ -19,7 +19,8 @@ from graphpass import report as reporting
 from graphpass import verify as verification
 from graphpass.deployment import Deployment
 from graphpass.edit import Model
-from graphpass.errors import UsageError
+from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageError
+from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
                              load_model, save_model, serialized_bytes)
@@ -102,7 +103,9 @@ def run(
     manager = PassManager(pipeline)
     if output is not None:
         check_output_path(Path(output), loaded.path, in_place)
-    reference = loaded.path if loaded.path is not None else serialized_bytes(loaded.proto)
+    # Once load has rewritten declared -1 sizes, the model to compare against is the rewritten one.
+    repaired = loaded.dynamic_minus_one > 0
+    reference = loaded.path if loaded.path is not None and not repaired else serialized_bytes(loaded.proto)
     feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify else None
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
@@ -113,7 +116,7 @@ def run(
         # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
         input_zip_bytes = background.submit(loaded.zip_bytes)
         start = time.perf_counter()
-        stats = manager.run(ctx)
+        stats = _run_passes(manager, ctx, reference)
         pass_seconds = time.perf_counter() - start
         before["zip_bytes"] = input_zip_bytes.result()
 
@@ -131,8 +134,15 @@ def run(
                 chosen = verification.LOSSLESS_BUDGET.overridden_by(budget)
             else:
                 chosen = budget or verification.Budget()
-            checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
-                                          runtimes=deployment.targets)
+            try:
+                checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
+                                              runtimes=deployment.targets)
+            except verification.ModelLoadError as exc:
+                if exc.role == "candidate":  # the reference loaded at the same level just before
+                    raise OutputUnloadable(_describe(pipeline), str(exc)) from None
+                raise
+        elif output is not None:  # a file will be written: it must load
+            _check_output_loads(staged, reference, pipeline)
         measured = None
         if measure_cost:
             measured = check_cost(reference, staged, feeds, cost_budget,
@@ -149,10 +159,40 @@ def run(
     if ctx.model.shape_inference_error:
         report["notes"].append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
                                "the passes worked from the types the model declares")
+    if repaired:
+        report["notes"].append(f"{loaded.dynamic_minus_one} declared size(s) of -1 read as dynamic (and written so)")
     if budget_outputs:
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")
     return RunResult(ctx.model.proto, report, written, checked, measured)
+
+
+def _run_passes(manager: PassManager, ctx: PassContext, reference: Path | bytes) -> list:
+    """A pass that fails on an input onnxruntime cannot load either met bad input (exit 2), not a
+    bug: the passes may assume a model a runtime accepts (an op that its opset lacks, say)."""
+    try:
+        return manager.run(ctx)
+    except PassFailed:
+        problem = onnxruntime_load_problem(reference)
+        if problem is not None:
+            raise InputError(f"onnxruntime cannot load the input model: {problem}") from None
+        raise
+
+
+def _describe(pipeline: Sequence[Pass]) -> str:
+    return ",".join(p.describe() for p in pipeline)
+
+
+def _check_output_loads(staged: Path, reference: Path | bytes, pipeline: Sequence[Pass]) -> None:
+    """Without verification, still write only what onnxruntime loads: an input it cannot load
+    either is bad input (exit 2); otherwise the passes broke it (exit 3)."""
+    problem = onnxruntime_load_problem(staged)
+    if problem is None:
+        return
+    input_problem = onnxruntime_load_problem(reference)
+    if input_problem is not None:
+        raise InputError(f"onnxruntime cannot load the input model: {input_problem}")
+    raise OutputUnloadable(_describe(pipeline), problem)
 
 
 def _private_copy(model):

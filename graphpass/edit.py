@@ -27,6 +27,8 @@ class Model:
         self.generation = 0  # bumped on every edit, so cached analyses know they are stale
         self._value_types: tuple[int, dict[str, onnx.TypeProto]] | None = None
         self.shape_inference_error: str | None = None
+        # The weight a pass last read or replaced: named when the pass fails (a bug report's lead).
+        self.last_weight: str | None = None
         self._constant_needs: dict = {}
         self._pinned: dict[str, str] = {}
 
@@ -131,20 +133,22 @@ class Model:
         the scope stays topologically sorted. The final value takes over the weight's own name
         when the replacement computed it, so no reader needs to change.
         """
+        self.last_weight = weight.name
         if replacement.takes_over_readers:
             self._apply_kernel(weight, replacement)
             return
         if replacement.row_gather is not None and self._apply_row_gather(weight, replacement):
             return
         scope = weight.scope
-        position = self._remove_definition(weight) or 0
+        position = self._remove_definition(weight)
+        if position is None:  # an initializer: after the Constant nodes shared tensors may have become
+            position = _leading_constants(scope.body)
         nodes = list(replacement.nodes)
         if result in {o for node in nodes for o in node.output}:
             _rename_output(nodes, result, weight.name)
         else:
             self._alias(scope, weight.name, result, nodes)
-        if scope.is_function:
-            # Function bodies have no initializers: stored tensors become Constant nodes.
+        if self.holds_no_initializers(scope):
             nodes = [self._constant_node(t) for t in replacement.tensors] + nodes
         else:
             scope.body.initializer.extend(replacement.tensors)
@@ -162,7 +166,9 @@ class Model:
         if scope.is_function or weight.name in scope.output_names() or not readers or any(
                 id(node) not in direct or not _gathers_rows(node, index, rank) for node, index in readers):
             return False
-        position = self._remove_definition(weight) or 0
+        position = self._remove_definition(weight)
+        if position is None:
+            position = _leading_constants(scope.body)
         first_decode = len(replacement.nodes)
         decoders = []
         for node, _ in readers:
@@ -173,7 +179,11 @@ class Model:
             decoders.append((node, decoded))
         shared = _ancestors(replacement.nodes[:first_decode], replacement.nodes[first_decode:])
         used = {name for n in shared + replacement.nodes[first_decode:] for name in n.input}
-        scope.body.initializer.extend(t for t in replacement.tensors if t.name in used)
+        kept = [t for t in replacement.tensors if t.name in used]
+        if self.holds_no_initializers(scope):
+            shared = [self._constant_node(t) for t in kept] + shared
+        else:
+            scope.body.initializer.extend(kept)
         for node, decoded in decoders:
             index = next(i for i, n in enumerate(scope.body.node) if n is node)
             del scope.body.node[index]
@@ -218,12 +228,42 @@ class Model:
     def add_shared_tensor(self, scope: Scope, base_name: str, array: np.ndarray) -> str:
         """Store a tensor that several replacements in `scope` and below will reference."""
         tensor = numpy_helper.from_array(np.asarray(array, order="C"), self.names.fresh(base_name))
-        if scope.is_function:
+        if self.holds_no_initializers(scope):
             scope.body.node.insert(0, self._constant_node(tensor))
         else:
             scope.body.initializer.append(tensor)
         self._edited()
         return tensor.name
+
+    def holds_no_initializers(self, scope: Scope) -> bool:
+        """Where new stored tensors must be Constant nodes: function bodies have no
+        initializers, and before IR version 4 every initializer must also be a graph input,
+        which If, Loop and Scan bodies cannot grow and which would let a caller override a
+        codebook (onnxruntime refuses a subgraph initializer that is not an input, and a
+        top-level one that only a subgraph reads)."""
+        return scope.is_function or self.proto.ir_version < 4
+
+    def settle_undeclared_initializers(self) -> int:
+        """Turn initializers a pass stored directly at IR < 4 without declaring them as graph
+        inputs into Constant nodes (see holds_no_initializers); return how many."""
+        moved = 0
+        for scope in self.scopes:
+            if scope.is_function or not self.holds_no_initializers(scope):
+                continue
+            declared = {v.name for v in scope.body.input}
+            loose = [t for t in scope.body.initializer if t.name not in declared]
+            if not loose:
+                continue
+            kept = [t for t in scope.body.initializer if t.name in declared]
+            constants = [self._constant_node(t) for t in loose]
+            del scope.body.initializer[:]
+            scope.body.initializer.extend(kept)
+            for offset, node in enumerate(constants):
+                scope.body.node.insert(offset, node)
+            moved += len(loose)
+        if moved:
+            self._edited()
+        return moved
 
     def remove_unused_weights(self) -> int:
         """Drop stored weights nothing reads (for example after a tie); return how many."""
@@ -267,6 +307,17 @@ class Model:
     def _edited(self) -> None:
         self._weights = None
         self.generation += 1
+
+
+def _leading_constants(body) -> int:
+    """How many argument-less Constant nodes open a body (where add_shared_tensor puts its
+    tensors when the body holds no initializers)."""
+    count = 0
+    for node in body.node:
+        if node.op_type != "Constant" or node.input:
+            break
+        count += 1
+    return count
 
 
 def _gathers_rows(node: NodeProto, index: int, rank: int) -> bool:
@@ -346,6 +397,7 @@ def _typed_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = proto.graph
     skeleton = onnx.GraphProto(name=graph.name)
     skeleton.input.extend(graph.input)
+    _forget_huge_dims(skeleton.input)
     skeleton.output.extend(graph.output)
     skeleton.value_info.extend(graph.value_info)
     declared = {v.name for v in graph.input}
@@ -363,6 +415,18 @@ def _typed_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(
         skeleton, ir_version=proto.ir_version, opset_imports=proto.opset_import, functions=proto.functions
     )
+
+
+# onnx's data propagation materialises values derived from input sizes (a Range over a batch
+# dim, say): a declared size this large would have it allocate without bound.
+_INFERENCE_DIM_LIMIT = 2**24
+
+
+def _forget_huge_dims(values) -> None:
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.WhichOneof("value") == "dim_value" and dim.dim_value > _INFERENCE_DIM_LIMIT:
+                dim.Clear()
 
 
 def _count(dims) -> int:

@@ -28,10 +28,26 @@ class PassFailed(GraphpassError):
 
     exit_code = 3
 
-    def __init__(self, pass_name: str, cause: BaseException):
-        super().__init__(f"pass '{pass_name}' failed: {type(cause).__name__}: {cause}")
+    def __init__(self, pass_name: str, cause: BaseException, weight: str | None = None):
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        at = f" (the last weight it read or replaced: '{weight}')" if weight else ""
+        super().__init__(f"pass '{pass_name}' failed: {type(cause).__name__}: {first_line}{at}. "
+                         "This is a bug in graphpass, not in your model: please report it with this line")
         self.pass_name = pass_name
+        self.weight = weight
         self.cause = cause
+
+
+class OutputUnloadable(GraphpassError):
+    """The passes wrote a model onnxruntime cannot load from one it can: a bug in graphpass."""
+
+    exit_code = 3
+
+    def __init__(self, passes: str, problem: str):
+        super().__init__(f"the passes '{passes}' wrote a model onnxruntime cannot load, from an input it loads "
+                         f"({problem}). This is a bug in graphpass, not in your model: please report it with "
+                         "this line; no output was written")
+        self.passes = passes
 
 
 class ConditionError(Exception):

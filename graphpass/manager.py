@@ -267,14 +267,16 @@ class PassManager:
         model = ctx.model
         before = (model.weight_bytes(), model.node_count(), len(model.weights()))
         start = time.perf_counter()
+        model.last_weight = None
         try:
             pass_.requires(ctx)
             result = pass_.call(ctx)
+            ctx.model.settle_undeclared_initializers()
             pass_.ensures(ctx)
         except GraphpassError:
             raise
         except Exception as exc:  # a bug in a pass: name it, write nothing
-            raise PassFailed(pass_.name, exc) from exc
+            raise PassFailed(pass_.name, exc, model.last_weight) from exc
         seconds = time.perf_counter() - start
         skipped = [{"weight": name, "reason": reason} for name, reason in result.skipped]
         return PassStats(

@@ -16,6 +16,8 @@ from onnx import TensorProto
 
 from graphpass.errors import InputError, UsageError
 from graphpass.scopes import Scope, build_scope_tree, iter_tensors, subgraphs_of
+from graphpass.validate import TensorProblem, check_tensors, tensor_label
+from graphpass.weights import stored_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class LoadedModel:
     path: Path | None
     file_bytes: int | None  # the model file plus its external data, as read from disk
     data_files: tuple[Path, ...] = ()  # the external data files it read, in first-use order
+    dynamic_minus_one: int = 0  # declared sizes of -1 read as dynamic (cleared in `proto`)
 
     def zip_bytes(self) -> int:
         """What the model costs to download: `zip -9` of its file(s)."""
@@ -42,12 +45,17 @@ class LoadedModel:
 def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedModel:
     """Read a model and check it is whole; every problem becomes an InputError with one line."""
     if isinstance(source, onnx.ModelProto):
+        data = source.SerializeToString()
+        _check_tensors(data, "model")
         check_structure(source, label="model")
-        return LoadedModel(source, None, source.ByteSize())  # what it would take as a file
+        cleared = clear_minus_one_dims(source, "model")
+        return LoadedModel(source, None, len(data), dynamic_minus_one=cleared)  # what it would take as a file
     if isinstance(source, bytes):
         proto = _parse(source, "model bytes")
+        _check_tensors(source, "model bytes")
         check_structure(proto, label="model bytes")
-        return LoadedModel(proto, None, len(source))
+        cleared = clear_minus_one_dims(proto, "model bytes")
+        return LoadedModel(proto, None, len(source), dynamic_minus_one=cleared)
     path = Path(source)
     try:
         data = path.read_bytes()
@@ -58,9 +66,11 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedMod
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     proto = _parse(data, str(path))
+    _check_tensors(data, str(path))  # before external data is read: its keys and lengths are checked
     external_bytes, data_files = _load_external_data(proto, path)
     check_structure(proto, label=str(path))
-    return LoadedModel(proto, path, len(data) + external_bytes, data_files)
+    cleared = clear_minus_one_dims(proto, str(path))
+    return LoadedModel(proto, path, len(data) + external_bytes, data_files, cleared)
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -72,6 +82,42 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     if proto.ir_version <= 0 or not proto.opset_import or not proto.HasField("graph"):
         raise InputError(f"{label}: not an ONNX model (no IR version, opset or graph)")
     return proto
+
+
+# A declared input size above this is no real input's: refused at load, as a negative one is.
+MAX_DECLARED_DIM = 2**31 - 1
+
+
+def clear_minus_one_dims(proto: onnx.ModelProto, label: str) -> int:
+    """Read a declared size of -1 (older exporters' spelling of "dynamic") as dynamic, in every
+    graph's inputs, outputs and value_info; return how many were cleared. onnx's shape
+    inference takes -1 literally and aborts the process on some models, so it must not see one.
+    A top-level input with another negative or an impossibly large size is refused."""
+    cleared = 0
+    for scope in build_scope_tree(proto):
+        if scope.is_function:
+            continue
+        body = scope.body
+        for kind, values in (("input", body.input), ("output", body.output), ("value", body.value_info)):
+            for value in values:
+                for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+                    if dim.WhichOneof("value") != "dim_value" or 0 <= dim.dim_value <= MAX_DECLARED_DIM:
+                        continue
+                    if dim.dim_value != -1 and scope.parent is None and kind == "input":
+                        raise InputError(
+                            f"{label}: input '{value.name}' declares size {dim.dim_value} on axis {axis}, which no "
+                            f"input can have; declare it dynamic (-1 or a name) and give its size with "
+                            f"--shape {value.name}=...")
+                    dim.Clear()  # dynamic; elsewhere than an input it is only a hint
+                    cleared += 1
+    return cleared
+
+
+def _check_tensors(data: bytes, label: str) -> None:
+    try:
+        check_tensors(data)
+    except TensorProblem as exc:
+        raise InputError(f"{label}: {exc}") from None
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, tuple[Path, ...]]:
@@ -90,6 +136,12 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, tuple[
             raise InputError(
                 f"{path}: external data for tensor '{tensor.name}' is short: "
                 f"{data_path.name} has {file_size} bytes, needs {offset + length}"
+            )
+        needed = stored_bytes(tensor.data_type, tensor.dims)
+        if length != needed:  # without a length key, the data runs to the end of the file
+            raise InputError(
+                f"{path}: tensor '{tensor.name}' declares {tensor_label(tensor)} ({needed} bytes) but its "
+                f"external data in {data_path.name} from offset {offset} holds {length} bytes"
             )
         with open(data_path, "rb") as handle:
             handle.seek(offset)
@@ -140,11 +192,66 @@ def check_structure(proto: onnx.ModelProto, label: str = "model") -> None:
 
 
 def find_structure_problem(proto: onnx.ModelProto) -> str | None:
-    for scope in build_scope_tree(proto):
+    problem = _opset_problem(proto)
+    if problem:
+        return problem
+    scopes = build_scope_tree(proto)
+    for scope in scopes:
+        problem = _duplicate_definition(scope) or _undeclared_subgraph_initializer(scope, proto.ir_version)
+        if problem:
+            return problem
+    for scope in scopes:
         if scope.parent is None:
             problem = _scope_problem(scope, set())
             if problem:
                 return problem
+    return None
+
+
+def _opset_problem(proto: onnx.ModelProto) -> str | None:
+    """Two entries for one domain leave the version ambiguous; onnxruntime takes the last."""
+    versions: dict[str, list[int]] = {}
+    for entry in proto.opset_import:
+        domain = "" if entry.domain == "ai.onnx" else entry.domain
+        versions.setdefault(domain, []).append(entry.version)
+    for domain, listed in versions.items():
+        if len(listed) > 1:
+            shown = "the default domain" if not domain else f"domain '{domain}'"
+            return f"opset_import lists {shown} {len(listed)} times (versions {', '.join(map(str, listed))}); keep one"
+    return None
+
+
+def _duplicate_definition(scope: Scope) -> str | None:
+    """Each value is defined once per scope (an initializer may also be a graph input)."""
+    body = scope.body
+    defined: set[str] = set(body.input) if scope.is_function else {v.name for v in body.input}
+    if not scope.is_function:
+        stored = [t.name for t in body.initializer] + [t.values.name for t in body.sparse_initializer]
+        seen: set[str] = set()
+        for name in stored:
+            if name in seen:
+                return f"initializer '{name}' is defined twice in {scope.path}"
+            seen.add(name)
+        defined |= seen
+    for node in body.node:
+        for name in node.output:
+            if name and name in defined:
+                return f"'{name}' is defined twice in {scope.path} (again by node '{node.name or node.op_type}')"
+            defined.add(name)
+    return None
+
+
+def _undeclared_subgraph_initializer(scope: Scope, ir_version: int) -> str | None:
+    """Before IR version 4 every initializer must also be an input; onnxruntime enforces it in
+    subgraphs (whose inputs are fixed by If, Loop and Scan, so new tensors there are Constant
+    nodes)."""
+    if ir_version >= 4 or scope.parent is None or scope.is_function:
+        return None
+    inputs = {v.name for v in scope.body.input}
+    for tensor in scope.body.initializer:
+        if tensor.name not in inputs:
+            return (f"initializer '{tensor.name}' in {scope.path} is not a subgraph input, "
+                    f"which IR version {ir_version} (< 4) requires")
     return None
 
 

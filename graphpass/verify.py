@@ -75,6 +75,14 @@ class VerifyInputError(Exception):
     --shape is malformed. The message is one line, ready to show to a user."""
 
 
+class ModelLoadError(VerifyInputError):
+    """onnxruntime cannot load one of the models; `role` says which ("reference", "candidate")."""
+
+    def __init__(self, message: str, role: str):
+        super().__init__(message)
+        self.role = role
+
+
 # ---------------------------------------------------------------------------
 # Budget
 # ---------------------------------------------------------------------------
@@ -150,6 +158,10 @@ NON_CLASS_NAME_HINTS = ("embed", "hidden", "pool", "feature", "state", "present"
 # Input synthesis defaults.
 BATCH_DIM = 1
 DEFAULT_DYNAMIC_DIM = 16
+# Largest declared input size taken at face value; a bigger one is a corrupt or placeholder dim.
+MAX_INPUT_DIM = 2**31 - 1
+# Largest input generated for verification (1 GiB of float32).
+MAX_SYNTHESIZED_ELEMENTS = 2**28
 SMALL_INT_HIGH = 4          # other integer inputs take values in [0, SMALL_INT_HIGH)
 FALLBACK_TABLE_ROWS = 2     # Gather indices when the table size cannot be resolved
 SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate"})
@@ -387,19 +399,45 @@ def _input_dtype(value_info: onnx.ValueInfoProto) -> np.dtype:
     if not elem_type:
         raise VerifyInputError(f"cannot synthesize input {value_info.name!r} "
                                f"(type {kind or 'unknown'}); pass --inputs")
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        raise VerifyInputError(f"input {value_info.name!r} declares element type {elem_type}, "
+                               "which onnx does not know; pass --inputs") from None
 
 
 def _declared_dims(value_info: onnx.ValueInfoProto) -> list[int | str | None] | None:
-    """Dims as int (static), str (symbol) or None (anonymous dynamic); None if rank unknown."""
+    """Dims as int (static), str (symbol) or None (anonymous dynamic); None if rank unknown.
+
+    Older exporters write -1 for a dynamic size: it is read as one. Any other negative size,
+    or one no input could have, is refused with the input's name."""
     tensor_type = value_info.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
     dims: list[int | str | None] = []
-    for dim in tensor_type.shape.dim:
+    for axis, dim in enumerate(tensor_type.shape.dim):
         which = dim.WhichOneof("value")
-        dims.append(dim.dim_value if which == "dim_value" else dim.dim_param or None)
+        if which != "dim_value":
+            dims.append(dim.dim_param or None)
+        elif dim.dim_value == -1:
+            dims.append(None)
+        elif not 0 <= dim.dim_value <= MAX_INPUT_DIM:
+            raise VerifyInputError(
+                f"input {value_info.name!r} declares size {dim.dim_value} on axis {axis}, which no input can have; "
+                f"pass --shape {value_info.name}=... (or real data with --inputs)")
+        else:
+            dims.append(dim.dim_value)
     return dims
+
+
+def _checked_size(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A synthesized input must fit in memory: refuse one that would not, naming it."""
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    if count > MAX_SYNTHESIZED_ELEMENTS:
+        raise VerifyInputError(
+            f"input {name!r} of shape {list(shape)} would hold {count} values, too many to generate; "
+            f"pass --shape {name}=... with smaller sizes (or real data with --inputs)")
+    return shape
 
 
 def _resolve_shapes(feeds, overrides, default_dim):
@@ -417,6 +455,7 @@ def _resolve_shapes(feeds, overrides, default_dim):
         else:
             shapes[name] = tuple(_default_size(dim, axis, len(dims), symbols, batch_symbols, default_dim)
                                  for axis, dim in enumerate(dims))
+        shapes[name] = _checked_size(name, shapes[name])
         sequence_dims += _non_batch_dynamic_sizes(dims, shapes[name], batch_symbols)
     return shapes, sequence_dims
 
@@ -751,7 +790,10 @@ def _run_in_onnxruntime(source: str | bytes, role: str, level: str,
     try:
         return OnnxRuntime().open(source, inputs, level).run(inputs)
     except RuntimeFailure as failure:
-        raise VerifyInputError(_onnxruntime_message(failure, role, level)) from failure
+        message = _onnxruntime_message(failure, role, level)
+        if failure.stage == "load":
+            raise ModelLoadError(message, role) from failure
+        raise VerifyInputError(message) from failure
 
 
 def _onnxruntime_message(failure: RuntimeFailure, role: str, level: str) -> str:

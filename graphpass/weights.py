@@ -115,6 +115,7 @@ class WeightRef:
         """The weight's value as numpy (float16 stays float16; bfloat16 comes back as ml_dtypes).
 
         To read many weights, a WeightReader finds them faster."""
+        self.model.last_weight = self.name
         if self.source == "initializer":
             return numpy_helper.to_array(self.model.find_initializer(self.scope, self.name))
         return constant_value(self.model.find_constant_node(self.scope, self.name))
@@ -145,6 +146,7 @@ class WeightReader:
 
     def read(self, weight: WeightRef) -> np.ndarray:
         """Exactly what `weight.read()` returns."""
+        weight.model.last_weight = weight.name
         _, initializers, constants = self._definitions[id(weight.scope)]
         if weight.source == "initializer":
             return numpy_helper.to_array(initializers[weight.name])

@@ -21,7 +21,7 @@ import numpy as np
 from onnx import helper
 
 from graphpass.analysis import ExactDuplicates, common_scope
-from graphpass.lowering.lookup import emit_row_lookup
+from graphpass.lowering.lookup import MIN_OPSET as LOOKUP_MIN_OPSET, emit_row_lookup
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.related import RelatedGroup, Relation, find_related, relative_error
 from graphpass.rows import RowMember, shared_row_tables
@@ -54,7 +54,10 @@ class TiePass(Pass):
         related = find_related(ctx, self.config["tol"], kinds) if kinds else []
         related = [group for group in (_without_pinned(g, result) for g in related) if group.members]
         result.details["ties"] = [self._tie_related(ctx, group, result) for group in related]
-        if self.config["rows"]:
+        if self.config["rows"] and ctx.model.opset < LOOKUP_MIN_OPSET:
+            result.notes.append(f"rows: opset {ctx.model.opset} is below {LOOKUP_MIN_OPSET}, which row-index "
+                                "lookups need; rows left unshared")
+        elif self.config["rows"]:
             result.details["rows"] = self._share_rows(ctx, result)
         result.changed = result.tensors_changed > 0
         return result

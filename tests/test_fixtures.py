@@ -14,7 +14,7 @@ from conftest import FIXTURES_DIR, load_fixture_module
 
 gen = load_fixture_module()
 NAMES = list(gen.FIXTURES)
-DIM_VALUES = {"batch": 3, "N": 2, "seq": 9}
+DIM_VALUES = {"batch": 3, "N": 2, "seq": 9, "?": 2}
 
 _ORT_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -45,8 +45,9 @@ def _vocab_for(model: onnx.ModelProto, input_name: str) -> int:
 
 
 def _shape(vi: onnx.ValueInfoProto) -> list:
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value
-            for d in vi.type.tensor_type.shape.dim]
+    """Sizes and symbols; "?" for a dynamic size with no name (unset, or -1 as older exporters wrote it)."""
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") and d.dim_value != -1
+            else "?" for d in vi.type.tensor_type.shape.dim]
 
 
 def _random_feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -49,7 +49,7 @@ def test_loads_external_data_from_the_models_folder(tmp_path):
         ("../w.bin", None, "escapes the model's folder"),
         ("/etc/passwd", None, "is absolute"),
         ("missing.bin", None, "is missing"),
-        ("w.bin", 64 * 8 * 4 + 100, "is short"),
+        ("w.bin", 64 * 8 * 4 + 100, r"declares FLOAT \[64, 8\] \(2048 bytes\) but its external data length is 2148"),
     ],
 )
 def test_bad_external_data_is_an_input_error(tmp_path, location, length, message):
@@ -58,6 +58,13 @@ def test_bad_external_data_is_an_input_error(tmp_path, location, length, message
     path = _with_external_data(inner, location, length=length)
     (tmp_path / "w.bin").write_bytes(b"\0" * 4096)  # what ../w.bin would reach
     with pytest.raises(InputError, match=message):
+        load_model(path)
+
+
+def test_external_data_file_cut_short_is_an_input_error(tmp_path):
+    path = _with_external_data(tmp_path, "w.bin")
+    (tmp_path / "w.bin").write_bytes((tmp_path / "w.bin").read_bytes()[:-1])
+    with pytest.raises(InputError, match="is short: w.bin has 2047 bytes, needs 2048"):
         load_model(path)
 
 
