@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 from onnx import TensorProto
 
 from graphpass.weights import element_bits

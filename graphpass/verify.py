@@ -62,7 +62,7 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from graphpass.runtimes import Runtime, RuntimeFailure, usable_adapters
 from graphpass.runtimes.onnxruntime import OPTIMIZATION_LEVELS, OnnxRuntime

@@ -78,3 +78,20 @@ def fixture_dir(tmp_path_factory) -> Path:
     for name in generator.FIXTURES:
         (out / f"{name}.onnx").write_bytes(generator.build(name).SerializeToString(deterministic=True))
     return out
+
+
+@pytest.fixture
+def scratch_pass():
+    """Register throw-away passes for one test, and forget them afterwards."""
+    from graphpass.manager import REGISTRY, register
+
+    added = []
+
+    def add(cls):
+        register(cls)
+        added.append(cls.name)
+        return cls
+
+    yield add
+    for name in added:
+        REGISTRY.pop(name, None)

@@ -20,22 +20,7 @@ from graphpass.cli import main
 from graphpass.errors import InputError, PassFailed
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.scopes import build_scope_tree
-from graphpass.manager import REGISTRY, Pass, PassResult, register
-
-
-@pytest.fixture
-def scratch_pass():
-    """Register throw-away passes for one test, and forget them afterwards."""
-    added = []
-
-    def add(cls):
-        register(cls)
-        added.append(cls.name)
-        return cls
-
-    yield add
-    for name in added:
-        REGISTRY.pop(name, None)
+from graphpass.manager import Pass, PassResult
 
 
 def _cli(*args):

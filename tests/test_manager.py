@@ -8,25 +8,10 @@ import graphpass
 from graphpass.analysis import WeightFingerprints
 from graphpass.edit import Model
 from graphpass.errors import PassFailed, UsageError
-from graphpass.manager import REGISTRY, Option, Pass, PassContext, PassResult, parse_spec, register
+from graphpass.manager import Option, Pass, PassContext, PassResult, parse_spec
 from graphpass.model import load_model
 from graphpass.verify import Budget
 from graphpass.weights import Replacement
-
-
-@pytest.fixture
-def scratch_pass():
-    """Register throw-away passes for one test, and forget them afterwards."""
-    added = []
-
-    def add(cls):
-        register(cls)
-        added.append(cls.name)
-        return cls
-
-    yield add
-    for name in added:
-        REGISTRY.pop(name, None)
 
 
 def test_spec_parses_passes_and_typed_options(scratch_pass):
