@@ -274,7 +274,8 @@ def main(argv=None) -> int:
     tokenizer = WordPiece(Path(real_models.fetch("bert_uncased_tokenizer")))
     calibration = tokenizer.encode_batch(CALIBRATION_SENTENCES)
     test = tokenizer.encode_batch(TEST_SENTENCES)
-    feeds = {k: v[:1] for k, v in test.items()}  # batch 1 x 128 tokens
+    # The first test sentence, padded to 128 tokens (mask 0 on the padding): batch 1 x 128.
+    feeds = {k: np.pad(v[:1], ((0, 0), (0, SEQUENCE - v.shape[1]))) for k, v in test.items()}
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     folder.mkdir(parents=True, exist_ok=True)
 
