@@ -26,6 +26,13 @@ several indices per uint8/uint16/int32 word as base-k digits, unpacked with Div 
 and needs opset 18). Base-k digits also pack non-power-of-two k tighter than bits: k=3 takes
 1.6 bits, k=5 2.46 bits, k=8 3.2 bits per index.
 
+What the runtime pays. Runtimes rebuild these lookups when they load a model, and each
+intermediate of the rebuild is a transient copy. So a large weight with one codebook stores
+tuples (a byte names m indices; one Gather over the k**m tuples rebuilds m values), a codebook
+per row keeps its digits within rows, and a weight that only row Gathers read (an embedding)
+is never rebuilt: the core lets each Gather decode the rows it picks (`RowGather`,
+`RowDigits`, set on the Replacement as `row_gather`). See "Row-aligned storage" below.
+
 Entry points: `emit_lookup` (scalar codebooks), `emit_row_lookup` (shared rows, Gather),
 `emit_dequantize` (affine codebooks as DequantizeLinear), `emit_outliers` (exact values patched
 in), `emit_indices` (packed integers for any other gather), `cost_of` (stored bytes by part).
