@@ -46,5 +46,25 @@ class Deployment:
     def targets_runtime(self, name: str) -> bool:
         return name in self.targets
 
+    @property
+    def runs_loop(self) -> bool:
+        """Whether every target runs the ONNX Loop op."""
+        return not self.without_loop
+
+    @property
+    def without_loop(self) -> list[str]:
+        """The targets that do not run the ONNX Loop op."""
+        return [adapter.name for adapter in self._adapters() if not adapter.runs_loop]
+
+    @property
+    def needs_constant_quantize_params(self) -> bool:
+        """Whether some target needs DequantizeLinear's scales and zero points as constants."""
+        return any(adapter.needs_constant_quantize_params for adapter in self._adapters())
+
+    def _adapters(self):
+        from graphpass.runtimes import adapter  # the adapters import their runtimes lazily
+
+        return [adapter(name) for name in self.targets]
+
     def to_dict(self) -> dict:
         return {"objective": self.objective, "targets": list(self.targets)}

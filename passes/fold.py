@@ -112,7 +112,7 @@ class FoldPass(Pass):
         if not chosen:
             return result
         hoist = ctx.deployment.objective != "memory"
-        keep_in_body = RANDOM_OPS | (frozenset() if ctx.deployment.targets_runtime("tract") else QUANTIZE_OPS)
+        keep_in_body = RANDOM_OPS | (frozenset() if ctx.deployment.needs_constant_quantize_params else QUANTIZE_OPS)
         plans = {}
         for run in list(chosen):
             plans[id(run)], why_not = plan_run(run, found.value_types, hoist, keep_in_body)
@@ -120,8 +120,8 @@ class FoldPass(Pass):
                 result.notes.append(f"fold: the lookups of the run at '{run.nodes(0)[0].name}' stay in the loop body, "
                                     f"rebuilt at every iteration: {why_not}")
             if modes[id(run)] == "scan" and not plans[id(run)].sliced and not _scan_over_copies(run, plans[id(run)]):
-                result.notes.append(f"fold: left the run at '{run.nodes(0)[0].name}' unfolded: tract (a target) "
-                                    "has no Loop, and no small float weight could give a Scan its steps")
+                result.notes.append(f"fold: left the run at '{run.nodes(0)[0].name}' unfolded: a target "
+                                    "runtime has no Loop, and no small float weight could give a Scan its steps")
                 chosen.remove(run)
         if not chosen:
             return result
@@ -156,9 +156,9 @@ class FoldPass(Pass):
     def _foldable(self, run: BlockRun, mode: str, ctx: PassContext, result: PassResult) -> bool:
         where = f"run of {run.length} blocks at '{run.nodes(0)[0].name or run.nodes(0)[0].op_type}'"
         reason = None
-        if mode == "loop" and ctx.deployment.targets_runtime("tract"):
+        if mode == "loop" and not ctx.deployment.runs_loop:
             why = "mode=loop" if self.config["mode"] == "loop" else f"Scan needs opset {SCAN_MIN_OPSET}"
-            reason = f"tract (a target) does not run Loop, and {why}"
+            reason = f"a target runtime does not run Loop ({', '.join(ctx.deployment.without_loop)}), and {why}"
         elif run.length < self.config["min_blocks"]:
             reason = f"shorter than min_blocks={self.config['min_blocks']}"
         elif run.per_block_slots and not self.config["stack"]:
@@ -179,12 +179,12 @@ class FoldPass(Pass):
 
         Both slice a stacked weight per iteration; Scan hands out views of the stack where
         Gather copies, and it measured faster on BERT. A run of shared weights only is a Loop
-        (a Scan takes its trip count from a scan input, see _scan_over_copies), except when
-        tract is a target: it has no Loop. The choice is fixed rather than timed per model, so a run always writes
+        (a Scan takes its trip count from a scan input, see _scan_over_copies), except when a
+        target runtime has no Loop (tract). The choice is fixed rather than timed per model, so a run always writes
         the same bytes."""
         if self.config["mode"] == "loop" or ctx.model.opset < SCAN_MIN_OPSET:
             return "loop"
-        if not run.per_block_slots and not ctx.deployment.targets_runtime("tract"):
+        if not run.per_block_slots and ctx.deployment.runs_loop:
             return "loop"
         return "scan"
 

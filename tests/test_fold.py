@@ -500,7 +500,7 @@ def test_tract_target_never_gets_a_loop(fixtures, tmp_path):
     assert_runs_everywhere(model, for_tract.model, feeds, tmp_path, atol=1e-4)
     asked_loop = graphpass.run(model, "tie,fold(mode=loop)", deployment=TRACT)
     assert not any(n.op_type in ("Loop", "Scan") for n in asked_loop.model.graph.node)
-    assert any("tract (a target) does not run Loop" in n for n in asked_loop.report["passes"][1]["notes"])
+    assert any("a target runtime does not run Loop (tract)" in n for n in asked_loop.report["passes"][1]["notes"])
 
 
 def test_scan_body_reads_nothing_from_the_outer_scope(fixtures):

@@ -352,3 +352,13 @@ def test_run_writes_nothing_when_the_output_does_not_run_where_its_input_does(mo
     assert "the output does not run in tract, where its input does" in result.stderr
     kept = invoke("run", EXAMPLE, "-o", out, "--passes", "tie", "--target", "tract", "--keep-failed")
     assert kept.exit_code == 1 and out.exists()
+
+
+def test_deployment_knows_every_registered_runtime_and_what_each_runs():
+    from graphpass.deployment import RUNTIMES, Deployment
+    from graphpass.runtimes import registry
+
+    assert set(RUNTIMES) == set(registry())
+    assert Deployment.parse("file", "onnxruntime,openvino").runs_loop
+    tract = Deployment.parse("file", "any")
+    assert not tract.runs_loop and tract.needs_constant_quantize_params

@@ -66,6 +66,10 @@ class Runtime(ABC):
     module: str  # the package `available()` imports
     extra: str  # pip extra of graphpass that installs it
     levels: tuple[str, ...] = ("default",)
+    # What the runtime runs, for passes to ask through the run's Deployment (never by name).
+    runs_loop: bool = True  # the ONNX Loop op
+    # DequantizeLinear's scales and zero points must be plain constants (not Scan slices).
+    needs_constant_quantize_params: bool = False
 
     def available(self) -> str | None:
         """None when the runtime can be used here, else why not (one line)."""

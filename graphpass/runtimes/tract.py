@@ -21,6 +21,8 @@ class Tract(Runtime):
     module = "tract"
     extra = "tract"
     levels = ("tract",)
+    runs_loop = False  # "Unimplemented(Loop)"
+    needs_constant_quantize_params = True
 
     def open(self, model_path: str, feeds: Mapping[str, np.ndarray] | None = None,
              level: str | None = None) -> TractSession:
