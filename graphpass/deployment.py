@@ -15,9 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from graphpass.errors import UsageError
+from graphpass.runtimes import adapter, registry
 
 OBJECTIVES = ("file", "memory")
-RUNTIMES = ("onnxruntime", "openvino", "tract")
+RUNTIMES = tuple(registry())  # in the order verification runs them
 ANY_TARGET = "any"
 
 
@@ -54,16 +55,15 @@ class Deployment:
     @property
     def without_loop(self) -> list[str]:
         """The targets that do not run the ONNX Loop op."""
-        return [adapter.name for adapter in self._adapters() if not adapter.runs_loop]
+        return [adapter.name for adapter in self.adapters() if not adapter.runs_loop]
 
     @property
     def needs_constant_quantize_params(self) -> bool:
         """Whether some target needs DequantizeLinear's scales and zero points as constants."""
-        return any(adapter.needs_constant_quantize_params for adapter in self._adapters())
+        return any(adapter.needs_constant_quantize_params for adapter in self.adapters())
 
-    def _adapters(self):
-        from graphpass.runtimes import adapter  # the adapters import their runtimes lazily
-
+    def adapters(self):
+        """The targets' runtime adapters (graphpass.runtimes), which say what each runs."""
         return [adapter(name) for name in self.targets]
 
     def to_dict(self) -> dict:

@@ -6,10 +6,8 @@ Passes ask `compressed_plan` and get a `Plan` that replaces the weight's readers
 the targets keep packed in memory, or the reason there is none (the pass then falls back to the
 file lowering and reports the reason). No pass branches on a runtime: this table does.
 
-What each runtime runs, measured (tests/test_memory_objective.py, bench/bench_deploy.py):
-onnxruntime, OpenVINO (its ONNX frontend reads com.microsoft MatMulNBits and
-GatherBlockQuantized) and tract 0.23 run both kernels; OpenVINO only when a table row's packed
-zero points fill whole bytes, tract at 4 bits only.
+What each runtime runs is declared by its adapter (`Runtime.kernels`, `kernel_problem` in
+graphpass/runtimes/), measured in tests/test_memory_objective.py and bench/bench_deploy.py.
 """
 
 from __future__ import annotations
@@ -29,14 +27,6 @@ from graphpass.weights import Replacement, WeightRef
 
 KernelLowering = Union[MatMulNBitsLowering, GatherBlockQuantizedLowering]
 
-# Runtimes that load and run each kernel.
-RUNS = {
-    "MatMulNBits": ("onnxruntime", "openvino", "tract"),
-    "GatherBlockQuantized": ("onnxruntime", "openvino", "tract"),
-}
-# tract 0.23 refuses other widths ("GatherBlockQuantized: only bits=4 is supported").
-TRACT_KERNEL_BITS = (4,)
-
 NON_AFFINE_NOTE = "no compressed kernel for a non-uniform codebook in onnxruntime; rebuilt dense at load"
 
 
@@ -52,34 +42,12 @@ def kernel_lowering(weight: WeightRef, deployment: Deployment, bits: int, block_
     found = gather_lowering(weight) if readers == {"Gather"} else matmul_lowering(weight)
     if isinstance(found, str):
         return f"no compressed kernel: {found}"
-    missing = [t for t in deployment.targets if t not in RUNS[found.op]]
-    if missing:
-        return f"{', '.join(missing)} cannot run {found.op}"
     if bits not in found.bits_allowed:
         return f"{found.op} takes {', '.join(map(str, found.bits_allowed))} bits, not {bits}"
     length = found.rows(np.empty(weight.shape, dtype=np.uint8)).shape[1]
-    return found.block_reason(block_size, length) or _target_limit(found.op, deployment, bits, block_size, length) \
-        or found
-
-
-# onnxruntime 1.32's CPU MatMulNBits at accuracy_level 0 is fast at 4 bits only: on the 3-layer
-# BERT (batch 1 x 128, one thread) 4-bit ran at 1.1x the dense latency, 8-bit at 6x and 2-bit at
-# 13x (bench/bench_deploy.py). A weight kept compressed but six times slower is not a deployment.
-ORT_FAST_MATMUL_NBITS_BITS = (4,)
-
-
-def _target_limit(op: str, deployment: Deployment, bits: int, block_size: int, length: int) -> str | None:
-    """Limits of one runtime's reading of a kernel, measured (tests/test_memory_objective.py)."""
-    if op == "MatMulNBits" and deployment.targets_runtime("onnxruntime") and bits not in ORT_FAST_MATMUL_NBITS_BITS:
-        return (f"onnxruntime's CPU MatMulNBits is fast at 4 bits only ({bits} bits measured several times "
-                "the dense latency)")
-    if deployment.targets_runtime("tract") and bits not in TRACT_KERNEL_BITS:
-        return f"tract runs {op} at 4 bits only, not {bits}"
     blocks = -(-length // block_size)
-    if op == "GatherBlockQuantized" and deployment.targets_runtime("openvino") and blocks * bits % 8:
-        # OpenVINO 2026.4 fails to compile it when a row's packed zero points end in padding.
-        return f"OpenVINO cannot read {blocks} packed {bits}-bit zero points per row (not whole bytes)"
-    return None
+    problems = [p for p in (runtime.kernel_problem(found.op, bits, blocks) for runtime in deployment.adapters()) if p]
+    return found.block_reason(block_size, length) or (problems[0] if problems else found)
 
 
 def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_size: int,

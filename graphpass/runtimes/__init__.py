@@ -70,6 +70,9 @@ class Runtime(ABC):
     runs_loop: bool = True  # the ONNX Loop op
     # DequantizeLinear's scales and zero points must be plain constants (not Scan slices).
     needs_constant_quantize_params: bool = False
+    # The compressed kernels (com.microsoft ops) it runs and keeps packed: op -> the bit widths
+    # it runs well. An op not listed is one it cannot run.
+    kernels: dict[str, tuple[int, ...]] = {}
 
     def available(self) -> str | None:
         """None when the runtime can be used here, else why not (one line)."""
@@ -91,6 +94,16 @@ class Runtime(ABC):
 
     def required_constant_inputs(self) -> tuple[ConstantInputs, ...]:
         return ()
+
+    def kernel_problem(self, op: str, bits: int, blocks_per_row: int) -> str | None:
+        """Why this runtime cannot run (or run well) `op` at `bits` with this many blocks per
+        row, or None. The default reads `kernels`; adapters add what they measured."""
+        if op not in self.kernels:
+            return f"{self.name} cannot run {op}"
+        if bits not in self.kernels[op]:
+            widths = ", ".join(map(str, self.kernels[op]))
+            return f"{self.name} runs {op} at {widths} bits only, not {bits}"
+        return None
 
 
 def one_line(exc: BaseException) -> str:

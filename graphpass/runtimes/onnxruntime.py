@@ -32,6 +32,17 @@ class OnnxRuntime(Runtime):
     module = "onnxruntime"
     extra = ""  # a dependency of graphpass itself
     levels = ("default", "disable_all")
+    # Its CPU MatMulNBits at accuracy_level 0 is fast at 4 bits only: on the 3-layer BERT
+    # (batch 1 x 128, one thread) 4-bit ran at 1.1x the dense latency, 8-bit at 6x and 2-bit at
+    # 13x (bench/bench_deploy.py). A weight kept compressed but six times slower is no deployment.
+    kernels = {"MatMulNBits": (4,), "GatherBlockQuantized": (4, 8)}
+
+    def kernel_problem(self, op: str, bits: int, blocks_per_row: int) -> str | None:
+        problem = super().kernel_problem(op, bits, blocks_per_row)
+        if problem and op == "MatMulNBits" and op in self.kernels:
+            return (f"onnxruntime's CPU MatMulNBits is fast at 4 bits only ({bits} bits measured several times "
+                    "the dense latency)")
+        return problem
 
     def open(self, model_path: str | bytes, feeds: Mapping[str, np.ndarray] | None = None,
              level: str | None = None) -> OrtSession:

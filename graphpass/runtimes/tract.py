@@ -23,6 +23,8 @@ class Tract(Runtime):
     levels = ("tract",)
     runs_loop = False  # "Unimplemented(Loop)"
     needs_constant_quantize_params = True
+    # tract 0.23 refuses other widths ("GatherBlockQuantized: only bits=4 is supported").
+    kernels = {"MatMulNBits": (4,), "GatherBlockQuantized": (4,)}
 
     def open(self, model_path: str, feeds: Mapping[str, np.ndarray] | None = None,
              level: str | None = None) -> TractSession:
