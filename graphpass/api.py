@@ -136,7 +136,8 @@ def run(
                 chosen = budget or verification.Budget()
             try:
                 checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
-                                              runtimes=deployment.targets)
+                                              runtimes=deployment.targets,
+                                              budget_given=manager.lossless or _holds_accuracy(budget))
             except verification.ModelLoadError as exc:
                 if exc.role == "candidate":  # the reference loaded at the same level just before
                     raise OutputUnloadable(_describe(pipeline), str(exc)) from None
@@ -165,6 +166,10 @@ def run(
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")
     return RunResult(ctx.model.proto, report, written, checked, measured)
+
+
+def _holds_accuracy(budget: verification.Budget | None) -> bool:
+    return budget is not None and (budget.has_elementwise or budget.min_cosine is not None)
 
 
 def _run_passes(manager: PassManager, ctx: PassContext, reference: Path | bytes) -> list:

@@ -96,7 +96,7 @@ input_options = [
 budget_options = [
     click.option("--atol", type=float, help="Elementwise budget: |cand-ref| <= atol + rtol*|ref|."),
     click.option("--rtol", type=float, help="Elementwise relative budget (see --atol)."),
-    click.option("--min-cosine", type=float, help="Budget: cosine similarity of every output at least this."),
+    click.option("--min-cosine", type=float, help="Budget: cosine similarity of every sample (rows of the batch axis) of every output at least this."),
     *input_options,
 ]
 

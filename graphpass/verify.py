@@ -15,6 +15,13 @@ figures, and each runtime's worst.
 Metric definitions. Float outputs are compared in float64, over the positions
 where both reference and candidate are finite. d = candidate - reference.
 
+Samples. A user who budgets an embedding or a classifier means every sample: a batch at
+cosine 0.999 can hide one sentence at 0.99. So the figures below are computed per sample,
+a sample being one row of axis 0 of an output of rank >= 2 (an output of rank 0 or 1 is one
+sample), and each figure reported is the worst sample's (largest error, smallest cosine and
+SNR). `whole_tensor` keeps the same figures over the whole output, `samples` says how many
+there were. The elementwise atol/rtol check is per element, so it covers every sample as is.
+
 * max_abs_error   max |d|
 * max_rel_error   max |d| / max(|ref|, floor), where floor = REL_ERROR_FLOOR_FRACTION *
                   max|ref| of that output (at least TINY). Without a floor, an element
@@ -22,10 +29,10 @@ where both reference and candidate are finite. d = candidate - reference.
                   it, elements below 0.1% of the output's scale are measured against
                   that 0.1%.
 * mean_abs_error  mean |d|
-* cosine          cos(ref, cand) of the flattened tensors; 1.0 when both are all-zero,
+* cosine          cos(ref, cand) of one flattened sample; 1.0 when both are all-zero,
                   0.0 when exactly one is.
-* snr_db          10*log10(sum(ref^2) / sum(d^2)). +inf when d == 0 everywhere, -inf
-                  when the reference is all-zero and d is not. to_dict() writes both
+* snr_db          10*log10(sum(ref^2) / sum(d^2)) over one sample. +inf when d == 0
+                  everywhere, -inf when the reference is all-zero and d is not. to_dict() writes both
                   infinities as null so the JSON stays valid (tell them apart by
                   max_abs_error == 0).
 * argmax_agreement  Only for outputs that look like class scores (see
@@ -192,9 +199,14 @@ class Figures:
     snr_db: float | None = None
     argmax_agreement: float | None = None
     mismatch_fraction: float | None = None
+    samples: int | None = None
+    # The same figures over the whole output (flattened), next to the worst sample's.
+    whole_tensor: dict[str, float] | None = None
 
     def figures_dict(self) -> dict:
-        return {f.name: _json_float(getattr(self, f.name)) for f in fields(Figures)}
+        figures = {name: _json_float(getattr(self, name)) for name in _WORST_OF}
+        whole = None if self.whole_tensor is None else {k: _json_float(v) for k, v in self.whole_tensor.items()}
+        return {**figures, "samples": self.samples, "whole_tensor": whole}
 
 
 # For each figure, the function that picks the worst value across levels.
@@ -272,6 +284,9 @@ class VerifyResult:
     levels: list[str]
     outputs: dict[str, OutputMetrics]
     runtimes: dict[str, RuntimeOutcome] = field(default_factory=dict)
+    # False when a lossy run got no accuracy budget: `passed` then means the structural
+    # checks only, and the verdict line says so instead of PASSED.
+    budget_given: bool = True
 
     @property
     def failures(self) -> dict[str, str]:
@@ -288,6 +303,7 @@ class VerifyResult:
         return {
             "passed": self.passed,
             "budget": {k: _json_float(v) for k, v in self.budget.items()},
+            "budget_given": self.budget_given,
             "levels": list(self.levels),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
             "runtimes": {name: outcome.to_dict() for name, outcome in self.runtimes.items()},
@@ -647,6 +663,7 @@ def verify(
     levels: Sequence[str] = DEFAULT_LEVELS,
     budget_outputs: Sequence[str] | None = None,
     runtimes: Sequence[str] = (ONNXRUNTIME,),
+    budget_given: bool = True,
 ) -> VerifyResult:
     """Run both models at each onnxruntime level, and in each other runtime of `runtimes`, on
     `inputs` and compare each reference output with the candidate output of the same name
@@ -657,7 +674,8 @@ def verify(
     onnxruntime always runs: a model it cannot load or run raises VerifyInputError. In another
     runtime, a reference that does not run there is a note (that runtime says nothing of the
     candidate); a candidate that does not run where the reference does fails verification.
-    A runtime that is not installed raises RuntimeUnavailable."""
+    A runtime that is not installed raises RuntimeUnavailable. `budget_given=False` says the
+    caller chose no accuracy budget: the verdict line then does not claim a PASS."""
     levels = _checked_levels(levels)
     others = [r for r in usable_adapters(list(dict.fromkeys(runtimes))) if r.name != ONNXRUNTIME]
     reference, candidate = _as_source(reference), _as_source(candidate)
@@ -683,6 +701,7 @@ def verify(
         levels=compared,
         outputs=outputs,
         runtimes=outcomes,
+        budget_given=budget_given,
     )
 
 
@@ -849,7 +868,8 @@ def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budg
     both_finite = np.isfinite(ref) & np.isfinite(cand)
     nonfinite_mismatches = int((~both_finite & ~_same_nonfinite(ref, cand)).sum())
     ref_f, diff = ref[both_finite], np.abs(cand[both_finite] - ref[both_finite])
-    metrics = LevelMetrics(**_float_figures(ref_f, cand[both_finite], diff),
+    metrics = LevelMetrics(**worst_sample_figures(ref, cand, both_finite),
+                           whole_tensor=_float_figures(ref_f, cand[both_finite], diff),
                            argmax_agreement=_argmax_agreement(name, ref, cand))
     failures = [_nonfinite_failure(ref, cand, nonfinite_mismatches)]
     if budget.has_elementwise:
@@ -859,10 +879,75 @@ def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budg
             failures.append(f"elementwise: {over}/{ref.size} elements exceed {budget.describe_elementwise()} "
                             f"(max abs error {metrics.max_abs_error:.3e})")
     if budget.min_cosine is not None and metrics.cosine < budget.min_cosine:
-        failures.append(f"cosine {metrics.cosine:.6f} < min_cosine {budget.min_cosine:g}")
+        failures.append(f"{_worst_cosine_words(metrics)} {metrics.cosine:.6f} < min_cosine {budget.min_cosine:g}")
     metrics.failure = "; ".join(f for f in failures if f) or None
     metrics.passed = metrics.failure is None
     return metrics
+
+
+def _worst_cosine_words(metrics: LevelMetrics) -> str:
+    return "cosine" if metrics.samples == 1 else "worst-sample cosine"
+
+
+def sample_rows(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays as (samples, values): axis 0 holds the samples of an output of rank >= 2
+    when both have the same shape; anything else is one sample."""
+    if ref.ndim >= 2 and ref.shape == cand.shape:
+        rows = (ref.shape[0], math.prod(ref.shape[1:]))  # explicit: reshape(0, -1) is ambiguous
+        return ref.reshape(rows), cand.reshape(rows)
+    return ref.reshape(1, ref.size), cand.reshape(1, cand.size)
+
+
+def worst_sample_figures(ref: np.ndarray, cand: np.ndarray, finite: np.ndarray | None = None) -> dict:
+    """The figures of the worst sample (see the module docstring), over the positions where
+    `finite` holds (all when None), and how many samples there were. The one definition of
+    the cosine a budget holds: verification and auto's measurements both come through here."""
+    ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+    if finite is None:
+        finite = np.ones(ref.shape, dtype=bool)
+    ref_rows, cand_rows = sample_rows(np.where(finite, ref, 0.0), np.where(finite, cand, 0.0))
+    counted = sample_rows(finite, finite)[0]
+    samples = ref_rows.shape[0]
+    if not counted.any():
+        return dict(max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, cosine=1.0, snr_db=math.inf,
+                    samples=samples)
+    diff = np.abs(cand_rows - ref_rows)  # 0 where not finite, since both were zeroed there
+    # The floor is the whole output's, as in the module docstring: a sample of small values
+    # is measured against the output's scale, not its own.
+    floor = max(REL_ERROR_FLOOR_FRACTION * float(np.abs(ref_rows).max()), TINY)
+    per_sample_mean = diff.sum(axis=1) / np.maximum(counted.sum(axis=1), 1)
+    return dict(
+        max_abs_error=float(diff.max()),
+        max_rel_error=float((diff / np.maximum(np.abs(ref_rows), floor)).max()),
+        mean_abs_error=float(per_sample_mean.max()),
+        cosine=float(_row_cosines(ref_rows, cand_rows).min()),
+        snr_db=float(_row_snr_db(ref_rows, cand_rows - ref_rows).min()),
+        samples=samples,
+    )
+
+
+def _row_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """cos(ref[i], cand[i]) per row: 1.0 where both rows are all-zero, 0.0 where one is."""
+    # Scale each row by its common max first so the norms cannot overflow.
+    scale = np.maximum(np.abs(ref).max(axis=1, initial=0.0), np.abs(cand).max(axis=1, initial=0.0))
+    safe = np.where(scale == 0.0, 1.0, scale)[:, None]
+    a, b = ref / safe, cand / safe
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosines = np.clip(np.einsum("ij,ij->i", a, b) / norms, -1.0, 1.0)
+    return np.where(scale == 0.0, 1.0, np.where(norms == 0.0, 0.0, cosines))
+
+
+def _row_snr_db(ref: np.ndarray, diff: np.ndarray) -> np.ndarray:
+    """10*log10(signal / noise) per row: +inf where the row has no error, -inf where its
+    reference is all-zero and it has some."""
+    scale = np.maximum(np.abs(ref).max(axis=1, initial=0.0), np.abs(diff).max(axis=1, initial=0.0))
+    safe = np.where(scale == 0.0, 1.0, scale)[:, None]
+    signal = np.square(ref / safe).sum(axis=1)
+    noise = np.square(diff / safe).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = 10.0 * np.log10(signal / noise)
+    return np.where(noise == 0.0, np.inf, np.where(signal == 0.0, -np.inf, snr))
 
 
 def _same_nonfinite(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -938,11 +1023,19 @@ def _summarise_levels(per_level: dict[str, LevelMetrics]) -> OutputMetrics:
     for figure, pick in _WORST_OF.items():
         values = [getattr(m, figure) for m in per_level.values() if getattr(m, figure) is not None]
         worst[figure] = pick(values) if values else None
+    worst["samples"] = next((m.samples for m in per_level.values() if m.samples is not None), None)
+    worst["whole_tensor"] = _worst_whole_tensor([m.whole_tensor for m in per_level.values() if m.whole_tensor])
     failing = [level for level, m in per_level.items() if not m.passed]
     failure = None
     if failing:
         failure = f"{per_level[failing[0]].failure} [failed at: {', '.join(failing)}]"
     return OutputMetrics(**worst, passed=not failing, failure=failure, per_level=dict(per_level))
+
+
+def _worst_whole_tensor(figures: list[dict]) -> dict | None:
+    if not figures:
+        return None
+    return {name: _WORST_OF[name](f[name] for f in figures) for name in figures[0]}
 
 
 # ---------------------------------------------------------------------------
@@ -973,10 +1066,22 @@ def render_table(result: VerifyResult) -> str:
         message = outcome.message(name)
         if message:
             lines.append(f"  {'FAIL' if outcome.failed else 'note'}: {message}")
+    lines.append(_verdict_line(result))
+    return "\n".join(lines)
+
+
+def _verdict_line(result: VerifyResult) -> str:
+    """PASSED or FAILED against the budget; without an accuracy budget a run that passed the
+    structural checks has passed nothing a user chose, so it shows what to hold instead."""
+    levels = ", ".join(result.levels)
+    if result.passed and not result.budget_given:
+        cosines = ", ".join(f"{name}={m.cosine:.6f}" for name, m in result.outputs.items() if m.cosine is not None)
+        figures = f"worst-sample cosine {cosines}; " if cosines else ""
+        return (f"no accuracy budget given: {figures}hold it with --min-cosine "
+                f"(structural checks passed; levels: {levels})")
     verdict = "PASSED" if result.passed else "FAILED"
     budget = Budget(**result.budget).describe()
-    lines.append(f"verification {verdict} (budget: {budget}; levels: {', '.join(result.levels)})")
-    return "\n".join(lines)
+    return f"verification {verdict} (budget: {budget}; levels: {levels})"
 
 
 def _figure_cells(m: OutputMetrics) -> tuple[str, ...]:
