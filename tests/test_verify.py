@@ -407,3 +407,103 @@ def test_budget_can_apply_to_some_outputs_only():
     assert not gv.verify(reference, candidate, feeds, TIGHT).passed
     only_b = gv.verify(reference, candidate, feeds, TIGHT, budget_outputs=["b"])
     assert only_b.passed and only_b.outputs["a"].max_abs_error == pytest.approx(0.5)
+
+
+# --- per-sample figures ----------------------------------------------------------------
+
+
+def _batch_with_one_bad_sample():
+    """Eight samples of 64 values; the candidate reverses sample 3 only, so the whole-tensor
+    cosine stays high while that sample's cosine is far lower."""
+    reference = np.random.default_rng(7).standard_normal((8, 64))
+    candidate = reference.copy()
+    candidate[3] = reference[3][::-1]
+    return reference, candidate
+
+
+def _own_cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_table_shows_the_worst_sample_and_min_cosine_holds_every_sample():
+    reference, candidate = _batch_with_one_bad_sample()
+    worst, whole = _own_cosine(reference[3], candidate[3]), _own_cosine(reference, candidate)
+    assert worst < whole - 0.05  # the case this guards: one bad sample, a good-looking batch
+    inputs = {"x": np.zeros((8, 64), np.float32)}
+    between = gv.Budget(min_cosine=(worst + whole) / 2)
+    result = gv.verify(constant_output_model(reference), constant_output_model(candidate), inputs, between)
+    y = result.outputs["y"]
+    assert y.samples == 8
+    assert y.cosine == pytest.approx(worst, abs=1e-6)
+    assert y.whole_tensor["cosine"] == pytest.approx(whole, abs=1e-6)
+    assert not result.passed and y.failure.startswith("worst-sample cosine")
+    assert f"{worst:.6f}" in gv.render_table(result)
+    below_both = gv.Budget(min_cosine=worst - 0.01)
+    assert gv.verify(constant_output_model(reference), constant_output_model(candidate), inputs, below_both).passed
+
+
+def test_mean_abs_error_and_snr_are_the_worst_samples():
+    reference, candidate = _batch_with_one_bad_sample()
+    figures = gv.worst_sample_figures(reference, candidate)
+    gap = np.abs(candidate[3] - reference[3])
+    assert figures["mean_abs_error"] == pytest.approx(gap.mean())
+    assert figures["snr_db"] == pytest.approx(10 * math.log10(np.sum(reference[3] ** 2) / np.sum(gap ** 2)))
+    assert figures["max_abs_error"] == pytest.approx(np.abs(candidate - reference).max())
+
+
+def test_rank_one_output_is_one_sample():
+    reference = np.random.default_rng(3).standard_normal(32)
+    candidate = reference.copy()
+    candidate[:4] = -candidate[:4]
+    result = gv.verify(constant_output_model(reference), constant_output_model(candidate),
+                       {"x": np.zeros(32, np.float32)}, gv.Budget())
+    y = result.outputs["y"]
+    assert y.samples == 1
+    assert y.cosine == pytest.approx(_own_cosine(reference, candidate), abs=1e-6)
+    assert y.cosine == pytest.approx(y.whole_tensor["cosine"])
+
+
+def test_zero_samples_and_zero_rows_do_not_break_the_figures():
+    empty = gv.worst_sample_figures(np.zeros((0, 5)), np.zeros((0, 5)))
+    assert empty["samples"] == 0 and empty["cosine"] == 1.0
+    zero_rows = gv.worst_sample_figures(np.zeros((2, 3)), np.array([[0.0, 0, 0], [1, 0, 0]]))
+    assert zero_rows["cosine"] == 0.0 and zero_rows["snr_db"] == -math.inf
+
+
+def test_json_has_worst_sample_and_whole_tensor_figures():
+    reference, candidate = _batch_with_one_bad_sample()
+    result = gv.verify(constant_output_model(reference), constant_output_model(candidate),
+                       {"x": np.zeros((8, 64), np.float32)}, gv.Budget())
+    y = json.loads(json.dumps(result.to_dict(), allow_nan=False))["outputs"]["y"]
+    assert y["samples"] == 8
+    assert y["cosine"] < y["whole_tensor"]["cosine"]
+    assert {"max_abs_error", "max_rel_error", "mean_abs_error", "cosine", "snr_db"} <= y["whole_tensor"].keys()
+    assert y["per_level"]["default"]["whole_tensor"]["cosine"] == pytest.approx(y["whole_tensor"]["cosine"])
+    assert result.to_dict()["budget_given"] is True
+
+
+# --- no budget, no PASS ----------------------------------------------------------------
+
+
+def test_lossy_cli_run_without_budget_says_so_and_writes_the_output(fixture_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from graphpass.cli import main
+
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = ["run", str(fixture_dir / "example.onnx"), "--passes", "kmeans(bits=2)", "--no-cost",
+            "-o", str(out), "--report", str(report_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    assert "PASSED" not in result.output
+    report = json.loads(report_path.read_text())["verify"]
+    assert report["budget_given"] is False
+    cosine = report["outputs"]["logits"]["cosine"]
+    verdict = result.output.strip().splitlines()
+    line = next(line for line in verdict if line.startswith("no accuracy budget given"))
+    assert f"logits={cosine:.6f}" in line and "--min-cosine" in line
+
+    held = CliRunner().invoke(main, [*args, "--min-cosine", "-1"])
+    assert held.exit_code == 0 and "verification PASSED" in held.output
