@@ -1053,9 +1053,10 @@ def render_table(result: VerifyResult) -> str:
     rows = [columns]
     for name, m in result.outputs.items():
         if by_runtime:
-            rows += [(name, runtime, *_figure_cells(own)) for runtime, own in m.per_runtime.items()]
+            rows += [(name, runtime, *_figure_cells(own, result.budget_given))
+                     for runtime, own in m.per_runtime.items()]
         else:
-            rows.append((name, *_figure_cells(m)))
+            rows.append((name, *_figure_cells(m, result.budget_given)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) if i < len(columns) - len(_COLUMNS) + 1 else cell.rjust(width)
                        for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
@@ -1084,7 +1085,7 @@ def _verdict_line(result: VerifyResult) -> str:
     return f"verification {verdict} (budget: {budget}; levels: {levels})"
 
 
-def _figure_cells(m: OutputMetrics) -> tuple[str, ...]:
+def _figure_cells(m: OutputMetrics, budget_given: bool = True) -> tuple[str, ...]:
     return (
         _format_number(m.max_abs_error, "{:.3e}"),
         _format_number(m.max_rel_error, "{:.3e}"),
@@ -1092,8 +1093,15 @@ def _figure_cells(m: OutputMetrics) -> tuple[str, ...]:
         _format_number(m.cosine, "{:.6f}"),
         _format_number(m.snr_db, "{:.1f}"),
         "-" if m.argmax_agreement is None else f"{100 * m.argmax_agreement:.1f}%",
-        "PASS" if m.passed else "FAIL",
+        _result_cell(m.passed, budget_given),
     )
+
+
+def _result_cell(passed: bool, budget_given: bool) -> str:
+    # Passing the structural checks alone is no PASS: the user held the figures to nothing.
+    if not passed:
+        return "FAIL"
+    return "PASS" if budget_given else "no budget"
 
 
 def _format_number(value: float | None, pattern: str) -> str:
