@@ -17,6 +17,9 @@ Error units. `error_units` says how much of a `verify.Budget` an output's deviat
 scale where independent weight errors add: (1 - cosine) / (1 - min_cosine), since 1 - cosine
 grows with the squared error, and (|d| / (atol + rtol |ref|))**2 for the elementwise check.
 1.0 is the budget's edge; the model's predicted error is the sum over compressed weights.
+The cosine is verify's (compare_arrays): the worst sample's along the batch axis, the one
+the run's --min-cosine holds, so auto's choice and verification measure the same thing.
+Summing each weight's worst-sample gap bounds the worst sample of the sum from above.
 
 Also here: the energy of each MatMul's input channels on calibration data (for
 activation-aware clustering) and the rows of each embedding table that calibration reads.

@@ -507,3 +507,26 @@ def test_lossy_cli_run_without_budget_says_so_and_writes_the_output(fixture_dir,
 
     held = CliRunner().invoke(main, [*args, "--min-cosine", "-1"])
     assert held.exit_code == 0 and "verification PASSED" in held.output
+
+
+def test_verify_command_without_budget_shows_no_pass(fixture_dir):
+    from click.testing import CliRunner
+
+    from graphpass.cli import main
+
+    pair = [str(fixture_dir / "negated.onnx"), str(fixture_dir / "scaled.onnx"), "--no-cost"]
+    unbudgeted = CliRunner().invoke(main, ["verify", *pair])
+    assert unbudgeted.exit_code == 0, unbudgeted.output
+    assert "PASS" not in unbudgeted.output and "hold it with --min-cosine" in unbudgeted.output
+    held = CliRunner().invoke(main, ["verify", *pair, "--min-cosine", "-1"])
+    assert held.exit_code == 0 and "verification PASSED" in held.output
+
+
+def test_auto_measures_the_cosine_verification_holds():
+    from graphpass.sensitivity import error_units
+
+    reference, candidate = _batch_with_one_bad_sample()
+    worst = _own_cosine(reference[3], candidate[3])
+    units, metrics = error_units("y", reference, candidate, gv.Budget(min_cosine=0.99))
+    assert metrics.cosine == pytest.approx(worst)
+    assert units == pytest.approx((1 - worst) / (1 - 0.99))
