@@ -54,11 +54,11 @@ _COSINE_NOISE = 1e-12
 
 
 def error_units(name: str, reference: np.ndarray, candidate: np.ndarray, budget: verification.Budget,
-                ) -> tuple[float, verification.LevelMetrics]:
+                batch_axis: int = 0) -> tuple[float, verification.LevelMetrics]:
     """The share of `budget` that one output's deviation uses (see the module docstring), with
     verify's own figures for it. Structural failures (shape, dtype, non-finite values, a changed
     integer output) use more than any budget: infinity."""
-    metrics = verification.compare_arrays(name, reference, candidate, verification.Budget())
+    metrics = verification.compare_arrays(name, reference, candidate, verification.Budget(), batch_axis)
     if not metrics.passed:
         return math.inf, metrics
     if metrics.cosine is None:  # an integer or bool output, and it matched exactly
@@ -147,14 +147,18 @@ def _finite(value: float) -> float | None:
 class ErrorMeter:
     """Compares probe outputs with the reference outputs, in error units of a budget."""
 
-    def __init__(self, reference: Mapping[str, np.ndarray], budget: verification.Budget):
+    def __init__(self, reference: Mapping[str, np.ndarray], budget: verification.Budget,
+                 batch_axes: Mapping[str, int] | None = None):
         self.reference = dict(reference)
         self.budget = budget
+        # Where each output's samples lie, as verification reads them (declared_batch_axes).
+        self.batch_axes = dict(batch_axes or {})
 
     def measure(self, outputs: Mapping[str, np.ndarray]) -> Measurement:
         per_output, cosine, max_abs = {}, {}, {}
         for name, ref in self.reference.items():
-            per_output[name], metrics = error_units(name, ref, np.asarray(outputs[name]), self.budget)
+            per_output[name], metrics = error_units(name, ref, np.asarray(outputs[name]), self.budget,
+                                                    self.batch_axes.get(name, 0))
             if metrics.cosine is not None:
                 cosine[name], max_abs[name] = metrics.cosine, metrics.max_abs_error
         return Measurement(max(per_output.values(), default=0.0), per_output, cosine, max_abs)

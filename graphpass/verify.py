@@ -15,10 +15,12 @@ figures, and each runtime's worst.
 Metric definitions. Float outputs are compared in float64, over the positions
 where both reference and candidate are finite. d = candidate - reference.
 
-Samples. A user who budgets an embedding or a classifier means every sample: a batch at
-cosine 0.999 can hide one sentence at 0.99. So the figures below are computed per sample,
-a sample being one row of axis 0 of an output of rank >= 2 (an output of rank 0 or 1 is one
-sample), and each figure reported is the worst sample's (largest error, smallest cosine and
+Samples. A user who budgets an embedding or a classifier means every sample: a batch whose
+whole cosine looks high can hide one sentence far below it. So the figures below are
+computed per sample, a sample being one slice along the batch axis of an output of rank >= 2
+(an output of rank 0 or 1 is one sample). The batch axis is the one the model declares with
+a symbol naming a batch (recurrent state such as [2, batch, 128] holds h and c on axis 0),
+else axis 0, and each figure reported is the worst sample's (largest error, smallest cosine and
 SNR). `whole_tensor` keeps the same figures over the whole output, `samples` says how many
 there were. The elementwise atol/rtol check is per element, so it covers every sample as is.
 
@@ -681,7 +683,7 @@ def verify(
     reference, candidate = _as_source(reference), _as_source(candidate)
     same_model = _source_key(reference) == _source_key(candidate)
     per_output: dict[str, dict[str, LevelMetrics]] = defaultdict(dict)
-    comparison = _Comparison(per_output, budget, budget_outputs)
+    comparison = _Comparison(per_output, budget, budget_outputs, declared_batch_axes(reference))
     outcomes = {ONNXRUNTIME: RuntimeOutcome(list(levels))}
     for level in levels:
         ref_outputs = _run_in_onnxruntime(reference, "reference", level, inputs)
@@ -712,11 +714,13 @@ class _Comparison:
     per_output: dict[str, dict[str, LevelMetrics]]
     budget: Budget
     budget_outputs: Sequence[str] | None
+    batch_axes: Mapping[str, int] = field(default_factory=dict)
 
     def add(self, level: str, ref_outputs: Mapping[str, np.ndarray], cand_outputs: Mapping[str, np.ndarray]) -> None:
         for name, ref_value in ref_outputs.items():
             held = self.budget if self.budget_outputs is None or name in self.budget_outputs else Budget()
-            self.per_output[name][level] = compare_arrays(name, ref_value, cand_outputs.get(name), held)
+            self.per_output[name][level] = compare_arrays(name, ref_value, cand_outputs.get(name), held,
+                                                          self.batch_axes.get(name, 0))
 
 
 def _verify_in(runtime: Runtime, reference: str, candidate: str, same_model: bool,
@@ -748,6 +752,29 @@ def _summarise_output(per_level: dict[str, LevelMetrics], outcomes: Mapping[str,
         if own:
             summary.per_runtime[name] = _summarise_levels(own)
     return summary
+
+
+def declared_batch_axes(model: ModelSource | onnx.ModelProto) -> dict[str, int]:
+    """Output name -> the axis its declared shape names as a batch (a symbol containing
+    "batch"), for the outputs that declare one; the others use axis 0."""
+    proto = model if isinstance(model, onnx.ModelProto) else _graph_outputs_of(_as_source(model))
+    axes = {}
+    for value in proto.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        named = [axis for axis, dim in enumerate(dims) if "batch" in dim.dim_param.lower()]
+        if named:
+            axes[value.name] = named[0]
+    return axes
+
+
+def _graph_outputs_of(source: str | bytes) -> onnx.ModelProto:
+    """The model without its external data: only its declared outputs are read."""
+    try:
+        if isinstance(source, bytes):
+            return onnx.load_from_string(source)
+        return onnx.load(source, load_external_data=False)
+    except Exception:  # an unreadable model fails with onnxruntime's own words below
+        return onnx.ModelProto()
 
 
 def budget_output_names(proto: onnx.ModelProto, names: Sequence[str] | None) -> list[str]:
@@ -834,8 +861,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray | None,
-                   budget: Budget) -> LevelMetrics:
-    """Compare one output at one level (public so other passes can reuse the metrics)."""
+                   budget: Budget, batch_axis: int = 0) -> LevelMetrics:
+    """Compare one output at one level (public so other passes can reuse the metrics);
+    `batch_axis` is where its samples lie (see declared_batch_axes)."""
     if candidate is None:
         return LevelMetrics(passed=False, failure="output missing from candidate")
     if reference.shape != candidate.shape:
@@ -845,7 +873,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray | Non
         return LevelMetrics(passed=False, failure=(
             f"dtype mismatch: reference {reference.dtype} vs candidate {candidate.dtype}"))
     if _is_float_dtype(reference.dtype):
-        return _compare_float(name, reference, candidate, budget)
+        return _compare_float(name, reference, candidate, budget, batch_axis)
     return _compare_exact(reference, candidate)
 
 
@@ -862,13 +890,14 @@ def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> LevelMetrics
     return metrics
 
 
-def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budget: Budget) -> LevelMetrics:
+def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budget: Budget,
+                   batch_axis: int = 0) -> LevelMetrics:
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     both_finite = np.isfinite(ref) & np.isfinite(cand)
     nonfinite_mismatches = int((~both_finite & ~_same_nonfinite(ref, cand)).sum())
     ref_f, diff = ref[both_finite], np.abs(cand[both_finite] - ref[both_finite])
-    metrics = LevelMetrics(**worst_sample_figures(ref, cand, both_finite),
+    metrics = LevelMetrics(**worst_sample_figures(ref, cand, both_finite, batch_axis),
                            whole_tensor=_float_figures(ref_f, cand[both_finite], diff),
                            argmax_agreement=_argmax_agreement(name, ref, cand))
     failures = [_nonfinite_failure(ref, cand, nonfinite_mismatches)]
@@ -889,24 +918,28 @@ def _worst_cosine_words(metrics: LevelMetrics) -> str:
     return "cosine" if metrics.samples == 1 else "worst-sample cosine"
 
 
-def sample_rows(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays as (samples, values): axis 0 holds the samples of an output of rank >= 2
-    when both have the same shape; anything else is one sample."""
+def sample_rows(ref: np.ndarray, cand: np.ndarray, batch_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays as (samples, values): `batch_axis` holds the samples of an output of rank
+    >= 2 when both have the same shape; anything else is one sample."""
     if ref.ndim >= 2 and ref.shape == cand.shape:
+        if not 0 <= batch_axis < ref.ndim:
+            batch_axis = 0
+        ref, cand = np.moveaxis(ref, batch_axis, 0), np.moveaxis(cand, batch_axis, 0)
         rows = (ref.shape[0], math.prod(ref.shape[1:]))  # explicit: reshape(0, -1) is ambiguous
         return ref.reshape(rows), cand.reshape(rows)
     return ref.reshape(1, ref.size), cand.reshape(1, cand.size)
 
 
-def worst_sample_figures(ref: np.ndarray, cand: np.ndarray, finite: np.ndarray | None = None) -> dict:
+def worst_sample_figures(ref: np.ndarray, cand: np.ndarray, finite: np.ndarray | None = None,
+                         batch_axis: int = 0) -> dict:
     """The figures of the worst sample (see the module docstring), over the positions where
     `finite` holds (all when None), and how many samples there were. The one definition of
     the cosine a budget holds: verification and auto's measurements both come through here."""
     ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
     if finite is None:
         finite = np.ones(ref.shape, dtype=bool)
-    ref_rows, cand_rows = sample_rows(np.where(finite, ref, 0.0), np.where(finite, cand, 0.0))
-    counted = sample_rows(finite, finite)[0]
+    ref_rows, cand_rows = sample_rows(np.where(finite, ref, 0.0), np.where(finite, cand, 0.0), batch_axis)
+    counted = sample_rows(finite, finite, batch_axis)[0]
     samples = ref_rows.shape[0]
     if not counted.any():
         return dict(max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, cosine=1.0, snr_db=math.inf,

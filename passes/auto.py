@@ -353,7 +353,8 @@ class AutoPass(Pass):
     def _calibrate(self, ctx: PassContext, weights: list[WeightRef], inputs, outputs: list[str]) -> Calibration:
         probe = Probe(ctx.model, weights, inputs, outputs)
         hessians = input_covariance(ctx.model, weights, inputs) if self.config["gptq"] else {}
-        return Calibration(probe, ErrorMeter(probe.run(), ctx.budget), self._value_weights(ctx, weights, inputs),
+        meter = ErrorMeter(probe.run(), ctx.budget, verification.declared_batch_axes(ctx.model.proto))
+        return Calibration(probe, meter, self._value_weights(ctx, weights, inputs),
                            gathered_rows(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians)
 
     def _value_weights(self, ctx: PassContext, weights: list[WeightRef], inputs) -> dict[str, np.ndarray]:

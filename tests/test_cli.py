@@ -102,9 +102,9 @@ def test_keep_failed_writes_the_failing_output(fixture_dir, tmp_path, monkeypatc
 
     real_compare = verification.compare_arrays
 
-    def pessimistic(name, reference, candidate, budget):
+    def pessimistic(name, reference, candidate, budget, *batch_axis):
         shifted = None if candidate is None else candidate + np.ones_like(candidate)
-        return real_compare(name, reference, shifted, budget)
+        return real_compare(name, reference, shifted, budget, *batch_axis)
 
     monkeypatch.setattr(verification, "compare_arrays", pessimistic)
     out = tmp_path / "out.onnx"

@@ -530,3 +530,25 @@ def test_auto_measures_the_cosine_verification_holds():
     units, metrics = error_units("y", reference, candidate, gv.Budget(min_cosine=0.99))
     assert metrics.cosine == pytest.approx(worst)
     assert units == pytest.approx((1 - worst) / (1 - 0.99))
+
+
+def _state_model(values: np.ndarray):
+    """A constant output declared as [2, batch, n], as recurrent state is: h and c on axis 0."""
+    model = constant_output_model(values)
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    dims[1].Clear()
+    dims[1].dim_param = "batch"
+    return model
+
+
+def test_declared_batch_axis_holds_the_samples():
+    reference = np.random.default_rng(5).standard_normal((2, 3, 16))
+    candidate = reference.copy()
+    candidate[:, 1] = -reference[:, 1]  # batch sample 1 flipped, in both h and c
+    result = gv.verify(_state_model(reference), _state_model(candidate),
+                       {"x": np.zeros((2, 3, 16), np.float32)}, gv.Budget())
+    y = result.outputs["y"]
+    assert gv.declared_batch_axes(_state_model(reference)) == {"y": 1}
+    assert y.samples == 3
+    assert y.cosine == pytest.approx(-1.0)
+    assert y.whole_tensor["cosine"] > -0.9  # axis 0 (h, c) would mix the flipped sample in
