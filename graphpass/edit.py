@@ -58,8 +58,9 @@ class Model:
     def keep_constant(self, needs: dict) -> None:
         """What the target runtimes need kept constant (op type -> rules, from
         graphpass.runtimes.required_constants); weights that feed those inputs get `pinned`."""
-        self._constant_needs = dict(needs)
-        self._weights = None
+        if dict(needs) != self._constant_needs:  # every PassContext says it; most say the same
+            self._constant_needs = dict(needs)
+            self._weights = None
 
     def value_types(self) -> dict[str, onnx.TypeProto]:
         """Types and shapes of the top graph's values from onnx shape inference.
@@ -140,21 +141,31 @@ class Model:
         if replacement.row_gather is not None and self._apply_row_gather(weight, replacement):
             return
         scope = weight.scope
-        position = self._remove_definition(weight)
-        if position is None:  # an initializer: after the Constant nodes shared tensors may have become
-            position = _leading_constants(scope.body)
+        position = self._take_definition(weight)
         nodes = list(replacement.nodes)
         if result in {o for node in nodes for o in node.output}:
             _rename_output(nodes, result, weight.name)
         else:
             self._alias(scope, weight.name, result, nodes)
-        if self.holds_no_initializers(scope):
-            nodes = [self._constant_node(t) for t in replacement.tensors] + nodes
-        else:
-            scope.body.initializer.extend(replacement.tensors)
+        nodes = self._store(scope, replacement.tensors) + nodes
         for offset, node in enumerate(nodes):
             scope.body.node.insert(position + offset, node)
         self._edited()
+
+    def _take_definition(self, weight: WeightRef) -> int:
+        """Delete the weight's definition; return where nodes computing it may go: the
+        Constant's place, or for an initializer after the Constant nodes shared tensors may
+        have become."""
+        position = self._remove_definition(weight)
+        return _leading_constants(weight.scope.body) if position is None else position
+
+    def _store(self, scope: Scope, tensors: list[TensorProto]) -> list[NodeProto]:
+        """Store new tensors in `scope`: as initializers, or where the scope holds none, as the
+        Constant nodes returned (to be inserted before their readers)."""
+        if self.holds_no_initializers(scope):
+            return [self._constant_node(t) for t in tensors]
+        scope.body.initializer.extend(tensors)
+        return []
 
     def _apply_row_gather(self, weight: WeightRef, replacement: Replacement) -> bool:
         """Where every reader of the weight is a row Gather in the weight's own body (an
@@ -166,9 +177,7 @@ class Model:
         if scope.is_function or weight.name in scope.output_names() or not readers or any(
                 id(node) not in direct or not _gathers_rows(node, index, rank) for node, index in readers):
             return False
-        position = self._remove_definition(weight)
-        if position is None:
-            position = _leading_constants(scope.body)
+        position = self._take_definition(weight)
         first_decode = len(replacement.nodes)
         decoders = []
         for node, _ in readers:
@@ -179,11 +188,7 @@ class Model:
             decoders.append((node, decoded))
         shared = _ancestors(replacement.nodes[:first_decode], replacement.nodes[first_decode:])
         used = {name for n in shared + replacement.nodes[first_decode:] for name in n.input}
-        kept = [t for t in replacement.tensors if t.name in used]
-        if self.holds_no_initializers(scope):
-            shared = [self._constant_node(t) for t in kept] + shared
-        else:
-            scope.body.initializer.extend(kept)
+        shared = self._store(scope, [t for t in replacement.tensors if t.name in used]) + shared
         for node, decoded in decoders:
             index = next(i for i, n in enumerate(scope.body.node) if n is node)
             del scope.body.node[index]

@@ -588,10 +588,7 @@ class RowDigits:
     def decode(self, r: Replacement, indices: str) -> str:
         """Nodes computing Gather(weight, indices, axis=0) from the stored rows."""
         words = r.node("Gather", [self.words, indices], f"{LUT_ROLE_PREFIX}gathered_words", axis=0)
-        index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
-        tail = _int64s(r, "gathered_tail", [self.padded_length])
-        shape = r.node("Concat", [index_shape, tail], f"{LUT_ROLE_PREFIX}gathered_shape", axis=0)
-        index = self.unpack(r, words, shape)
+        index = self.unpack(r, words, _gathered_shape(r, indices, (self.padded_length,)))
         table = r.node("Gather", [self.table, indices], f"{LUT_ROLE_PREFIX}gathered_codebooks", axis=0)
         return r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=-1)
 
@@ -643,6 +640,14 @@ def _emit_row_aligned(r: Replacement, codebook: np.ndarray, labels: np.ndarray, 
     return _reshape(r, values, gathered, shape)
 
 
+def _gathered_shape(r: Replacement, indices: str, tail) -> str:
+    """[*indices.shape, *tail], the indices' own dimensions read at run time, so that any
+    index shape (a scalar included) works."""
+    index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
+    target_tail = _int64s(r, "gathered_tail", list(tail))
+    return r.node("Concat", [index_shape, target_tail], f"{LUT_ROLE_PREFIX}gathered_shape", axis=0)
+
+
 @dataclass(frozen=True)
 class RowGather:
     """How to decode only the rows a Gather picks: gather `words` rows, cast, look them up in
@@ -661,11 +666,8 @@ class RowGather:
         index = r.node("Cast", [rows], f"{LUT_ROLE_PREFIX}gathered_index", to=TensorProto.INT32)
         values = r.node("Gather", [self.table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=0)
         if self.per_word > 1:
-            # [*indices, *shape[1:-1], last/m, m] -> [*indices, *shape[1:]]: the indices' own
-            # dimensions are read at run time, so any index shape works.
-            index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
-            tail = _int64s(r, "gathered_tail", list(self.shape[1:]))
-            target = r.node("Concat", [index_shape, tail], f"{LUT_ROLE_PREFIX}gathered_shape", axis=0)
+            # [*indices, *shape[1:-1], last/m, m] -> [*indices, *shape[1:]]
+            target = _gathered_shape(r, indices, self.shape[1:])
             values = r.node("Reshape", [values, target], f"{LUT_ROLE_PREFIX}gathered_rows")
         if self.row_scale is None:
             return values
