@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ import onnxruntime as ort
 import graphpass
 from graphpass.deployment import Deployment
 from graphpass.runtimes import RuntimeFailure, adapter
-from graphpass.runtimes.cost import measure_cost
+from graphpass.runtimes.cost import RuntimeCost, measure_cost
 from graphpass.verify import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,22 +87,14 @@ print(json.dumps({"session_memory_bytes": session_memory, "peak_rss_bytes": peak
 """
 
 
-@dataclass
-class Cost:
-    session_memory_bytes: int
-    peak_rss_bytes: int
-    start_seconds: float
-    latency_seconds: float
-
-
-def _openvino_once(path: Path, feeds_path: Path, runs: int) -> Cost | None:
+def _openvino_once(path: Path, feeds_path: Path, runs: int) -> RuntimeCost | None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", _OPENVINO_PROBE, str(path), str(feeds_path), str(runs)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(f"openvino failed on {path.name}: {done.stderr.strip().splitlines()[-1][:300]}", file=sys.stderr)
         return None
-    return Cost(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return RuntimeCost.from_probe({**json.loads(done.stdout.strip().splitlines()[-1]), "runs": runs})
 
 
 def measure(paths: list[Path], feeds: dict[str, np.ndarray], rounds: int, runs: int = 20,
@@ -114,18 +105,13 @@ def measure(paths: list[Path], feeds: dict[str, np.ndarray], rounds: int, runs: 
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = Path(folder) / "feeds.npz"
         np.savez(feeds_path, **feeds)
-        best: list[Cost | None] = [None] * len(paths)
+        rounds_of: list[list[RuntimeCost]] = [[] for _ in paths]
         for _ in range(rounds):
             for i, path in enumerate(paths):
                 cost = _openvino_once(path, feeds_path, runs)
-                if cost is None:
-                    continue
-                best[i] = cost if best[i] is None else Cost(
-                    min(best[i].session_memory_bytes, cost.session_memory_bytes),
-                    min(best[i].peak_rss_bytes, cost.peak_rss_bytes),
-                    min(best[i].start_seconds, cost.start_seconds),
-                    min(best[i].latency_seconds, cost.latency_seconds))
-        return best
+                if cost is not None:
+                    rounds_of[i].append(cost)
+        return [RuntimeCost.best_of(measured) if measured else None for measured in rounds_of]
 
 
 def runs_in(path: Path, feeds: dict[str, np.ndarray]) -> str:
