@@ -498,6 +498,10 @@ def _batch_like_symbols(all_dims: Iterable[list | None]) -> set[str]:
     return batch
 
 
+# A dim named as a sum of symbols and numbers, e.g. "past_sequence_length + 1".
+_SUM_OF_DIMS = re.compile(r"\s*(?:[A-Za-z_][\w.]*|\d+)(?:\s*\+\s*(?:[A-Za-z_][\w.]*|\d+))+\s*")
+
+
 def _is_batch_like(dim, axis: int, rank: int, batch_symbols: set[str]) -> bool:
     if isinstance(dim, str):
         return dim in batch_symbols
@@ -509,6 +513,14 @@ def _default_size(dim, axis, rank, symbols, batch_symbols, default_dim) -> int:
         return dim
     if isinstance(dim, str) and dim in symbols:
         return symbols[dim]
+    if isinstance(dim, str) and _SUM_OF_DIMS.fullmatch(dim):
+        # Exporters name a KV-cache model's total length "past_sequence_length + sequence_length"
+        # (optimum): it must equal the sum of its parts wherever those appear.
+        parts = [p.strip() for p in dim.split("+")]
+        size = sum(int(p) if p.isdigit() else _default_size(p, axis, rank, symbols, batch_symbols, default_dim)
+                   for p in parts)
+        symbols[dim] = size
+        return size
     size = BATCH_DIM if _is_batch_like(dim, axis, rank, batch_symbols) else default_dim
     if isinstance(dim, str):
         symbols[dim] = size  # every later use of this symbol gets the same size
