@@ -16,6 +16,11 @@ form; runtimes fold either to a constant at load and the body slices dense weigh
 file keeps the packed indices. With the `memory` objective they stay in the body, where
 the weights stay compressed in memory.
 
+Blocks that read a graph input each (a decoder layer's past keys and values) and make a
+graph output each (its present keys and values) fold into a Scan too: the inputs are stacked
+[N, ...] before it (Unsqueeze, Concat) and enter as scan inputs, the body's outputs leave as
+scan outputs and are split back into the graph outputs after it (Split, Squeeze).
+
 The Scan runs in onnxruntime, OpenVINO and tract: the body reads nothing from the outer
 scope (what it needs enters as a state variable returned unchanged, or as its own copy of a
 small constant) and declares no symbolic dims. tract has no Loop, so with tract as a target
@@ -46,7 +51,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphpass.batched_lookup import ELEMENTWISE_OPS, UNSQUEEZE_AXES_INPUT_OPSET, BatchedLookup
 from graphpass.blocks import (
-    BlockAnalysis, BlockRun, CarriedValue, Dims, Port, RepeatedBlocks, WeightSlot, node_reads,
+    BlockAnalysis, BlockRun, CarriedValue, Dims, PerBlockValue, Port, RepeatedBlocks, WeightSlot, node_reads,
 )
 from graphpass.edit import Model
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
@@ -116,7 +121,8 @@ class FoldPass(Pass):
             if why_not:
                 result.notes.append(f"fold: the lookups of the run at '{run.nodes(0)[0].name}' stay in the loop body, "
                                     f"rebuilt at every iteration: {why_not}")
-            if modes[id(run)] == "scan" and not plans[id(run)].sliced and not _scan_over_copies(run, plans[id(run)]):
+            steps = plans[id(run)].sliced or run.inputs
+            if modes[id(run)] == "scan" and not steps and not _scan_over_copies(run, plans[id(run)]):
                 result.notes.append(f"fold: left the run at '{run.nodes(0)[0].name}' unfolded: a target "
                                     "runtime has no Loop, and no small float weight could give a Scan its steps")
                 chosen.remove(run)
@@ -139,6 +145,11 @@ class FoldPass(Pass):
                 f"({info['shared_weights']} shared weights, {info['stacked_weights']} stacked"
                 + (f", {info['gemm_weights']} of them read by Gemm(transB=1))" if info["gemm_weights"] else ")")
             )
+            if info["per_block_inputs"] or info["per_block_outputs"]:
+                result.notes.append(
+                    f"fold: each block's own graph inputs ({info['per_block_inputs']} per block) are stacked into "
+                    f"scan inputs, its graph outputs ({info['per_block_outputs']} per block) split from scan outputs"
+                )
             if info["precomputed_values"]:
                 how = (
                     "rebuilt once, over the stacked stored inputs," if info["precomputed_once"]
@@ -162,8 +173,12 @@ class FoldPass(Pass):
             reason = f"{len(run.per_block_slots)} weights differ between blocks and stack=false"
         elif run.per_block_slots and run.length < MIN_STACKED_BLOCKS:
             reason = f"weights differ between blocks; stacking pays only for {MIN_STACKED_BLOCKS}+ blocks"
+        elif mode == "loop" and (run.inputs or run.outputs):
+            reason = "its blocks read or make graph inputs or outputs of their own, which only a Scan slices and stacks"
         elif any(c.dtype is None for c in run.carried):
             reason = "the type of a carried value is unknown (shape inference could not tell)"
+        elif any(v.dtype is None or v.dims is None for v in run.inputs + run.outputs):
+            reason = "the type of a graph input or output of a block is unknown (shape inference could not tell)"
         elif mode == "scan" and any(i.name not in self._types for i in run.invariants):
             # a Scan takes it as a state variable, which must declare its element type
             reason = "the type of a value every block reads is unknown (shape inference could not tell)"
@@ -181,7 +196,7 @@ class FoldPass(Pass):
         the same bytes."""
         if self.config["mode"] == "loop" or ctx.model.opset < SCAN_MIN_OPSET:
             return "loop"
-        if not run.per_block_slots and ctx.deployment.runs_loop:
+        if not run.per_block_slots and not run.inputs and ctx.deployment.runs_loop:
             return "loop"
         return "scan"
 
@@ -352,10 +367,11 @@ def _computed_values(run: BlockRun, varies: set[int], types: dict) -> tuple[list
 
 
 def _live_nodes(run: BlockRun, precomputed: set[int]) -> set[int]:
-    """Template nodes the body needs for the carried values, given what comes precomputed."""
+    """Template nodes the body needs for the carried values and per-block outputs, given what
+    comes precomputed."""
     nodes = run.nodes(0)
     producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
-    stack = [c.source[0] for c in run.carried]
+    stack = [c.source[0] for c in run.carried] + [v.source[0] for v in run.outputs]
     live: set[int] = set()
     while stack:
         k = stack.pop()
@@ -417,7 +433,7 @@ class _Rewrite:
             if batched is not None and id(slot) in plan.computed:
                 stacked[id(slot)] = self._transposed(batched[slot.names[0]], id(slot) in transposed, first)
             elif id(slot) in plan.computed:
-                stacked[id(slot)] = self._stack_values(slot, id(slot) in transposed, first)
+                stacked[id(slot)] = self._stack_values(slot.names, id(slot) in transposed, first)
             else:
                 stacked[id(slot)] = self._widen(slot, self._stack(slot, id(slot) in transposed), first)
                 self.stacked_originals.update(slot.names)
@@ -433,6 +449,7 @@ class _Rewrite:
         # same names), so only what the body alone reads may move into it.
         in_body = run.all_positions() - {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
         moved, renamed = self._move_into_body(run, plan, in_body)
+        activations = [self._stack_values(value.names, False, first) for value in run.inputs]
         builder = _BodyBuilder(run, plan.sliced, self.found.value_types, names, mode, stacked, transposed, opsets,
                                {t.name for t in moved}, renamed, self._outer_types(run, plan))
         body, captured = builder.build()
@@ -445,15 +462,19 @@ class _Rewrite:
             self.tensors.append(numpy_helper.from_array(np.array(run.length, dtype=np.int64), trip_count))
             node = helper.make_node("Loop", [trip_count, "", *initial], final, name=node_name, body=body)
         else:
-            scanned = [stacked[id(s)] for s in plan.sliced]
+            scanned = [stacked[id(s)] for s in plan.sliced] + activations
             returned = [names.fresh(f"{name}.returned") for name in captured]  # unchanged, unread
+            made = [names.fresh(f"{value.names[0]}.stacked") for value in run.outputs]
             node = helper.make_node(
-                "Scan", [*initial, *captured, *scanned], [*final, *returned], name=node_name, body=body,
+                "Scan", [*initial, *captured, *scanned], [*final, *returned, *made], name=node_name, body=body,
                 num_scan_inputs=len(scanned),
             )
         positions = run.all_positions()
         self.removed |= positions - outside
         self.added.append((max(positions), node))
+        if mode == "scan":
+            for value, stack in zip(run.outputs, made):
+                self._unstack(stack, value.names, max(positions))
         return {
             "op": node.op_type,
             "blocks": run.length,
@@ -465,6 +486,8 @@ class _Rewrite:
             "precomputed_values": plan.hoisted_values,
             "precomputed_once": batched is not None,
             "carried": initial,
+            "per_block_inputs": len(run.inputs),
+            "per_block_outputs": len(run.outputs),
         }
 
     def _batched_lookup(self, run: BlockRun, plan: _Plan, position: int) -> dict[str, str] | None:
@@ -494,13 +517,14 @@ class _Rewrite:
         self.added.append((position, helper.make_node("Transpose", [stacked], [name], name=name, perm=[0, 2, 1])))
         return name
 
-    def _stack_values(self, slot: WeightSlot, transposed: bool, position: int) -> str:
+    def _stack_values(self, values: tuple[str, ...], transposed: bool, position: int) -> str:
         """Concat of the blocks' values, each Unsqueezed to [1, ...] (and the stack transposed
-        to [N, cols, rows] for Gemm): all constants once the values are, so runtimes fold it
-        at load and the body slices a dense tensor."""
+        to [N, cols, rows] for Gemm). For computed weights, all constants once the values are,
+        so runtimes fold it at load and the body slices a dense tensor; for graph inputs, the
+        scan input."""
         names = self.model.names
         pieces = []
-        for value in slot.names:
+        for value in values:
             piece = names.fresh(f"{value}.unsqueezed")
             if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:
                 node = helper.make_node("Unsqueeze", [value, self._axes_zero()], [piece], name=piece)
@@ -508,13 +532,27 @@ class _Rewrite:
                 node = helper.make_node("Unsqueeze", [value], [piece], name=piece, axes=[0])
             self.added.append((position, node))
             pieces.append(piece)
-        stacked = names.fresh(f"{slot.names[0]}.stacked")
+        stacked = names.fresh(f"{values[0]}.stacked")
         concat = names.fresh(f"{stacked}.concat") if transposed else stacked
         self.added.append((position, helper.make_node("Concat", pieces, [concat], name=concat, axis=0)))
         if transposed:
             self.added.append((position, helper.make_node("Transpose", [concat], [stacked], name=stacked,
                                                           perm=[0, 2, 1])))
         return stacked
+
+    def _unstack(self, stacked: str, values: tuple[str, ...], position: int) -> None:
+        """The blocks' values back from a scan output [N, ...]: Split on the block axis, then
+        Squeeze each piece to the value's own name."""
+        names = self.model.names
+        pieces = [names.fresh(f"{value}.piece") for value in values]
+        split = names.fresh(f"{stacked}.split")
+        self.added.append((position, helper.make_node("Split", [stacked], pieces, name=split, axis=0)))
+        for piece, value in zip(pieces, values):
+            if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:  # Squeeze took axes as an input from 13 too
+                node = helper.make_node("Squeeze", [piece, self._axes_zero()], [value], name=names.fresh(value))
+            else:
+                node = helper.make_node("Squeeze", [piece], [value], name=names.fresh(value), axes=[0])
+            self.added.append((position, node))
 
     def _axes_zero(self) -> str:
         if self._axes is None:
@@ -685,15 +723,34 @@ class _BodyBuilder:
         scanned = []
         for slot in self.sliced:
             scanned += self._slice(graph, slot, iteration)
-        graph.inputs, graph.outputs = inputs + scanned, outputs
+        scanned += [self._activation_slice(graph, value) for value in self.run.inputs]
+        made = [self._activation_made(graph, tensors, value) for value in self.run.outputs]
+        graph.inputs, graph.outputs = inputs + scanned, outputs + made
         graph.cleanup(remove_unused_graph_inputs=False)
         captured = []
         if self.mode == "scan":
             captured = self._capture_as_state(graph)
             graph.inputs = inputs + [state for _, state, _ in captured] + scanned
-            graph.outputs = outputs + [same for _, _, same in captured]
+            graph.outputs = outputs + [same for _, _, same in captured] + made
         graph.toposort()
         return gs.export_onnx(graph, do_type_check=False).graph, [name for name, _, _ in captured]
+
+    def _activation_slice(self, graph: gs.Graph, value: PerBlockValue) -> gs.Variable:
+        """This iteration's graph input, a slice of the stacked inputs: a scan input."""
+        piece = gs.Variable(self.names.fresh(f"{value.names[0]}.slice"), value.dtype, _static(value.dims))
+        self._rewire(graph, value.ports, piece)
+        return piece
+
+    def _activation_made(self, graph: gs.Graph, tensors: dict[str, gs.Tensor], value: PerBlockValue) -> gs.Variable:
+        """This iteration's graph output, as a scan output. The body's value is renamed (the
+        main graph makes the original name again when it splits the stack) and leaves
+        through an Identity: tract (0.23) fails to analyse a Scan whose scan output is also
+        read in the body ("Impossible to unify")."""
+        produced = tensors[self.run.nodes(0)[value.source[0]].output[value.source[1]]]
+        produced.name = self.names.fresh(f"{value.names[0]}.in_body")
+        made = gs.Variable(self.names.fresh(f"{value.names[0]}.made"), value.dtype, _static(value.dims))
+        graph.nodes.append(self._node("Identity", made.name, [produced], [made]))
+        return made
 
     def _capture_as_state(self, graph: gs.Graph) -> list[tuple[str, gs.Variable, gs.Variable]]:
         """Every outer-scope value the body reads, as a state variable returned unchanged:
