@@ -40,10 +40,11 @@ class DownloadSize:
         return f"estimated from a {self.sample_bytes / 1e6:.1f} MB sample"
 
 
-def download_size(paths: Sequence[Path], *, exact_up_to: int = EXACT_UP_TO_BYTES,
+def download_size(paths: Sequence[Path], *, exact_up_to: int | None = None,
                   chunks: int = SAMPLE_CHUNKS, chunk_bytes: int = SAMPLE_CHUNK_BYTES) -> DownloadSize:
-    """The deflated size of `paths` taken end to end: exact up to `exact_up_to` bytes, else
-    estimated from `chunks` evenly spaced chunks of `chunk_bytes` (see the module docstring)."""
+    """The deflated size of `paths` taken end to end: exact up to `exact_up_to` bytes
+    (EXACT_UP_TO_BYTES), else estimated from `chunks` evenly spaced chunks of `chunk_bytes`."""
+    exact_up_to = EXACT_UP_TO_BYTES if exact_up_to is None else exact_up_to
     sizes = [path.stat().st_size for path in paths]
     total = sum(sizes)
     if total <= max(exact_up_to, chunks * chunk_bytes):
