@@ -119,7 +119,7 @@ def run(
         if verify:
             # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
             if manager.lossless:
-                chosen = verification.lossless_budget(loaded.proto).overridden_by(budget)
+                chosen = verification.lossless_budget(compiled.proto).overridden_by(budget)
             else:
                 chosen = budget or verification.Budget()
             try:
