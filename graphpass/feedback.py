@@ -50,6 +50,8 @@ from graphpass.weights import WeightRef
 DAMPING = 0.01
 # On a failed Cholesky the damping grows tenfold, this many times in all.
 DAMPING_TRIES = 4
+# Calibration energy below this fraction of the mean still counts a little in a fit.
+ENERGY_FLOOR = 1e-2
 # Columns whose updates are applied together (GPTQ's lazy batch); a multiple of `width`.
 LAZY_BLOCK = 128
 
@@ -132,6 +134,46 @@ def _plain(work: np.ndarray, quantize: ColumnQuantizer, width: int, block: int,
     return out
 
 
+# nearest(points [M, d], table [k, d]) -> (index of each point's nearest entry, squared distance)
+Nearest = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def vector_labels(rows: np.ndarray, scales: np.ndarray, tables: list[np.ndarray], hessian: np.ndarray,
+                  nearest: Nearest) -> tuple[list[np.ndarray], str | None]:
+    """Vector codebooks with error feedback (GPTVQ): the sub-vectors of `rows` [N, K] (d = the
+    tables' width consecutive columns, the last zero-padded) take entries of `tables` (one per
+    stage, each coding the previous stages' residual) in order along K, each group of d columns'
+    error fed forward. A row's entries are multiplied by its `scales` [N] (1: unscaled).
+
+    The entry chosen is the nearest in the metric of the error that feedback leaves,
+    |(v - c) U_gg^-1|, not plain distance. Returns each stage's labels [N, blocks] and the
+    fallback note of `quantize_with_feedback`."""
+    count, length = rows.shape
+    dim = tables[0].shape[1]
+    blocks = -(-length // dim)
+    padded = np.zeros((count, blocks * dim))
+    padded[:, :length] = rows
+    h = np.zeros((blocks * dim,) * 2)
+    h[:length, :length] = hessian
+    # Padding is sliced off after the lookup: its error is all but free (damping still weighs it).
+    h[np.arange(length, blocks * dim), np.arange(length, blocks * dim)] = 1e-9 * max(float(np.mean(np.diag(hessian))), 0)
+    labels = [np.zeros((count, blocks), dtype=np.int64) for _ in tables]
+    scales = np.asarray(scales, dtype=np.float64)[:, None]
+
+    def quantize(start: int, values: np.ndarray, metric: np.ndarray) -> np.ndarray:
+        residual = values / scales
+        chosen = np.zeros_like(residual)
+        for stage, table in enumerate(tables):
+            picked, _ = nearest(residual @ metric, table @ metric)
+            labels[stage][:, start // dim] = picked
+            chosen += table[picked]
+            residual = residual - table[picked]
+        return chosen * scales
+
+    result = quantize_with_feedback(padded, h, quantize, width=dim, block=dim * max(1, LAZY_BLOCK // dim))
+    return labels, result.note
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights as rows
 # ---------------------------------------------------------------------------------------------
@@ -198,13 +240,24 @@ class FeedbackStatistics:
     hessians: dict[str, np.ndarray]
     row_counts: dict[str, np.ndarray]
 
-    def row_weight(self, name: str, floor: float) -> np.ndarray | None:
-        """Per row of an embedding table, its calibration use relative to the mean, at least
-        `floor`, shaped [rows, 1]: rows never read still count a little (other inputs read them)."""
-        counts = self.row_counts.get(name)
+    def value_weight(self, weight: WeightRef) -> np.ndarray | None:
+        """How much each value's squared error counts in a codebook's fit, broadcastable to the
+        weight: for MatMul/Gemm weights the energy of the input each multiplies (diag H, as
+        auto's `aware`), for embedding tables how often calibration reads each row; relative to
+        the mean and at least ENERGY_FLOOR, so inputs and rows unused here still count a
+        little (other inputs use them). None for other weights."""
+        hessian = self.hessians.get(weight.name)
+        if hessian is not None:
+            energy = _relative(np.diag(hessian))
+            return energy[:, None] if input_axis(weight) == 0 else energy[None, :]
+        counts = self.row_counts.get(weight.name)
         if counts is None or counts.sum() == 0:
             return None
-        return np.maximum(counts / counts.mean(), floor)[:, None]
+        return _relative(counts.astype(np.float64))[:, None]
+
+
+def _relative(values: np.ndarray) -> np.ndarray:
+    return np.maximum(values / max(float(values.mean()), 1e-30), ENERGY_FLOOR)
 
 
 class InputHessians(Analysis):

@@ -44,7 +44,7 @@ from graphpass.codec import (
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
-from graphpass.feedback import FeedbackStatistics, InputHessians, input_axis, scalar_labels
+from graphpass.feedback import ENERGY_FLOOR, FeedbackStatistics, InputHessians, input_axis, scalar_labels
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
 from graphpass.sensitivity import input_channel_energy
@@ -74,9 +74,6 @@ _SHAPING_OPTIONS = frozenset({"bits", "k", "granularity", "group_size"})
 
 _CODEBOOK_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
-# Activation energy below this fraction of the mean still counts a little (as auto's): a channel
-# silent on the calibration inputs may not be silent on others.
-ENERGY_FLOOR = 1e-2
 
 # ---------------------------------------------------------------------------------------------
 # The engine
@@ -189,17 +186,11 @@ class BinningPass(Pass):
         return self.config["feedback"]
 
     def _calibration(self, statistics: FeedbackStatistics | None, weight: WeightRef):
-        """(value weight, hessian) error feedback uses for this weight: the Hessian's diagonal
-        (as auto's `aware` energy) and the Hessian for MatMul/Gemm weights, each row's use for
-        embedding tables, nothing for the rest."""
+        """(value weight, hessian) error feedback uses for this weight (FeedbackStatistics):
+        the Hessian for MatMul/Gemm weights, and the fit's weights."""
         if statistics is None:
             return None, None
-        hessian = statistics.hessians.get(weight.name)
-        if hessian is None:
-            return statistics.row_weight(weight.name, ENERGY_FLOOR), None
-        energy = np.diag(hessian)
-        energy = np.maximum(energy / max(float(energy.mean()), 1e-30), ENERGY_FLOOR)
-        return (energy[:, None] if input_axis(weight) == 0 else energy[None, :]), hessian
+        return statistics.value_weight(weight), statistics.hessians.get(weight.name)
 
     def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
         if any(t["table_bytes"] > t["index_bytes"] for t in tensors):
