@@ -743,7 +743,7 @@ class CodebookPass(Pass):
         scale = np.ones(weight.shape) if member.scale is None else np.broadcast_to(member.scale, weight.shape)
         per_row, note = vector_labels(as_rows(np.asarray(member.original, np.float64), axis),
                                       as_rows(scale.astype(np.float64), axis)[:, 0],
-                                      [s.values.astype(np.float64) for s in stages], hessian, nearest)
+                                      [s.values.astype(np.float64) for s in stages], hessian)
         labels = []
         for rows in per_row:  # [N, blocks] -> one label per value -> per sub-vector, in index order
             values = np.repeat(rows, layout.dim, axis=1)[:, : layout.length]

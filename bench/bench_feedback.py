@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Error feedback (feedback=true) against the same codec without it, on the 3-layer BERT (issue
+15's figures). Prints a table; asserts nothing.
+
+    python bench/bench_feedback.py              # kmeans, uniform, codebook at 3 and 4 bits
+    python bench/bench_feedback.py --bits 3
+
+paraphrase-MiniLM-L3-v2 as bench/bench_auto.py sets it up: 32 English sentences calibrate (the
+feedback's H = X^T X comes from them), 32 others test. Each row gives the file size, the cosine
+of the worst test sentence's embedding (output "461") and of the worst calibration sentence's,
+and the time the pass took; the feedback row's time is also given as a ratio to the row without,
+both measured in this run one after the other (the machine is shared: read ratios, not seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import graphpass
+from graphpass.verify import Budget
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_auto import (  # noqa: E402  (one WordPiece, one sentence list, one cosine for every BERT bench)
+    CALIBRATION_SENTENCES, EMBEDDING, TEST_SENTENCES, WordPiece, real_models, worst_cosine,
+)
+
+# Codec settings per index bit rate: per-channel scalar codebooks (their tables cost little on
+# the BERT's 384-1536 long channels) and 2-d vector codebooks with per-channel scales.
+SETTINGS = {
+    3: ["kmeans(bits=3,granularity=channel)", "uniform(bits=3,granularity=channel)",
+        "codebook(dim=2,k=64,scale=channel)"],
+    4: ["kmeans(bits=4,granularity=channel)", "uniform(bits=4,granularity=channel)",
+        "codebook(dim=2,k=256,scale=channel)"],
+}
+
+
+def with_feedback(spec: str) -> str:
+    return spec[:-1] + ",feedback=true)"
+
+
+def compress(path: Path, spec: str, calibration) -> tuple[bytes, float]:
+    """The compressed model's bytes and the seconds its pass took."""
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "out.onnx"
+        result = graphpass.run(path, spec, output=target, inputs=calibration, budget=Budget(), keep_failed=True)
+        seconds = sum(p.get("seconds", 0.0) for p in result.report["passes"])
+        return target.read_bytes(), seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", default="3,4", help="comma-separated: 3, 4")
+    args = parser.parse_args(argv)
+    path = Path(real_models.fetch("paraphrase_minilm_l3"))
+    tokenizer = WordPiece(Path(real_models.fetch("bert_uncased_tokenizer")))
+    calibration = tokenizer.encode_batch(CALIBRATION_SENTENCES)
+    test = tokenizer.encode_batch(TEST_SENTENCES)
+    input_bytes = path.stat().st_size
+    header = (f"{'setting':<56} {'file':>9} {'of input':>8} {'worst test':>11} {'worst calib':>11} "
+              f"{'pass time':>9} {'ratio':>6}")
+    print(f"paraphrase-MiniLM-L3-v2 ({input_bytes / 1e6:.2f} MB), cosine of output {EMBEDDING}; "
+          f"load {os.getloadavg()[0]:.2f} at start")
+    print(header)
+    print("-" * len(header))
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for spec in SETTINGS[bits]:
+            plain_seconds = None
+            for label in (spec, with_feedback(spec)):
+                data, seconds = compress(path, label, calibration)
+                ratio = "" if plain_seconds is None else f"{seconds / plain_seconds:.1f}x"
+                plain_seconds = plain_seconds or seconds
+                print(f"{label:<56} {len(data) / 1e6:>7.2f}MB {len(data) / input_bytes:>8.1%} "
+                      f"{worst_cosine(path, data, test, EMBEDDING):>11.6f} "
+                      f"{worst_cosine(path, data, calibration, EMBEDDING):>11.6f} {seconds:>8.1f}s {ratio:>6}",
+                      flush=True)
+    print(f"load {os.getloadavg()[0]:.2f} at end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
