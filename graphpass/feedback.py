@@ -58,6 +58,20 @@ from graphpass.manager import Analysis, PassContext
 from graphpass.sensitivity import gathered_row_counts, input_covariance
 from graphpass.weights import WeightRef
 
+# What a report says of a weight feedback cannot reach (neither MatMul's nor Gemm's weight).
+NO_INPUTS = "no MatMul or Gemm reads it, so no error feedback; an embedding table's fit weighs rows by calibration use"
+
+
+def feedback_note(method: str, tensors: list[dict]) -> list[str]:
+    """The pass's note: on how many weights feedback ran, and why not on the others."""
+    outcomes = [t["feedback"] for t in tensors if "feedback" in t]
+    if not outcomes:
+        return []
+    applied = outcomes.count("applied")
+    others = sorted({o for o in outcomes if o != "applied"})
+    why = f"; {len(outcomes) - applied} without ({'; '.join(others)})" if others else ""
+    return [f"{method}: error feedback on {applied} weights{why}"]
+
 # GPTQ's damping: this share of the mean diagonal keeps the inverse Hessian well conditioned.
 DAMPING = 0.01
 # H is shrunk this far toward its diagonal before damping (see the module docstring).

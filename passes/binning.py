@@ -44,7 +44,9 @@ from graphpass.codec import (
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
-from graphpass.feedback import ENERGY_FLOOR, FeedbackStatistics, InputHessians, input_axis, scalar_labels
+from graphpass.feedback import (
+    ENERGY_FLOOR, NO_INPUTS, FeedbackStatistics, InputHessians, feedback_note, input_axis, scalar_labels,
+)
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
 from graphpass.sensitivity import input_channel_energy
@@ -193,10 +195,11 @@ class BinningPass(Pass):
         return statistics.value_weight(weight), statistics.hessians.get(weight.name)
 
     def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
+        notes = feedback_note(self.name, tensors)
         if any(t["table_bytes"] > t["index_bytes"] for t in tensors):
-            return ["some codebooks outweigh their indices (see details.tensors): a larger group_size, "
-                    "granularity=tensor or codebook_dtype=float16 would shrink them"]
-        return []
+            notes.append("some codebooks outweigh their indices (see details.tensors): a larger group_size, "
+                         "granularity=tensor or codebook_dtype=float16 would shrink them")
+        return notes
 
     def codebook_entries(self) -> int:
         """Entries per codebook row before fitting, to predict what a lookup costs."""
@@ -302,6 +305,8 @@ class BinningPass(Pass):
             found, extra = self.fit_weighted(job.values, job.sample_weight)
         if job.hessian is not None:
             found, extra["feedback"] = self._fed_back(job, found)
+        elif self.uses_feedback():
+            extra["feedback"] = NO_INPUTS
         codebook, labels = self.final_codebook(found)
         rebuilt = self.rebuilt_groups(job, codebook, labels)
         if job.outlier_mask is not None:

@@ -86,7 +86,9 @@ from graphpass.codec import (
     CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, output_channel_axis, scope_opset, sqnr_db,
     sqnr_figure,
 )
-from graphpass.feedback import FeedbackStatistics, InputHessians, as_rows, from_rows, input_axis, vector_labels
+from graphpass.feedback import (
+    NO_INPUTS, FeedbackStatistics, InputHessians, as_rows, feedback_note, from_rows, input_axis, vector_labels,
+)
 from graphpass.lowering.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
@@ -588,8 +590,8 @@ class CodebookPass(Pass):
             if hessian is not None:
                 labels, note = self._fed_back(member, stages, hessian)
             plans.append(self._plan(ctx, member, stages, labels, group_weights))
-            if hessian is not None:
-                plans[-1].details["feedback"] = note or "applied"
+            if statistics is not None:
+                plans[-1].details["feedback"] = NO_INPUTS if hessian is None else note or "applied"
             begin = end
         return plans, shared
 
@@ -847,7 +849,7 @@ class CodebookPass(Pass):
         }
 
     def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
-        notes = []
+        notes = feedback_note(self.name, tensors)
         if any(t["codebook_bytes"] > t["index_bytes"] for t in tensors):
             notes.append("some codebooks outweigh their indices (see details.tensors): share=shape or "
                          "share=all stores one codebook for many tensors")
