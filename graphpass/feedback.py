@@ -38,6 +38,11 @@ How to call it (see `quantize_with_feedback`):
     result.rows   # [N, K] float64: the quantized rows, each column what `quantize` returned
     result.note   # None, or why plain rounding was used
 
+Conv filters [C_out, C_in, *kernel] are rows too, W.reshape(C_out, -1), with H taken over the
+unfolded inputs (im2col, `sensitivity.conv_input_covariance`); grouped and depthwise Convs and
+auto_pad SAME are left without feedback (their unfolding differs, and depthwise filters are
+too short for feedback to move error anywhere).
+
 Codecs get H from the `InputHessians` analysis (one onnxruntime run on the calibration inputs
 per model state) and lay a weight out as rows with `as_rows` / `from_rows`.
 """
@@ -55,11 +60,12 @@ from threadpoolctl import ThreadpoolController
 
 from graphpass.errors import UsageError
 from graphpass.manager import Analysis, PassContext
-from graphpass.sensitivity import gathered_row_counts, input_covariance
+from graphpass.sensitivity import conv_input_covariance, gathered_row_counts, input_covariance
 from graphpass.weights import WeightRef
 
 # What a report says of a weight feedback cannot reach (neither MatMul's nor Gemm's weight).
-NO_INPUTS = "no MatMul or Gemm reads it, so no error feedback; an embedding table's fit weighs rows by calibration use"
+NO_INPUTS = ("no MatMul, Gemm or Conv (group 1) reads it, so no error feedback; an embedding table's fit weighs "
+             "rows by calibration use")
 
 
 def feedback_note(method: str, tensors: list[dict]) -> list[str]:
@@ -226,9 +232,11 @@ def _nearest(points: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 
 def input_axis(weight: WeightRef) -> int:
-    """The axis of a 2-D MatMul/Gemm weight that runs along the layer's inputs: 0 for MatMul's
-    B [K, N] and Gemm's B, 1 for Gemm's B with transB=1 ([N, K])."""
+    """Where a weight's inputs run: 0 for MatMul's B [K, N] and Gemm's B, 1 (every axis after the
+    first) for Gemm's B with transB=1 ([N, K]) and Conv's filters [C_out, C_in, *kernel]."""
     for node, index in weight.reader_nodes():
+        if node.op_type == "Conv" and index == 1:
+            return 1
         if node.op_type == "Gemm" and index == 1:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             return 1 if attrs.get("transB", 0) else 0
@@ -237,12 +245,12 @@ def input_axis(weight: WeightRef) -> int:
 
 def as_rows(array: np.ndarray, axis: int) -> np.ndarray:
     """The weight as rows [N, K] (one per output), K along the inputs."""
-    return array.T if axis == 0 else array
+    return array.T if axis == 0 else array.reshape(array.shape[0], -1)
 
 
-def from_rows(rows: np.ndarray, axis: int) -> np.ndarray:
-    """Inverse of `as_rows`."""
-    return rows.T if axis == 0 else rows
+def from_rows(rows: np.ndarray, axis: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `as_rows` for a weight of `shape`."""
+    return rows.T if axis == 0 else rows.reshape(shape)
 
 
 def scalar_labels(original: np.ndarray, groups: np.ndarray, tables: np.ndarray, hessian: np.ndarray, axis: int,
@@ -270,7 +278,7 @@ def scalar_labels(original: np.ndarray, groups: np.ndarray, tables: np.ndarray, 
         return rounded[:, None]
 
     result = quantize_with_feedback(values, hessian, nearest)
-    return from_rows(labels, axis), result.note
+    return from_rows(labels, axis, groups.shape), result.note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,21 +289,21 @@ def scalar_labels(original: np.ndarray, groups: np.ndarray, tables: np.ndarray, 
 @dataclass(frozen=True)
 class FeedbackStatistics:
     """`hessians`: weight name -> H [K, K] = X^T X / rows of the inputs of the MatMul/Gemm reading
-    it; `row_counts`: embedding table name -> how often calibration reads each row."""
+    it (for Conv filters, of its unfolded inputs: K = C_in * prod(kernel)); `row_counts`: embedding table name -> how often calibration reads each row."""
 
     hessians: dict[str, np.ndarray]
     row_counts: dict[str, np.ndarray]
 
     def value_weight(self, weight: WeightRef) -> np.ndarray | None:
         """How much each value's squared error counts in a codebook's fit, broadcastable to the
-        weight: for MatMul/Gemm weights the energy of the input each multiplies (diag H, as
+        weight: for MatMul/Gemm/Conv weights the energy of the input each multiplies (diag H, as
         auto's `aware`), for embedding tables how often calibration reads each row; relative to
         the mean and at least ENERGY_FLOOR, so inputs and rows unused here still count a
         little (other inputs use them). None for other weights."""
         hessian = self.hessians.get(weight.name)
         if hessian is not None:
             energy = _relative(np.diag(hessian))
-            return energy[:, None] if input_axis(weight) == 0 else energy[None, :]
+            return energy[:, None] if input_axis(weight) == 0 else energy.reshape((1, *weight.shape[1:]))
         counts = self.row_counts.get(weight.name)
         if counts is None or counts.sum() == 0:
             return None
@@ -313,6 +321,6 @@ class InputHessians(Analysis):
     def compute(cls, ctx: PassContext) -> FeedbackStatistics:
         if not ctx.calibration_inputs:
             raise UsageError("feedback=true needs calibration inputs: give --inputs (or leave verification on)")
-        weights = ctx.model.weights()
-        return FeedbackStatistics(input_covariance(ctx.model, weights, ctx.calibration_inputs),
-                                  gathered_row_counts(ctx.model, weights, ctx.calibration_inputs))
+        model, weights, inputs = ctx.model, ctx.model.weights(), ctx.calibration_inputs
+        hessians = {**input_covariance(model, weights, inputs), **conv_input_covariance(model, weights, inputs)}
+        return FeedbackStatistics(hessians, gathered_row_counts(model, weights, inputs))

@@ -65,7 +65,7 @@ COMMON_OPTIONS = (
     *WEIGHT_FILTER_OPTIONS,
     CODEBOOK_DTYPE_OPTION,
     Option("outliers", float, 0.0, "percent of each tensor's largest magnitudes kept exactly", low=0.0, high=10.0),
-    Option("feedback", bool, False, "error feedback (GPTQ/OBQ): MatMul and Gemm weights take their codebook "
+    Option("feedback", bool, False, "error feedback (GPTQ/OBQ): MatMul, Gemm and Conv weights take their codebook "
            "entries column by column, each column's error pushed onto the next through the second moment of "
            "their inputs on the calibration inputs; embedding tables weight each row by how often those read "
            "it; other weights as without"),
@@ -189,7 +189,7 @@ class BinningPass(Pass):
 
     def _calibration(self, statistics: FeedbackStatistics | None, weight: WeightRef):
         """(value weight, hessian) error feedback uses for this weight (FeedbackStatistics):
-        the Hessian for MatMul/Gemm weights, and the fit's weights."""
+        the Hessian for MatMul/Gemm/Conv weights, and the fit's weights."""
         if statistics is None:
             return None, None
         return statistics.value_weight(weight), statistics.hessians.get(weight.name)

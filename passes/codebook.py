@@ -530,7 +530,7 @@ class CodebookPass(Pass):
         Option("sample", int, 0, "sub-vectors Lloyd runs on before every one is assigned "
                "(0: max(65536, 16k))", low=0),
         Option("seed", int, 0, "seed for sampling and seeding: the same seed gives the same bytes", low=0),
-        Option("feedback", bool, False, "error feedback (GPTVQ): sub-vectors of MatMul and Gemm weights take their "
+        Option("feedback", bool, False, "error feedback (GPTVQ): sub-vectors of MatMul, Gemm and Conv weights take their "
                "entries in order along the inputs, each one's error pushed onto the next through the second moment "
                "of those inputs on the calibration inputs (the fit weighted by its diagonal); embedding tables "
                "weight each row by how often those read it"),
@@ -727,7 +727,7 @@ class CodebookPass(Pass):
 
     def _calibrated(self, member: Member, statistics: FeedbackStatistics | None) -> Member:
         """The member with each sub-vector's k-means weight times its calibration importance: the
-        mean energy of the inputs it multiplies (MatMul/Gemm), or its row's use (embeddings)."""
+        mean energy of the inputs it multiplies (MatMul/Gemm/Conv), or its row's use (embeddings)."""
         if statistics is None:
             return member
         per_value = statistics.value_weight(member.weight)
@@ -749,7 +749,7 @@ class CodebookPass(Pass):
         labels = []
         for rows in per_row:  # [N, blocks] -> one label per value -> per sub-vector, in index order
             values = np.repeat(rows, layout.dim, axis=1)[:, : layout.length]
-            labels.append(layout.split(from_rows(values, axis))[:, 0].astype(stages[0].labels.dtype))
+            labels.append(layout.split(from_rows(values, axis, weight.shape))[:, 0].astype(stages[0].labels.dtype))
         return labels, note
 
     def _plan(self, ctx: PassContext, member: Member, stages: list[Stage], labels: list[np.ndarray],

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphpass
-from graphpass import feedback
+from graphpass import feedback, sensitivity
 from graphpass.errors import UsageError
 from graphpass.feedback import inverse_factor, quantize_with_feedback
 from graphpass.verify import Budget
@@ -56,17 +56,27 @@ def compressed(model: onnx.ModelProto, spec: str, inputs: dict, tmp_path) -> tup
     return target.read_bytes(), result.report["passes"][0]
 
 
-MODELS = {"mlp": lambda: load_fixture_module().build_mlp(), "gemm": gemm_then_matmul}
-WIDTHS = {"mlp": 64, "gemm": 48}
+def blurred_images(seed: int, count: int = 64) -> np.ndarray:
+    """[count, 3, 32, 32]: 8x8 random images upscaled, plus a little noise: neighbouring pixels agree."""
+    rng = np.random.default_rng(seed)
+    coarse = np.repeat(np.repeat(rng.standard_normal((count, 3, 8, 8)), 4, axis=2), 4, axis=3)
+    return (coarse + 0.05 * rng.standard_normal(coarse.shape)).astype(np.float32)
+
+
+# model -> (builder, inputs drawn with a seed)
+MODELS = {
+    "mlp": (lambda: load_fixture_module().build_mlp(), lambda seed: {"x": correlated(64, seed)}),
+    "gemm": (gemm_then_matmul, lambda seed: {"x": correlated(48, seed)}),
+    "cnn": (lambda: load_fixture_module().build_cnn(), lambda seed: {"image": blurred_images(seed)}),
+}
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize("spec", ["kmeans(bits=3,granularity=channel)", "uniform(bits=3,granularity=channel)",
                                   "codebook(dim=2,k=64,scale=channel)"])
 def test_feedback_lowers_the_output_error_at_3_bits(model_name, spec, tmp_path, monkeypatch):
-    model = MODELS[model_name]()
-    calibration = {"x": correlated(WIDTHS[model_name], seed=1)}
-    held_out = {"x": correlated(WIDTHS[model_name], seed=2)}
+    build, draw = MODELS[model_name]
+    model, calibration, held_out = build(), draw(1), draw(2)
     fed = spec[:-1] + ",feedback=true)"
     plain, _ = compressed(model, spec, calibration, tmp_path)
     fed_back, report = compressed(model, fed, calibration, tmp_path)
@@ -74,9 +84,10 @@ def test_feedback_lowers_the_output_error_at_3_bits(model_name, spec, tmp_path, 
     assert len(fed_back) == len(plain)  # the same codebooks and indices, chosen differently
     # With H's diagonal alone the fit and the metric are weighted as with feedback, but no
     # error moves to other columns: feedback must do better than that too.
-    covariance = feedback.input_covariance
-    monkeypatch.setattr(feedback, "input_covariance",
-                        lambda *args: {k: np.diag(np.diag(h)) for k, h in covariance(*args).items()})
+    for name in ("input_covariance", "conv_input_covariance"):
+        covariance = getattr(feedback, name)
+        monkeypatch.setattr(feedback, name, lambda *args, of=covariance: {k: np.diag(np.diag(h))
+                                                                          for k, h in of(*args).items()})
     diagonal, _ = compressed(model, fed, calibration, tmp_path)
     error = relative_error(model, fed_back, held_out)
     assert error < relative_error(model, plain, held_out)
@@ -84,8 +95,8 @@ def test_feedback_lowers_the_output_error_at_3_bits(model_name, spec, tmp_path, 
 
 
 def test_uniform_gptq_is_feedback_and_the_output_bytes_repeat(tmp_path):
-    model = MODELS["mlp"]()
-    calibration = {"x": correlated(64, seed=1)}
+    model = MODELS["mlp"][0]()
+    calibration = {"x": correlated(64, 1)}
     spec = "uniform(bits=3,granularity=group,group_size=32,{})"
     first, _ = compressed(model, spec.format("feedback=true"), calibration, tmp_path)
     again, _ = compressed(model, spec.format("feedback=true"), calibration, tmp_path)
@@ -96,7 +107,7 @@ def test_uniform_gptq_is_feedback_and_the_output_bytes_repeat(tmp_path):
 
 
 def test_silent_inputs_fall_back_to_plain_rounding_and_say_so(tmp_path):
-    model = MODELS["mlp"]()
+    model = MODELS["mlp"][0]()
     silent = {"x": np.zeros((8, 64), np.float32)}  # the first layer's H is 0; the next ones see its bias
     plain, _ = compressed(model, "kmeans(bits=3,granularity=channel)", silent, tmp_path)
     fed_back, report = compressed(model, "kmeans(bits=3,granularity=channel,feedback=true)", silent, tmp_path)
@@ -156,4 +167,21 @@ def test_embedding_rows_count_by_calibration_use(tmp_path):
 
 def test_feedback_without_calibration_inputs_is_a_usage_error():
     with pytest.raises(UsageError, match="calibration inputs"):
-        graphpass.run(MODELS["mlp"](), "kmeans(bits=3,feedback=true)", verify=False)
+        graphpass.run(MODELS["mlp"][0](), "kmeans(bits=3,feedback=true)", verify=False)
+
+
+@pytest.mark.parametrize("kernel,attributes", [((3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 1]}),
+                                               ((2, 3), {"pads": [0, 1, 2, 0], "dilations": [2, 1], "strides": [1, 2]}),
+                                               ((3,), {"pads": [1, 1]})])
+def test_unfolded_conv_inputs_times_the_filters_are_the_conv(kernel, attributes):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 4) + ((9, 10) if len(kernel) == 2 else (11,))).astype(np.float32)
+    w = rng.standard_normal((5, 4) + kernel).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], **attributes)], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    patches = sensitivity.unfolded(x[0].astype(np.float64), kernel, attributes)
+    assert np.allclose(patches @ w.reshape(5, -1).T, y[0].reshape(5, -1).T, atol=1e-5)
