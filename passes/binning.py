@@ -172,15 +172,20 @@ class BinningPass(Pass):
         second moment of a MatMul weight's inputs) drives the error feedback; not given, both come
         from the run's calibration inputs (`graphpass.feedback.InputHessians`).
         """
+        if self.uses_feedback():
+            own_weight, own_hessian = self._calibration(ctx.analysis(InputHessians), weight)
+            value_weight = own_weight if value_weight is None else value_weight
+            hessian = own_hessian if hessian is None else hessian
+        return self._lookup_plan(ctx, weight, value_weight, hessian)
+
+    def _lookup_plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None,
+                     hessian: np.ndarray | None) -> Plan | str:
+        """`plan` with the calibration figures given (None: without them)."""
         if ctx.model.opset < lookup.MIN_OPSET:
             return _no_lookup(ctx.model.opset)
         found = self._layout_or_reason(weight, ctx.model)
         if isinstance(found, str):
             return found
-        if self.uses_feedback():
-            own_weight, own_hessian = self._calibration(ctx.analysis(InputHessians), weight)
-            value_weight = own_weight if value_weight is None else value_weight
-            hessian = own_hessian if hessian is None else hessian
         return self._plan_job(self._job(weight, found, value_weight, hessian if self.uses_feedback() else None))
 
     def uses_feedback(self) -> bool:
@@ -546,7 +551,8 @@ class UniformPass(BinningPass):
             reason = found
         if self.config["lower"] == "kernel":
             return reason  # asked for a kernel: no lookup in its place
-        fallback = super().plan(ctx, weight)
+        # The lookup fit ignores activation energy; the Hessian, with feedback, still counts.
+        fallback = self._lookup_plan(ctx, weight, None, hessian)
         if isinstance(fallback, str):
             return f"{reason}; and as a lookup: {fallback}"
         fallback.details["memory"] = f"rebuilt dense at load: {reason}"

@@ -577,6 +577,10 @@ class CodebookPass(Pass):
         if self.uses_feedback():
             found = ctx.analysis(InputHessians)
             statistics = FeedbackStatistics({**found.hessians, **(hessians or {})}, found.row_counts)
+        return self._plan_group(ctx, weights, statistics)
+
+    def _plan_group(self, ctx: PassContext, weights: list[WeightRef], statistics: FeedbackStatistics | None,
+                    ) -> tuple[list[Plan], dict[str, Any] | None]:
         members = [self._calibrated(self.prepare(w), statistics) for w in weights]
         stages = self.fit(members)
         shared = self._store_shared(ctx, members, stages) if len(members) > 1 else None
@@ -608,10 +612,12 @@ class CodebookPass(Pass):
                                 "need: nothing changed")
             return result
         groups = self._select(model, result)
+        # Measured once, on the model as it comes: applying each plan would make it stale.
+        statistics = ctx.analysis(InputHessians) if self.uses_feedback() else None
         tensors, tables = [], []
         with ctx.progress(f"{self.name}: fitting codebooks", sum(map(len, groups))) as advance:
             for group in groups:
-                plans, shared = self.plan_group(ctx, group)
+                plans, shared = self._plan_group(ctx, group, statistics)
                 for plan in plans:
                     plan.apply()
                     tensors.append(plan.details)
