@@ -3,7 +3,8 @@
 15's figures). Prints a table; asserts nothing.
 
     python bench/bench_feedback.py              # kmeans, uniform, codebook at 3 and 4 bits
-    python bench/bench_feedback.py --bits 3
+    python bench/bench_feedback.py --bits 3 --codecs codebook
+    python bench/bench_feedback.py --memory     # also uniform's MatMulNBits kernels (--objective memory)
 
 paraphrase-MiniLM-L3-v2 as bench/bench_auto.py sets it up: 32 English sentences calibrate (the
 feedback's H = X^T X comes from them), 32 others test. Each row gives the file size, the cosine
@@ -18,10 +19,10 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import graphpass
+from graphpass.deployment import Deployment
 from graphpass.verify import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,15 +40,20 @@ SETTINGS = {
 }
 
 
+# --objective memory: MatMulNBits 4-bit block 32 (GPTQ's own setting).
+MEMORY_SETTING = "uniform(bits=4,granularity=group,group_size=32,lower=kernel)"
+
+
 def with_feedback(spec: str) -> str:
     return spec[:-1] + ",feedback=true)"
 
 
-def compress(path: Path, spec: str, calibration) -> tuple[bytes, float]:
+def compress(path: Path, spec: str, calibration, objective: str = "file") -> tuple[bytes, float]:
     """The compressed model's bytes and the seconds its pass took."""
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "out.onnx"
-        result = graphpass.run(path, spec, output=target, inputs=calibration, budget=Budget(), keep_failed=True)
+        result = graphpass.run(path, spec, output=target, inputs=calibration, budget=Budget(), keep_failed=True,
+                               deployment=Deployment.parse(objective))
         seconds = sum(p.get("seconds", 0.0) for p in result.report["passes"])
         return target.read_bytes(), seconds
 
@@ -55,29 +61,34 @@ def compress(path: Path, spec: str, calibration) -> tuple[bytes, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", default="3,4", help="comma-separated: 3, 4")
+    parser.add_argument("--codecs", default="kmeans,uniform,codebook", help="comma-separated")
+    parser.add_argument("--memory", action="store_true", help=f"also {MEMORY_SETTING} under --objective memory")
     args = parser.parse_args(argv)
     path = Path(real_models.fetch("paraphrase_minilm_l3"))
     tokenizer = WordPiece(Path(real_models.fetch("bert_uncased_tokenizer")))
     calibration = tokenizer.encode_batch(CALIBRATION_SENTENCES)
     test = tokenizer.encode_batch(TEST_SENTENCES)
     input_bytes = path.stat().st_size
-    header = (f"{'setting':<56} {'file':>9} {'of input':>8} {'worst test':>11} {'worst calib':>11} "
+    header = (f"{'setting':<80} {'file':>9} {'of input':>8} {'worst test':>11} {'worst calib':>11} "
               f"{'pass time':>9} {'ratio':>6}")
     print(f"paraphrase-MiniLM-L3-v2 ({input_bytes / 1e6:.2f} MB), cosine of output {EMBEDDING}; "
           f"load {os.getloadavg()[0]:.2f} at start")
     print(header)
     print("-" * len(header))
-    for bits in [int(b) for b in args.bits.split(",")]:
-        for spec in SETTINGS[bits]:
-            plain_seconds = None
-            for label in (spec, with_feedback(spec)):
-                data, seconds = compress(path, label, calibration)
-                ratio = "" if plain_seconds is None else f"{seconds / plain_seconds:.1f}x"
-                plain_seconds = plain_seconds or seconds
-                print(f"{label:<56} {len(data) / 1e6:>7.2f}MB {len(data) / input_bytes:>8.1%} "
-                      f"{worst_cosine(path, data, test, EMBEDDING):>11.6f} "
-                      f"{worst_cosine(path, data, calibration, EMBEDDING):>11.6f} {seconds:>8.1f}s {ratio:>6}",
-                      flush=True)
+    codecs = args.codecs.split(",")
+    runs = [(spec, "file") for bits in args.bits.split(",") for spec in SETTINGS[int(bits)]
+            if spec.split("(")[0] in codecs]
+    for spec, objective in runs + ([(MEMORY_SETTING, "memory")] if args.memory else []):
+        plain_seconds = None
+        for label in (spec, with_feedback(spec)):
+            data, seconds = compress(path, label, calibration, objective)
+            ratio = "" if plain_seconds is None else f"{seconds / plain_seconds:.1f}x"
+            plain_seconds = plain_seconds or seconds
+            label += " --objective memory" if objective == "memory" else ""
+            print(f"{label:<80} {len(data) / 1e6:>7.2f}MB {len(data) / input_bytes:>8.1%} "
+                  f"{worst_cosine(path, data, test, EMBEDDING):>11.6f} "
+                  f"{worst_cosine(path, data, calibration, EMBEDDING):>11.6f} {seconds:>8.1f}s {ratio:>6}",
+                  flush=True)
     print(f"load {os.getloadavg()[0]:.2f} at end")
     return 0
 

@@ -202,7 +202,8 @@ def vector_labels(rows: np.ndarray, scales: np.ndarray, tables: list[np.ndarray]
     h = np.zeros((blocks * dim,) * 2)
     h[:length, :length] = hessian
     # Padding is sliced off after the lookup: its error is all but free (damping still weighs it).
-    h[np.arange(length, blocks * dim), np.arange(length, blocks * dim)] = 1e-9 * max(float(np.mean(np.diag(hessian))), 0)
+    padding = np.arange(length, blocks * dim)
+    h[padding, padding] = 1e-9 * max(float(np.mean(np.diag(hessian))), 0.0)
     labels = [np.zeros((count, blocks), dtype=np.int64) for _ in tables]
     scales = np.asarray(scales, dtype=np.float64)[:, None]
 
@@ -289,7 +290,8 @@ def scalar_labels(original: np.ndarray, groups: np.ndarray, tables: np.ndarray, 
 @dataclass(frozen=True)
 class FeedbackStatistics:
     """`hessians`: weight name -> H [K, K] = X^T X / rows of the inputs of the MatMul/Gemm reading
-    it (for Conv filters, of its unfolded inputs: K = C_in * prod(kernel)); `row_counts`: embedding table name -> how often calibration reads each row."""
+    it (for Conv filters, of its unfolded inputs: K = C_in * prod(kernel)); `row_counts`: embedding
+    table name -> how often calibration reads each row."""
 
     hessians: dict[str, np.ndarray]
     row_counts: dict[str, np.ndarray]

@@ -530,8 +530,8 @@ class CodebookPass(Pass):
         Option("sample", int, 0, "sub-vectors Lloyd runs on before every one is assigned "
                "(0: max(65536, 16k))", low=0),
         Option("seed", int, 0, "seed for sampling and seeding: the same seed gives the same bytes", low=0),
-        Option("feedback", bool, False, "error feedback (GPTVQ): sub-vectors of MatMul, Gemm and Conv weights take their "
-               "entries in order along the inputs, each one's error pushed onto the next through the second moment "
+        Option("feedback", bool, False, "error feedback (GPTVQ): sub-vectors of MatMul, Gemm and Conv weights take "
+               "their entries in order along the inputs, each one's error pushed onto the next through the second moment "
                "of those inputs on the calibration inputs (the fit weighted by its diagonal); embedding tables "
                "weight each row by how often those read it"),
         *WEIGHT_FILTER_OPTIONS,
