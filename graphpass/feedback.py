@@ -266,7 +266,7 @@ def scalar_labels(original: np.ndarray, groups: np.ndarray, tables: np.ndarray, 
     group_rows = as_rows(groups, axis)
     exact_rows = None if exact is None else as_rows(exact, axis)
     values = as_rows(np.asarray(original, dtype=np.float64), axis)
-    labels = np.zeros(values.shape, dtype=np.intp)
+    labels = np.zeros(values.shape, dtype=np.int32)
     every = np.arange(values.shape[0])
 
     def nearest(start: int, column: np.ndarray, metric: np.ndarray) -> np.ndarray:

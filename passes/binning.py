@@ -322,7 +322,8 @@ class BinningPass(Pass):
         """The fitted codebook's entries assigned with error feedback (graphpass.feedback), and
         what the report says: "applied", or why each value was rounded on its own instead."""
         layout, shape = job.layout, job.weight.shape
-        groups = layout.merge(np.repeat(np.arange(layout.groups)[:, None], layout.group_size, axis=1)).reshape(shape)
+        group_of_value = np.repeat(np.arange(layout.groups, dtype=np.int32)[:, None], layout.group_size, axis=1)
+        groups = layout.merge(group_of_value).reshape(shape)
         exact = None if job.outlier_mask is None else layout.merge(job.outlier_mask).reshape(shape)
         original = layout.merge(job.original).reshape(shape)
         labels, note = scalar_labels(original, groups, self._stored_values(job.weight, found.codebook), job.hessian,
