@@ -24,7 +24,7 @@ from 0.942 to 0.933. So H is first shrunk halfway toward its diagonal, (H + diag
 shrinkage estimate of a covariance from few samples (Ledoit and Wolf's, with the diagonal as
 target): correlations the data shows only weakly count half. There the worst test sentence went
 to 0.950 (calibration 0.973); shrinking by 0.25 or 0.7 gave 0.951 and 0.950, damping by 10%
-or 100% of the mean diagonal instead 0.941 and 0.948 (bench/bench_feedback.py has the figures).
+or 100% of the mean diagonal instead 0.941 and 0.948 (`bench/bench_feedback.py --shrink-study`).
 
 As the papers do, H is then damped by 1% of its mean diagonal (ten times more on each Cholesky
 failure, up to 4 tries); inputs silent on the calibration data (H_ii = 0) get H_ii = 1 and their
@@ -62,21 +62,6 @@ from graphpass.errors import UsageError
 from graphpass.manager import Analysis, PassContext
 from graphpass.sensitivity import conv_input_covariance, gathered_row_counts, input_covariance
 from graphpass.weights import WeightRef
-
-# What a report says of a weight feedback cannot reach (neither MatMul's nor Gemm's weight).
-NO_INPUTS = ("no MatMul, Gemm or Conv (group 1) reads it, so no error feedback; an embedding table's fit weighs "
-             "rows by calibration use")
-
-
-def feedback_note(method: str, tensors: list[dict]) -> list[str]:
-    """The pass's note: on how many weights feedback ran, and why not on the others."""
-    outcomes = [t["feedback"] for t in tensors if "feedback" in t]
-    if not outcomes:
-        return []
-    applied = outcomes.count("applied")
-    others = sorted({o for o in outcomes if o != "applied"})
-    why = f"; {len(outcomes) - applied} without ({'; '.join(others)})" if others else ""
-    return [f"{method}: error feedback on {applied} weights{why}"]
 
 # GPTQ's damping: this share of the mean diagonal keeps the inverse Hessian well conditioned.
 DAMPING = 0.01
@@ -280,6 +265,26 @@ def scalar_labels(original: np.ndarray, groups: np.ndarray, tables: np.ndarray, 
 
     result = quantize_with_feedback(values, hessian, nearest)
     return from_rows(labels, axis, groups.shape), result.note
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+# What a report says of a weight feedback cannot reach.
+NO_INPUTS = ("no MatMul, Gemm or Conv (group 1) reads it, so no error feedback; an embedding table's fit weighs "
+             "rows by calibration use")
+
+
+def feedback_note(method: str, tensors: list[dict]) -> list[str]:
+    """The pass's note: on how many weights feedback ran, and why not on the others."""
+    outcomes = [t["feedback"] for t in tensors if "feedback" in t]
+    if not outcomes:
+        return []
+    applied = outcomes.count("applied")
+    others = sorted({o for o in outcomes if o != "applied"})
+    why = f"; {len(outcomes) - applied} without ({'; '.join(others)})" if others else ""
+    return [f"{method}: error feedback on {applied} weights{why}"]
 
 
 # ---------------------------------------------------------------------------------------------
