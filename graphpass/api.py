@@ -182,7 +182,8 @@ def _compile(model, manager: PassManager, *, output, in_place, inputs, shapes, s
     # Once load has rewritten declared -1 sizes, the model to compare against is the rewritten one.
     repaired = loaded.dynamic_minus_one > 0
     reference = loaded.path if loaded.path is not None and not repaired else serialized_bytes(loaded.proto)
-    feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify else None
+    # Without verification, given inputs still calibrate the passes that measure activations.
+    feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify or inputs is not None else None
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
 
