@@ -115,3 +115,10 @@ def test_the_folded_decoder_serves_a_first_step_and_a_padded_batch(decoder, tmp_
             assert got[name].shape == expected[name].shape
             tolerance = 1e-2 if got[name].dtype == np.float16 else 1e-4
             assert np.allclose(got[name], expected[name], atol=tolerance, rtol=tolerance), (past, name)
+
+
+def test_fold_as_a_loop_leaves_the_decoder_unfolded_and_says_why(decoder, tmp_path):
+    result = graphpass.run(decoder, "fold(mode=loop)", output=tmp_path / "loop.onnx")
+    fold = pass_report(result, "fold")
+    assert not fold["details"].get("runs")
+    assert any("only a Scan slices and stacks" in note for note in fold["notes"])
