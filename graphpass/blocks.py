@@ -982,9 +982,10 @@ def render_runs(found: dict[str, Any]) -> str:
         if run["invariants"]:
             lines.append(f"    loop-invariant inputs: {', '.join(run['invariants'])}")
         if run["per_block_inputs"] or run["per_block_outputs"]:
-            lines.append(f"    graph inputs and outputs of each block: {len(run['per_block_inputs'])} in "
-                         f"(e.g. {', '.join(run['per_block_inputs'][0][:2]) if run['per_block_inputs'] else '-'}), "
-                         f"{len(run['per_block_outputs'])} out")
+            first_in = ", ".join(names[0] for names in run["per_block_inputs"]) or "none"
+            first_out = ", ".join(names[0] for names in run["per_block_outputs"]) or "none"
+            lines.append(f"    graph inputs and outputs of each block (the first block's): in {first_in}; "
+                         f"out {first_out}")
     for unsafe in found["unsafe"]:
         lines.append(f"  left out: the block starting at '{unsafe['first_node']}': {unsafe['reason']}")
     return "\n".join(lines)

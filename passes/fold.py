@@ -196,8 +196,8 @@ class FoldPass(Pass):
         the same bytes."""
         if self.config["mode"] == "loop" or ctx.model.opset < SCAN_MIN_OPSET:
             return "loop"
-        if not run.per_block_slots and not run.inputs and ctx.deployment.runs_loop:
-            return "loop"
+        if not (run.per_block_slots or run.inputs or run.outputs) and ctx.deployment.runs_loop:
+            return "loop"  # per-block graph inputs and outputs need a Scan: a Loop would not slice them
         return "scan"
 
 

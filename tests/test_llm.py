@@ -98,3 +98,27 @@ def test_kmeans_then_fold_keeps_what_kmeans_alone_computes(decoder, tmp_path):
     for name in expected:
         scale = np.abs(expected[name]).max()
         assert np.abs(got[name].astype(np.float32) - expected[name]).max() <= tolerance * scale, name
+
+
+def test_the_folded_decoder_serves_a_first_step_and_a_padded_batch(decoder, tmp_path):
+    """An empty cache (past length 0: the Scan slices zero-sized stacks) and a left-padded
+    batch of two give the unrolled decoder's outputs."""
+    graphpass.run(decoder, "fold", output=tmp_path / "folded.onnx", verify=False)
+    model = onnx.load(str(decoder), load_external_data=False)
+    for past in (0, 5):
+        shapes = {"input_ids": (2, 4), "position_ids": (2, 4), "attention_mask": (2, past + 4)}
+        shapes |= {v.name: (2, TINY.kv_heads, past, TINY.head_dim) for v in model.graph.input if "past" in v.name}
+        feeds = synthesize_inputs(model, shapes=shapes)
+        feeds["attention_mask"][1, :2] = 0
+        expected, got = outputs_of(decoder, feeds), outputs_of(tmp_path / "folded.onnx", feeds)
+        for name in expected:
+            assert got[name].shape == expected[name].shape
+            tolerance = 1e-2 if got[name].dtype == np.float16 else 1e-4
+            assert np.allclose(got[name], expected[name], atol=tolerance, rtol=tolerance), (past, name)
+
+
+def test_fold_as_a_loop_leaves_the_decoder_unfolded_and_says_why(decoder, tmp_path):
+    result = graphpass.run(decoder, "fold(mode=loop)", output=tmp_path / "loop.onnx")
+    fold = pass_report(result, "fold")
+    assert not fold["details"].get("runs")
+    assert any("only a Scan slices and stacks" in note for note in fold["notes"])
