@@ -16,7 +16,7 @@ applies only the ones it keeps.
 With `feedback=true` every method first fits its codebooks as usual (kmeans weighted by the
 energy of each value's input, the Hessian's diagonal), then assigns each value an entry column
 by column with error feedback (`graphpass.feedback`, H from the run's calibration inputs): the
-codebooks, and so the file size, are those without feedback; only the indices differ.
+layout and codebook sizes, and so the file size, are those without feedback.
 
 Spec syntax: `include=` and `exclude=` take `|`-separated tokens (commas separate options); a
 token matches a weight when one of its readers has that op type (MatMul, Gemm, Conv, Gather,
