@@ -13,6 +13,11 @@ emitting once into a scratch replacement) and the emitter; `call` plans every se
 two fits at a time, and applies the plans in order. `auto` plans many settings per weight and
 applies only the ones it keeps.
 
+With `feedback=true` every method first fits its codebooks as usual (kmeans weighted by the
+energy of each value's input, the Hessian's diagonal), then assigns each value an entry column
+by column with error feedback (`graphpass.feedback`, H from the run's calibration inputs): the
+layout and codebook sizes, and so the file size, are those without feedback.
+
 Spec syntax: `include=` and `exclude=` take `|`-separated tokens (commas separate options); a
 token matches a weight when one of its readers has that op type (MatMul, Gemm, Conv, Gather,
 ...) or when the weight's name matches it as an fnmatch pattern (`*.attn.*`).

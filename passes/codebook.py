@@ -28,6 +28,10 @@ Options beyond the shape of the codebook:
   them (per dtype and per model-local function, which cannot see the graph). It is fitted once
   over all members' sub-vectors, stored once in the innermost scope enclosing them, and every
   member's Gather reads it: on deep models the table's cost per weight all but vanishes.
+- `feedback=true`: MatMul, Gemm and Conv weights take their sub-vectors' entries in order along
+  the inputs with GPTVQ's error feedback (`graphpass.feedback`), each stage greedily on the
+  residual; the codebooks are fitted as without (weighted by the inputs' energy too), so the
+  size does not change.
 - `stages=2`: a second codebook over the residual (additive quantization, as in AQLM): the
   weight is the sum of two lookups, at twice the index rate.
 - `scale=channel`: each output channel is divided by its RMS before clustering, so channels of
