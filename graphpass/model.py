@@ -359,7 +359,11 @@ class _ExternalWrite:
                 moved = _move_to_external(proto, data_name, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            return cls(Path(handle.name), serialized_bytes(proto), moved)
+            try:
+                return cls(Path(handle.name), serialized_bytes(proto), moved)
+            except BaseException:  # the caller's model comes back as it was
+                _restore_inline(moved, list(iter_tensors(proto)), Path(handle.name))
+                raise
         except BaseException:
             Path(handle.name).unlink(missing_ok=True)
             raise
