@@ -24,7 +24,7 @@ from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageErro
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.download import DownloadSize, download_size
-from graphpass.model import LoadedModel, check_output_path, external_data_path, load_model, save_model, serialized_bytes
+from graphpass.model import LoadedModel, check_output_path, external_data_path, load_model, save_compacted, serialized_bytes
 from graphpass.runtimes import usable_adapters
 from graphpass.runtimes.probe import peak_rss_bytes
 from graphpass.runtimes.cost import CostBudget, CostCheck, check_cost, seconds_beside
@@ -102,17 +102,18 @@ def run(
     measure_cost = verify and (cost or bool(cost_budget.given))
     pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
     manager = PassManager(pipeline)
-    compiled = _compile(model, manager, output=output, in_place=in_place, inputs=inputs,
-                        shapes=shapes, seed=seed, verify=verify, budget=budget, budget_outputs=budget_outputs,
-                        progress=progress, deployment=deployment)
-    # Model and its weight handles refer to each other: the input's protobuf goes at a collection.
-    gc.collect()
-    reference, feeds, budget_outputs, after = compiled.reference, compiled.feeds, compiled.budget_outputs, compiled.after
-
+    if output is not None and not Path(output).parent.is_dir():
+        raise UsageError(f"{output}: folder {Path(output).parent} does not exist")
     stage = Path(tempfile.mkdtemp(prefix=".graphpass-", dir=Path(output).parent if output else None))
     try:
         staged = stage / (Path(output).name if output else "candidate.onnx")
-        after["file_bytes"] = save_model(compiled.proto, staged, external_data=external_data)
+        compiled = _compile(model, manager, staged, output=output, in_place=in_place, inputs=inputs, shapes=shapes,
+                            seed=seed, verify=verify, budget=budget, budget_outputs=budget_outputs,
+                            progress=progress, deployment=deployment, external_data=external_data)
+        # Model and its weight handles refer to each other: the input's protobuf goes at a collection.
+        gc.collect()
+        reference, feeds, budget_outputs, after = (compiled.reference, compiled.feeds, compiled.budget_outputs,
+                                                   compiled.after)
         written_files = [p for p in (staged, external_data_path(staged)) if p.exists()]
         _add_download_size(after, download_size(written_files))
         checked = None
@@ -167,15 +168,16 @@ class _Compiled:
     stats: list
     pass_seconds: float
     before: dict[str, Any]
-    after: dict[str, Any]  # file_bytes and the download size are filled in once it is written
+    after: dict[str, Any]  # the download size is added once the written files are measured
     notes: list[str]
 
 
-def _compile(model, manager: PassManager, *, output, in_place, inputs, shapes, seed, verify, budget, budget_outputs,
-             progress, deployment) -> _Compiled:
-    """Load `model` and run the passes. The loaded protobuf ends with this function: the passes
-    edit it in place and upb frees none of a message's memory until the whole message goes, so
-    the input's weights would stay resident under the output's through writing and verifying."""
+def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inputs, shapes, seed, verify, budget,
+             budget_outputs, progress, deployment, external_data) -> _Compiled:
+    """Load `model`, run the passes and write the result to `staged`. The loaded protobuf ends
+    with this function: the passes edit it in place and upb frees none of a message's memory
+    until the whole message goes, so the input's weights would stay resident under the
+    output's through verifying (see save_compacted)."""
     loaded = load_model(_private_copy(model))
     if output is not None:
         check_output_path(Path(output), loaded.path, in_place)
@@ -203,15 +205,8 @@ def _compile(model, manager: PassManager, *, output, in_place, inputs, shapes, s
     if repaired:
         notes.append(f"{loaded.dynamic_minus_one} declared size(s) of -1 read as dynamic (and written so)")
     after = reporting.model_summary(ctx.model, None, Path(output) if output else None)
-    return _Compiled(compacted(ctx.model.proto), reference, feeds, budget_outputs, stats, pass_seconds, before,
-                     after, notes)
-
-
-def compacted(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The same model in a message of its own, holding only what is still in it."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    return copy
+    after["file_bytes"], written = save_compacted(ctx.model.proto, staged, external_data=external_data)
+    return _Compiled(written, reference, feeds, budget_outputs, stats, pass_seconds, before, after, notes)
 
 
 def _add_download_size(summary: dict[str, Any], size: DownloadSize) -> None:

@@ -287,53 +287,105 @@ def external_data_path(model_file: Path) -> Path:
 
 
 def save_model(proto: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False) -> int:
-    """Write atomically and return the bytes written (model file plus external data).
+    """Write atomically and return the bytes written (model file plus external data); `proto`
+    comes back unchanged.
 
     Large tensors go to `<output>.data` when asked or when protobuf could not hold the model.
     The data file is renamed into place before the model, so a reader never sees a model whose
     data is missing; the model file itself is either whole or absent.
     """
+    output = _checked_output(output)
+    if not (external_data or needs_external_data(proto)):
+        return _write_inline(proto, output)
+    written = _ExternalWrite.start(proto, output)
+    return written.finish(output, restore_into=proto)
+
+
+def save_compacted(proto: onnx.ModelProto, output: str | os.PathLike, *,
+                   external_data: bool = False) -> tuple[int, onnx.ModelProto]:
+    """Write as save_model does; return the bytes written and the same model in a message of its
+    own, holding only what the model still holds. Drop `proto` afterwards: its large tensors
+    are left pointing at the data file.
+
+    upb frees none of a message's memory until the whole message goes: a model the passes
+    edited in place still holds every weight they replaced, and save_model's round trip of a
+    tensor through the data file allocates its bytes anew. Here the bytes are read back into
+    the copy instead, so all of the original's memory goes with it.
+    """
+    output = _checked_output(output)
+    if not (external_data or needs_external_data(proto)):
+        return _write_inline(proto, output), _copied(proto)
+    written = _ExternalWrite.start(proto, output)
+    compact = _copied(proto)  # small: the large tensors' bytes are in the data file now
+    return written.finish(output, restore_into=compact), compact
+
+
+def _copied(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def _checked_output(output: str | os.PathLike) -> Path:
     output = Path(output)
     if not output.parent.is_dir():
         raise UsageError(f"{output}: folder {output.parent} does not exist")
-    if not (external_data or needs_external_data(proto)):
-        data = serialized_bytes(proto)
-        _atomic_write(output, [data])
-        return len(data)
-    data_name = external_data_path(output).name
-    data_bytes, model_bytes = _write_external_data(proto, output.parent, data_name)
-    _atomic_write(output, [model_bytes])
-    return len(model_bytes) + data_bytes
+    return output
 
 
-def _write_external_data(proto: onnx.ModelProto, folder: Path, data_name: str) -> tuple[int, bytes]:
-    """Stream large tensors into `data_name` and serialise the model pointing at it.
+def _write_inline(proto: onnx.ModelProto, output: Path) -> int:
+    data = serialized_bytes(proto)
+    _atomic_write(output, [data])
+    return len(data)
 
-    Each tensor's bytes are written as soon as they are read and read back from the file
-    afterwards, so the proto comes back unchanged while holding one tensor's copy at a time.
-    """
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{data_name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            moved = _move_to_external(proto, data_name, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+
+@dataclass
+class _ExternalWrite:
+    """A model whose large tensors were streamed into a temporary data file beside the output,
+    each pointed at `<output>.data` as its bytes were written (one tensor's copy held at a
+    time), and serialised so. `moved` holds (place in iter_tensors order, offset, length)."""
+
+    data_file: Path
+    model_bytes: bytes
+    moved: list[tuple[int, int, int]]
+
+    @classmethod
+    def start(cls, proto: onnx.ModelProto, output: Path) -> _ExternalWrite:
+        data_name = external_data_path(output).name
+        handle = tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{data_name}.", suffix=".tmp",
+                                             delete=False)
         try:
-            model_bytes = serialized_bytes(proto)
-        finally:
-            _restore_inline(moved, Path(handle.name))
-        os.replace(handle.name, folder / data_name)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return sum(length for _, _, length in moved), model_bytes
+            with handle:
+                moved = _move_to_external(proto, data_name, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                return cls(Path(handle.name), serialized_bytes(proto), moved)
+            except BaseException:  # the caller's model comes back as it was
+                _restore_inline(moved, list(iter_tensors(proto)), Path(handle.name))
+                raise
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
+
+    def finish(self, output: Path, *, restore_into: onnx.ModelProto) -> int:
+        """Read the moved tensors' bytes back into `restore_into` (the model or a copy of it),
+        then put the data, and after it the model, in place; return the bytes written."""
+        try:
+            _restore_inline(self.moved, list(iter_tensors(restore_into)), self.data_file)
+            os.replace(self.data_file, external_data_path(output))
+        except BaseException:
+            self.data_file.unlink(missing_ok=True)
+            raise
+        _atomic_write(output, [self.model_bytes])
+        return len(self.model_bytes) + sum(length for _, _, length in self.moved)
 
 
-def _move_to_external(proto: onnx.ModelProto, data_name: str, sink) -> list[tuple[TensorProto, int, int]]:
+def _move_to_external(proto: onnx.ModelProto, data_name: str, sink) -> list[tuple[int, int, int]]:
     """Point large tensors at the data file as their bytes are written to `sink`."""
     moved = []
     offset = 0
-    for tensor in iter_tensors(proto):
+    for index, tensor in enumerate(iter_tensors(proto)):
         if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_DATA_MIN_BYTES:
             continue
         length = sink.write(tensor.raw_data)
@@ -342,14 +394,15 @@ def _move_to_external(proto: onnx.ModelProto, data_name: str, sink) -> list[tupl
         for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        moved.append((tensor, offset, length))
+        moved.append((index, offset, length))
         offset += length
     return moved
 
 
-def _restore_inline(moved: list[tuple[TensorProto, int, int]], data_path: Path) -> None:
+def _restore_inline(moved: list[tuple[int, int, int]], tensors: list[TensorProto], data_path: Path) -> None:
     with open(data_path, "rb") as source:
-        for tensor, offset, length in moved:
+        for index, offset, length in moved:
+            tensor = tensors[index]
             source.seek(offset)
             del tensor.external_data[:]
             tensor.ClearField("data_location")  # absent before, so absent again: same bytes

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fixtures.generate import one_matmul
 from graphpass.errors import InputError, UsageError
-from graphpass.model import check_output_path, load_model, save_model
+from graphpass.model import check_output_path, load_model, save_compacted, save_model
 
 
 def _with_external_data(tmp_path: Path, location: str, *, length: int | None = None) -> Path:
@@ -191,3 +191,26 @@ def test_a_model_onnxruntime_cannot_load_is_exit_2(tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert "onnxruntime cannot load" in line
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("external_data", [False, True])
+def test_save_compacted_hands_back_the_model_it_wrote(tmp_path, external_data):
+    weight = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+    model = one_matmul(weight)
+    before = model.SerializeToString(deterministic=True)
+    written, compact = save_compacted(model, tmp_path / "out.onnx", external_data=external_data)
+    assert compact.SerializeToString(deterministic=True) == before
+    assert load_model(tmp_path / "out.onnx").proto.SerializeToString(deterministic=True) == before
+    files = [p for p in tmp_path.iterdir()]
+    assert written == sum(p.stat().st_size for p in files)
+    assert sorted(p.name for p in files) == ["out.onnx"] + (["out.onnx.data"] if external_data else [])
+    x = np.ones((1, 256), np.float32)
+    session = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"x": x})[0], x @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_run_into_a_missing_folder_is_a_usage_error(tmp_path, fixture_dir):
+    from graphpass import run
+
+    with pytest.raises(UsageError, match="does not exist"):
+        run(fixture_dir / "albert.onnx", "tie", output=tmp_path / "missing" / "out.onnx", verify=False)
