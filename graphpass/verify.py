@@ -65,7 +65,7 @@ import tempfile
 import zlib
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
