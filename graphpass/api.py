@@ -26,7 +26,6 @@ from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, p
 from graphpass.download import DownloadSize, download_size
 from graphpass.model import LoadedModel, check_output_path, external_data_path, load_model, save_compacted, serialized_bytes
 from graphpass.runtimes import usable_adapters
-from graphpass.runtimes.probe import peak_rss_bytes
 from graphpass.runtimes.cost import CostBudget, CostCheck, check_cost, seconds_beside
 
 
@@ -148,6 +147,10 @@ def run(
     report["deployment"] = deployment.to_dict()
     report["cost"] = measured.to_dict() if measured is not None else None
     # The cost probes run in processes of their own, with their own peaks in report["cost"].
+    # Imported here: the probe is also `python -m graphpass.runtimes.probe`, which must not find
+    # itself imported already by the package it lives in.
+    from graphpass.runtimes.probe import peak_rss_bytes
+
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["notes"] += compiled.notes
     if budget_outputs:
