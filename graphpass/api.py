@@ -22,6 +22,7 @@ from graphpass.edit import Model
 from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageError
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
+from graphpass.parallel import Workers
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
                              load_model, save_model, serialized_bytes)
 from graphpass.runtimes import usable_adapters
@@ -77,6 +78,8 @@ def run(
     deployment: Deployment | None = None,
     cost: bool = False,
     cost_budget: CostBudget | None = None,
+    jobs: int | None = None,
+    scheduler: str | None = None,
 ) -> RunResult:
     """Compress `model` with `passes`; verify the written result in onnxruntime and in each
     target runtime of `deployment` (where the input runs).
@@ -88,7 +91,9 @@ def run(
     the objective (file or memory) and the runtimes the output is for (default: file size,
     onnxruntime). With `cost` (implied by a `cost_budget`), the runtime cost of input and output
     is measured side by side after verification (`graphpass.runtimes.cost`), and a missed
-    cost budget fails the run as a missed accuracy budget does.
+    cost budget fails the run as a missed accuracy budget does. `jobs` worker threads (default:
+    every core) run the passes' per-tensor work, and `scheduler` (a Dask scheduler's address)
+    the part of it that can run on other machines; the output bytes are the same either way.
     """
     started = time.perf_counter()
     deployment = deployment or Deployment()
@@ -110,13 +115,17 @@ def run(
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
 
+    workers = Workers(jobs, scheduler)
     ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
-                      calibration_inputs=feeds, deployment=deployment)
+                      calibration_inputs=feeds, deployment=deployment, workers=workers)
     with ThreadPoolExecutor(max_workers=1) as background:
         # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
         input_zip_bytes = background.submit(loaded.zip_bytes)
         start = time.perf_counter()
-        stats = _run_passes(manager, ctx, reference)
+        try:
+            stats = _run_passes(manager, ctx, reference)
+        finally:
+            workers.close()
         pass_seconds = time.perf_counter() - start
         before["zip_bytes"] = input_zip_bytes.result()
 

@@ -9,9 +9,9 @@ the end only say how they fit and which options they add.
 
 Every pass here is a `graphpass.codec.WeightCodec`: `plan(ctx, weight)` fits one weight and
 returns its exact reconstruction (what onnxruntime will compute), its real stored bytes (from
-emitting once into a scratch replacement) and the emitter; `call` plans every selected weight,
-two fits at a time, and applies the plans in order. `auto` plans many settings per weight and
-applies only the ones it keeps.
+emitting once into a scratch replacement) and the emitter; `call` plans every selected weight
+on the run's workers (`--jobs`) and applies the plans in order. `auto` plans many settings per
+weight and applies only the ones it keeps.
 
 Spec syntax: `include=` and `exclude=` take `|`-separated tokens (commas separate options); a
 token matches a weight when one of its readers has that op type (MatMul, Gemm, Conv, Gather,
@@ -28,9 +28,8 @@ drift of ~1e-2 relative at ORT_ENABLE_ALL that ORT_DISABLE_ALL does not show.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,11 +48,6 @@ from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
 from graphpass.sensitivity import input_channel_energy, input_covariance
 from graphpass.weights import Replacement, WeightRef
-
-# Fitting is numpy work that releases the GIL for long stretches: two threads use both cores.
-# A few tensors in flight keep both busy without holding every weight in memory at once.
-_WORKERS = 2
-_IN_FLIGHT = 4
 
 COMMON_OPTIONS = (
     Option("granularity", str, "tensor", "one codebook per tensor, per output channel, or per block "
@@ -81,7 +75,7 @@ ENERGY_FLOOR = 1e-2
 
 @dataclass
 class Job:
-    """One weight, read and laid out, ready to fit (fits run on worker threads)."""
+    """One weight, read and laid out, ready to fit (fits run on the run's workers)."""
 
     weight: WeightRef
     layout: Layout
@@ -136,7 +130,7 @@ class BinningPass(Pass):
         chosen = self._select(model, result)
         tensors = []
         with ctx.progress(f"{self.name}: sharing weight values", len(chosen)) as advance:
-            for plan in self._planned(chosen):
+            for plan in self._planned(ctx, chosen):
                 plan.apply()
                 tensors.append(plan.details)
                 advance(1)
@@ -239,17 +233,12 @@ class BinningPass(Pass):
 
     # -- fitting ---------------------------------------------------------------------------
 
-    def _planned(self, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
-        """Plans in order, two at a time. Weights are read here, on the calling thread, because
-        applying a plan edits the protobuf lists that reading walks."""
-        pending: deque[Future] = deque()
-        with ThreadPoolExecutor(_WORKERS) as pool:
-            for weight, layout in chosen:
-                pending.append(pool.submit(self._plan_job, self._job(weight, layout)))
-                if len(pending) >= _IN_FLIGHT:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+    def _planned(self, ctx: PassContext, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
+        """Plans in order, fitted on the run's workers (numpy work that releases the GIL for long
+        stretches). Weights are read here, on the calling thread, because applying a plan edits
+        the protobuf lists that reading walks."""
+        jobs = (self._job(weight, layout) for weight, layout in chosen)
+        return ctx.workers.map(self._plan_job, jobs)
 
     def _job(self, weight: WeightRef, layout: Layout, value_weight: np.ndarray | None = None) -> Job:
         array = np.asarray(weight.read())
