@@ -23,6 +23,7 @@ from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageErro
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.parallel import Workers
+from graphpass.streamed import stored_weights
 from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
                              load_model, save_model, serialized_bytes)
 from graphpass.runtimes import usable_adapters
@@ -115,7 +116,7 @@ def run(
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
 
-    workers = Workers(jobs, scheduler)
+    workers = Workers(jobs, scheduler, stored_weights(loaded.path) if scheduler else None)
     ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
                       calibration_inputs=feeds, deployment=deployment, workers=workers)
     with ThreadPoolExecutor(max_workers=1) as background:

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from graphpass.errors import UsageError
+from graphpass.streamed import StoredWeight, WeightSource, source_of
+from graphpass.weights import WeightRef
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -31,6 +33,8 @@ _Result = TypeVar("_Result")
 # while the caller applies a result, few enough that pending inputs (weight-sized arrays) and
 # results do not pile up in memory.
 AHEAD_PER_WORKER = 2
+# How long to keep trying a Dask scheduler that does not answer.
+CONNECT_SECONDS = 30
 
 
 def default_jobs() -> int:
@@ -42,15 +46,24 @@ def default_jobs() -> int:
 
 
 class Workers:
-    """Where a run's per-tensor tasks execute: `jobs` local threads, or a Dask cluster as well."""
+    """Where a run's per-tensor tasks execute: `jobs` local threads, or a Dask cluster as well.
 
-    def __init__(self, jobs: int | None = None, scheduler: str | None = None):
+    `stored` (graphpass.streamed.stored_weights) says which weights remote tasks read from the
+    input's external data rather than carry."""
+
+    def __init__(self, jobs: int | None = None, scheduler: str | None = None,
+                 stored: dict[str, StoredWeight] | None = None):
         jobs = default_jobs() if jobs is None else jobs
         if jobs < 1:
             raise UsageError(f"--jobs must be at least 1 (got {jobs})")
         self.jobs = jobs
         self.scheduler = scheduler
+        self.stored = stored or {}
         self._client = None
+
+    def source_of(self, weight: WeightRef) -> WeightSource:
+        """How a remote task finds this weight's values (read on the calling thread if inline)."""
+        return source_of(weight, self.stored)
 
     def map(self, task: Callable[[_Item], _Result], items: Iterable[_Item],
             ahead: int | None = None) -> Iterator[_Result]:
@@ -82,7 +95,7 @@ class Workers:
             except ImportError:
                 raise UsageError("--scheduler needs Dask's distributed: pip install 'graphpass[dask]'") from None
             try:
-                self._client = Client(self.scheduler, set_as_default=False, timeout=30)
+                self._client = Client(self.scheduler, set_as_default=False, timeout=CONNECT_SECONDS)
             except OSError as exc:
                 raise UsageError(f"cannot reach the Dask scheduler at {self.scheduler}: {exc}") from None
         return self._client

@@ -44,9 +44,10 @@ from graphpass.codec import (
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
 from graphpass.errors import UsageError
-from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.manager import Option, Pass, PassContext, PassResult, register, registered_passes
 from graphpass.scopes import NameAllocator
 from graphpass.sensitivity import input_channel_energy, input_covariance
+from graphpass.streamed import WeightSource
 from graphpass.weights import Replacement, WeightRef
 
 COMMON_OPTIONS = (
@@ -235,13 +236,32 @@ class BinningPass(Pass):
 
     def _planned(self, ctx: PassContext, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
         """Plans in order, fitted on the run's workers (numpy work that releases the GIL for long
-        stretches). Weights are read here, on the calling thread, because applying a plan edits
-        the protobuf lists that reading walks."""
+        stretches), or on a Dask cluster when the run has one. Weights are read here, on the
+        calling thread, because applying a plan edits the protobuf lists that reading walks."""
+        if ctx.workers.scheduler is not None:
+            return self._planned_remotely(ctx, chosen)
         jobs = (self._job(weight, layout) for weight, layout in chosen)
         return ctx.workers.map(self._plan_job, jobs)
 
+    def _planned_remotely(self, ctx: PassContext, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
+        """The fits as `fit_weight` tasks, each reading its weight where the cluster's worker runs;
+        the plans (scratch emits, reconstructions) are made here from the small results."""
+        tasks = (FitTask(self.name, dict(self.config), _detached(weight), ctx.workers.source_of(weight), layout,
+                         scope_opset(weight, weight.model), weight.model.proto.ir_version)
+                 for weight, layout in chosen)
+        for (weight, layout), (fit, outliers) in zip(chosen, ctx.workers.map_remote(fit_weight, tasks)):
+            job = Job(weight, layout, None, None, outliers, None, scope_opset(weight, weight.model),
+                      weight.model.proto.ir_version)
+            yield self._plan_from_fit(job, dataclasses.replace(fit, rebuilt=self.rebuilt_groups(job, fit.codebook,
+                                                                                                 fit.labels)))
+
     def _job(self, weight: WeightRef, layout: Layout, value_weight: np.ndarray | None = None) -> Job:
-        array = np.asarray(weight.read())
+        return self.job_of(weight, layout, np.asarray(weight.read()), scope_opset(weight, weight.model),
+                           weight.model.proto.ir_version, value_weight)
+
+    def job_of(self, weight: WeightRef, layout: Layout, array: np.ndarray, opset: int, ir_version: int,
+               value_weight: np.ndarray | None = None) -> Job:
+        """The job for a weight whose values are `array` (which may have been read elsewhere)."""
         work_type = np.float64 if array.dtype == np.float64 else np.float32
         array = array.astype(work_type)
         outliers = _largest(array, self.config["outliers"])
@@ -254,8 +274,8 @@ class BinningPass(Pass):
         sample_weight = None
         if value_weight is not None and self.supports_value_weight:
             sample_weight = layout.split(np.broadcast_to(np.asarray(value_weight, dtype=np.float64), array.shape))
-        return Job(weight, layout, layout.split(clipped), layout.split(array), outliers, mask,
-                   scope_opset(weight, weight.model), weight.model.proto.ir_version, sample_weight)
+        return Job(weight, layout, layout.split(clipped), layout.split(array), outliers, mask, opset, ir_version,
+                   sample_weight)
 
     def _fit(self, job: Job) -> Fit:
         if job.sample_weight is None:
@@ -282,11 +302,16 @@ class BinningPass(Pass):
     # -- rewriting -------------------------------------------------------------------------
 
     def _plan_job(self, job: Job) -> Plan:
-        """Fit, then everything the plan promises: the exact reconstruction and the real stored
-        bytes, measured by emitting once into a scratch replacement (same nodes, private names)."""
-        fit = self._fit(job)
+        return self._plan_from_fit(job, self._fit(job))
+
+    def _plan_from_fit(self, job: Job, fit: Fit) -> Plan:
+        """Everything the plan promises: the exact reconstruction and the real stored bytes,
+        measured by emitting once into a scratch replacement (same nodes, private names).
+        `fit.rebuilt` may leave the outliers out: they are put back from `job.outliers`."""
         weight = job.weight
         reconstruction = job.layout.merge(fit.rebuilt).reshape(weight.shape).astype(lookup.np_dtype(weight.dtype))
+        if job.outliers is not None:
+            np.put(reconstruction, job.outliers.positions, job.outliers.values)
         # The emitter keeps codebook, labels and layout only: a plan waiting to be applied stays small.
         slim_job, slim_fit = job.for_emit(), dataclasses.replace(fit, rebuilt=None)
 
@@ -363,6 +388,32 @@ class _ScratchNames:
 
     def __init__(self):
         self.names = NameAllocator(set())
+
+
+@dataclass(frozen=True)
+class FitTask:
+    """One weight's fit as any worker can run it, on this machine or another: the codec by
+    registered name and options, the weight by where its values are (graphpass.streamed)."""
+
+    codec: str
+    config: dict[str, Any]
+    weight: WeightRef  # detached from its model: type, shape and name only
+    source: WeightSource
+    layout: Layout
+    opset: int
+    ir_version: int
+
+
+def fit_weight(task: FitTask) -> tuple[Fit, Outliers | None]:
+    """The fit of one weight, read from its source where this runs; without the weight-sized
+    reconstruction, which the client rebuilds from codebook and labels."""
+    codec = registered_passes()[task.codec](**task.config)
+    job = codec.job_of(task.weight, task.layout, task.source.read(), task.opset, task.ir_version)
+    return dataclasses.replace(codec._fit(job), rebuilt=None), job.outliers
+
+
+def _detached(weight: WeightRef) -> WeightRef:
+    return dataclasses.replace(weight, model=None, scope=None, consumers=[])
 
 
 def _no_lookup(opset: int) -> str:
