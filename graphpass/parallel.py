@@ -17,6 +17,7 @@ weight itself on the worker, so no weight leaves the client (graphpass.streamed)
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,11 +72,12 @@ class Workers:
 
         Items are drawn from `items` on the calling thread as room frees up (a pass may read
         weights there), at most `ahead` (default AHEAD_PER_WORKER per worker) beyond the one
-        being consumed."""
-        if self.jobs == 1:
+        being consumed. A task that maps again (auto's codebook fits) runs those tasks itself:
+        every worker is busy already, and jobs x jobs threads would only contend."""
+        if self.jobs == 1 or getattr(_worker, "busy", False):
             yield from map(task, items)
             return
-        with ThreadPoolExecutor(self.jobs) as pool:
+        with ThreadPoolExecutor(self.jobs, initializer=_mark_busy) as pool:
             yield from _in_order(pool.submit, task, items, ahead or AHEAD_PER_WORKER * self.jobs)
 
     def map_remote(self, task: Callable[[_Item], _Result], items: Iterable[_Item]) -> Iterator[_Result]:
@@ -104,6 +106,13 @@ class Workers:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+_worker = threading.local()
+
+
+def _mark_busy() -> None:
+    _worker.busy = True
 
 
 def _in_order(submit: Callable[..., Any], task: Callable, items: Iterable, ahead: int) -> Iterator:

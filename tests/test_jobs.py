@@ -82,3 +82,13 @@ def test_inspect_takes_jobs(fixture_dir):
     result = CliRunner().invoke(main, ["inspect", str(fixture_dir / "transformer.onnx"), "--json", "--jobs", "2"])
     assert result.exit_code == 0, result.output
     assert '"exact_duplicates"' in result.output
+
+
+def test_a_task_that_maps_again_runs_its_tasks_itself():
+    workers = Workers(2)
+
+    def inner_threads(_: int) -> tuple[int, set[int]]:
+        return threading.get_ident(), set(workers.map(lambda _: threading.get_ident(), range(4)))
+
+    for outer, inner in workers.map(inner_threads, range(2)):
+        assert inner == {outer}
