@@ -558,7 +558,9 @@ class CodebookPass(Pass):
         encloses them all (returned: names, scope, bytes); a caller that drops the plans should
         then call `ctx.model.remove_unused_weights()`. A single weight's plan stores its own.
         """
-        members = [self.prepare(w) for w in weights]
+        return self._plan_members(ctx, [self.prepare(w) for w in weights])
+
+    def _plan_members(self, ctx: PassContext, members: list[Member]) -> tuple[list[Plan], dict[str, Any] | None]:
         stages = self.fit(members, ctx.workers)
         shared = self._store_shared(ctx, members, stages) if len(members) > 1 else None
         group_weights = sum(m.weight.size for m in members)
@@ -585,8 +587,7 @@ class CodebookPass(Pass):
         groups = self._select(model, result)
         tensors, tables = [], []
         with ctx.progress(f"{self.name}: fitting codebooks", sum(map(len, groups))) as advance:
-            for group in groups:
-                plans, shared = self.plan_group(ctx, group)
+            for group, (plans, shared) in zip(groups, self._planned_groups(ctx, groups)):
                 for plan in plans:
                     plan.apply()
                     tensors.append(plan.details)
@@ -599,6 +600,16 @@ class CodebookPass(Pass):
         if ctx.deployment.objective == "memory" and tensors:
             result.notes.append(f"{self.name}: {len(tensors)} weights: {NON_AFFINE_NOTE} (--objective memory)")
         return result
+
+    def _planned_groups(self, ctx: PassContext, groups: list[list[WeightRef]]):
+        """Each group's plans and shared table, in order. Weights with codebooks of their own are
+        fitted on the run's workers, one a task (read here, on the calling thread, as applying a
+        plan edits the lists reading walks). A shared table is stored as soon as it is fitted, so
+        shared groups go one at a time, each fit's assignment in chunks on the workers."""
+        if self.config["share"] != "none":
+            return (self.plan_group(ctx, group) for group in groups)
+        members = ([self.prepare(weight)] for (weight,) in groups)
+        return ctx.workers.map(lambda own: self._plan_members(ctx, own), members)
 
     # -- selection -------------------------------------------------------------------------
 

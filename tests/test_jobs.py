@@ -23,7 +23,7 @@ AUTO = "tie,auto(methods=kmeans|codebook,bits=2|4,granularities=tensor|channel)"
     ("kmeans(bits=4,granularity=channel)", 0.95),
     ("uniform(bits=4,granularity=group,group_size=32)", 0.9),
     ("ternary(granularity=channel,include=Gather)", 0.5),
-    ("codebook(dim=4,k=64,include=Gather)", 0.5),
+    ("codebook(dim=2,k=256)", 0.95),
     ("codebook(dim=2,k=16,share=shape,scale=channel)", 0.4),
 ])
 def test_one_and_two_workers_write_the_same_bytes(fixture_dir, tmp_path, spec, min_cosine):
