@@ -247,17 +247,15 @@ class BinningPass(Pass):
         """The fits as `fit_weight` tasks, each reading its weight where the cluster's worker runs;
         the plans (scratch emits, reconstructions) are made here from the small results."""
         tasks = (FitTask(self.name, dict(self.config), _detached(weight), ctx.workers.source_of(weight), layout,
-                         scope_opset(weight, weight.model), weight.model.proto.ir_version)
+                         *_versions(weight))
                  for weight, layout in chosen)
         for (weight, layout), (fit, outliers) in zip(chosen, ctx.workers.map_remote(fit_weight, tasks)):
-            job = Job(weight, layout, None, None, outliers, None, scope_opset(weight, weight.model),
-                      weight.model.proto.ir_version)
-            yield self._plan_from_fit(job, dataclasses.replace(fit, rebuilt=self.rebuilt_groups(job, fit.codebook,
-                                                                                                 fit.labels)))
+            job = Job(weight, layout, None, None, outliers, None, *_versions(weight))
+            rebuilt = self.rebuilt_groups(job, fit.codebook, fit.labels)
+            yield self._plan_from_fit(job, dataclasses.replace(fit, rebuilt=rebuilt))
 
     def _job(self, weight: WeightRef, layout: Layout, value_weight: np.ndarray | None = None) -> Job:
-        return self.job_of(weight, layout, np.asarray(weight.read()), scope_opset(weight, weight.model),
-                           weight.model.proto.ir_version, value_weight)
+        return self.job_of(weight, layout, np.asarray(weight.read()), *_versions(weight), value_weight)
 
     def job_of(self, weight: WeightRef, layout: Layout, array: np.ndarray, opset: int, ir_version: int,
                value_weight: np.ndarray | None = None) -> Job:
@@ -410,6 +408,11 @@ def fit_weight(task: FitTask) -> tuple[Fit, Outliers | None]:
     codec = registered_passes()[task.codec](**task.config)
     job = codec.job_of(task.weight, task.layout, task.source.read(), task.opset, task.ir_version)
     return dataclasses.replace(codec._fit(job), rebuilt=None), job.outliers
+
+
+def _versions(weight: WeightRef) -> tuple[int, int]:
+    """The opset of the weight's scope and the model's IR version: what packings and lowerings use."""
+    return scope_opset(weight, weight.model), weight.model.proto.ir_version
 
 
 def _detached(weight: WeightRef) -> WeightRef:
