@@ -166,6 +166,7 @@ def run(
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(before, after, stats, pass_seconds, checked, manager.lossless)
     report["deployment"] = deployment.to_dict()
+    report["workers"] = {"jobs": workers.jobs, "scheduler": scheduler}  # what the passes' seconds ran on
     report["cost"] = measured.to_dict() if measured is not None else None
     if ctx.model.shape_inference_error:
         report["notes"].append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "

@@ -34,6 +34,7 @@ def test_one_and_two_workers_write_the_same_bytes(fixture_dir, tmp_path, spec, m
                                budget=Budget(min_cosine=min_cosine))
         assert result.passed, result.failures  # verified in onnxruntime against the input
         assert result.report["passes"][-1]["tensors_changed"] > 0
+        assert result.report["workers"] == {"jobs": jobs, "scheduler": None}
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
 
