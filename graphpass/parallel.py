@@ -62,6 +62,11 @@ class Workers:
         self.stored = stored or {}
         self._client = None
 
+    @property
+    def free(self) -> int:
+        """Threads a library call may use here (scipy's `workers=`): 1 inside a task."""
+        return 1 if getattr(_worker, "busy", False) else self.jobs
+
     def source_of(self, weight: WeightRef) -> WeightSource:
         """How a remote task finds this weight's values (read on the calling thread if inline)."""
         return source_of(weight, self.stored)

@@ -227,7 +227,7 @@ def nearest(vectors: np.ndarray, centroids: np.ndarray,
             workers: Workers = _ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
     """Index of each vector's nearest centroid and the squared distance to it."""
     if len(centroids) > _KDTREE_MIN_K:
-        distance, labels = cKDTree(centroids).query(vectors, workers=workers.jobs)
+        distance, labels = cKDTree(centroids).query(vectors, workers=workers.free)
         return labels.astype(np.int64), distance**2
     points = np.asarray(vectors, dtype=np.float32)
     table = np.asarray(centroids, dtype=np.float32)
