@@ -240,8 +240,9 @@ class BinningPass(Pass):
         calling thread, because applying a plan edits the protobuf lists that reading walks."""
         if ctx.workers.scheduler is not None:
             return self._planned_remotely(ctx, chosen)
-        jobs = (self._job(weight, layout) for weight, layout in chosen)
-        return ctx.workers.map(self._plan_job, jobs)
+        # Only the read happens here: converting and laying out the values is the worker's.
+        reads = ((weight, layout, np.asarray(weight.read()), *_versions(weight)) for weight, layout in chosen)
+        return ctx.workers.map(lambda read: self._plan_job(self.job_of(*read)), reads)
 
     def _planned_remotely(self, ctx: PassContext, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
         """The fits as `fit_weight` tasks, each reading its weight where the cluster's worker runs;
