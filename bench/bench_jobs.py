@@ -6,10 +6,12 @@
 Generates (once, cached in bench/out/) `python -m fixtures.synthetic` at 16 layers of
 4096 x 4096 float32 weights, then runs `graphpass run --no-verify --no-cost` on it with each
 worker count in turn, alternating the order every round, each run a fresh process. Prints each
-pass's seconds per run, the speedup of the passes' total (best of the rounds), whether every
-run wrote the same bytes, and the per-tensor throughput of one worker (weight MB per second of
-each pass at --jobs 1), with what that projects for a 70 B-parameter model on N workers. Asserts
-nothing. Peak RSS is about 3 GB per run: hold the big-memory lock.
+pass's seconds per run, the speedup of the passes' total (best of the rounds) and whether every
+run wrote the same bytes. Then the per-tensor throughput of one worker: the last pass's plan of
+a few weights, timed in CPU seconds of the calling thread (time.thread_time), so that other
+processes on the machine slow it little, with what that projects for a 70 B-parameter model on
+N workers. `--rounds 0` measures the throughput alone. Asserts nothing. Peak RSS is about 3 GB
+per run: hold the big-memory lock.
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+from graphpass.edit import Model
+from graphpass.manager import PassContext, parse_spec
+from graphpass.model import load_model
+from graphpass.parallel import Workers
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 LAYERS, DIM = 16, 4096
 PROJECTED_PARAMS = 70e9
 PROJECTED_WORKERS = (1, 8, 64, 256)
+TIMED_TENSORS = 3
 
 
 def synthetic_model() -> Path:
@@ -63,6 +72,13 @@ def main() -> int:
     weight_mb = LAYERS * DIM * DIM * 4 / 1e6
     print(f"model: {model.name}, {weight_mb:,.0f} MB of float32 weights; spec {args.spec}; "
           f"load {os.getloadavg()[0]:.2f} at the start")
+    if args.rounds:
+        side_by_side(model, args)
+    project(args.spec, model)
+    return 0
+
+
+def side_by_side(model: Path, args) -> None:
     runs: dict[int, list[dict[str, float]]] = {jobs: [] for jobs in args.jobs}
     digests = set()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -83,22 +99,27 @@ def main() -> int:
     total_few, total_many = sum(few.values()), sum(many.values())
     print(f"{'passes':24} {total_few:9.1f} s {total_many:9.1f} s {total_few / total_many:8.2f}x")
     print(f"identical output bytes across all {2 * args.rounds} runs: {len(digests) == 1}")
-    if args.jobs[0] == 1:
-        project(few, weight_mb)
-    return 0
 
 
-def project(one_worker: dict[str, float], weight_mb: float) -> None:
-    """Weights are independent tasks, so N workers divide the time (their reads included). The
-    fits work in float32 whatever the stored type, so the rate is per parameter."""
-    params = LAYERS * DIM * DIM
-    print(f"\nper-tensor throughput of one worker, and {PROJECTED_PARAMS / 1e9:.0f} B parameters on N workers:")
-    for name, seconds in one_worker.items():
-        rate = params / seconds
-        hours = [PROJECTED_PARAMS / (rate * n) / 3600 for n in PROJECTED_WORKERS]
-        shown = ", ".join(f"{n}: {h:.2f} h" for n, h in zip(PROJECTED_WORKERS, hours))
-        print(f"  {name}: {rate / 1e6:.1f} M parameters/s ({weight_mb / seconds:.0f} MB/s of float32) per worker; "
-              f"hours on N workers: {shown}")
+def project(spec: str, model: Path) -> None:
+    """Weights are independent tasks, so N workers divide the time. The fits work in float32
+    whatever the stored type, so the rate is per parameter."""
+    codec = parse_spec(spec)[-1]
+    if not hasattr(codec, "plan"):
+        print(f"\n{codec.name} plans no single weight: no per-tensor throughput")
+        return
+    ctx = PassContext(Model(load_model(model).proto), workers=Workers(1))
+    weights = ctx.model.weights()[:TIMED_TENSORS]
+    started = time.thread_time()
+    for weight in weights:
+        codec.plan(ctx, weight)
+    seconds = time.thread_time() - started
+    params = sum(w.size for w in weights)
+    rate = params / seconds
+    hours = ", ".join(f"{n}: {PROJECTED_PARAMS / (rate * n) / 3600:.2f} h" for n in PROJECTED_WORKERS)
+    print(f"\n{codec.describe()} per tensor, one worker: {rate / 1e6:.2f} M parameters per CPU second "
+          f"({params * 4 / 1e6 / seconds:.1f} MB/s of float32; {len(weights)} tensors of {weights[0].size:,})")
+    print(f"{PROJECTED_PARAMS / 1e9:.0f} B parameters on N workers: {hours}")
 
 
 if __name__ == "__main__":
