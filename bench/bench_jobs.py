@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,17 +49,26 @@ def synthetic_model() -> Path:
     return path
 
 
-def run_once(model: Path, spec: str, jobs: int, folder: Path) -> tuple[dict[str, float], str]:
-    """Per-pass seconds of one `graphpass run` and a digest of the files it wrote."""
+def run_once(model: Path, spec: str, jobs: int, folder: Path) -> tuple[dict[str, float], str, float]:
+    """Per-pass seconds of one `graphpass run`, a digest of the files it wrote, and the cores it
+    used on average (CPU seconds over wall seconds, load and save included): on a busy machine
+    the scheduler's share, not the worker count, may be what limits a run."""
     out, report = folder / f"jobs{jobs}.onnx", folder / f"jobs{jobs}.json"
+    cpu_before, wall_before = _children_cpu(), time.perf_counter()
     subprocess.run([str(Path(sys.executable).parent / "graphpass"), "run", str(model), "-o", str(out), "--passes", spec,
                     "--no-verify", "--no-cost", "--jobs", str(jobs), "--report", str(report)],
                    check=True, stdout=subprocess.DEVNULL)
+    cores = (_children_cpu() - cpu_before) / (time.perf_counter() - wall_before)
     seconds = {p["spec"]: p["seconds"] for p in json.loads(report.read_text())["passes"]}
     digest = hashlib.sha256()
     for written in sorted(folder.glob(f"jobs{jobs}.onnx*")):
         digest.update(written.read_bytes())
-    return seconds, digest.hexdigest()
+    return seconds, digest.hexdigest(), cores
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -86,12 +96,12 @@ def side_by_side(model: Path, args) -> None:
         for round_ in range(args.rounds):
             order = args.jobs if round_ % 2 == 0 else args.jobs[::-1]
             for jobs in order:
-                seconds, digest = run_once(model, args.spec, jobs, Path(folder))
+                seconds, digest, cores = run_once(model, args.spec, jobs, Path(folder))
                 runs[jobs].append(seconds)
                 digests.add(digest)
                 shown = ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items())
                 print(f"round {round_ + 1} --jobs {jobs}: {shown}; total {sum(seconds.values()):.1f} s; "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                      f"{cores:.2f} cores used; load {os.getloadavg()[0]:.2f}", flush=True)
     few, many = (min(runs[jobs], key=lambda s: sum(s.values())) for jobs in args.jobs)
     print(f"\nbest of {args.rounds} rounds      --jobs {args.jobs[0]:>2}   --jobs {args.jobs[1]:>2}   speedup")
     for name in few:
