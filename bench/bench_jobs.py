@@ -79,8 +79,8 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help=f"an existing {LAYERS} x {DIM} synthetic model to use")
     args = parser.parse_args()
     model = args.model or synthetic_model()
-    weight_mb = LAYERS * DIM * DIM * 4 / 1e6
-    print(f"model: {model.name}, {weight_mb:,.0f} MB of float32 weights; spec {args.spec}; "
+    on_disk = sum(p.stat().st_size for p in model.parent.glob(model.name + "*")) / 1e6
+    print(f"model: {model.name}, {on_disk:,.0f} MB on disk; spec {args.spec}; "
           f"load {os.getloadavg()[0]:.2f} at the start")
     if args.rounds:
         side_by_side(model, args)
