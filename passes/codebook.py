@@ -59,7 +59,8 @@ the weight's type. Every stored name carries `lookup.LUT_ROLE_PREFIX`, so later 
 k-means: k-means++ seeding (or random rows, `init`) and Lloyd iterations on a sample of the
 sub-vectors (`sample`), then one assignment of every sub-vector and a final centroid update over
 all of them; deterministic for a given `seed`. Assignment is a brute-force distance matrix in
-chunks on the run's workers (`--jobs`), or a k-d tree when k > 4096, where the matrix would be too large.
+chunks on the run's workers (`--jobs`), or a k-d tree when k > 4096, where the matrix would be
+too large.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ def nearest(vectors: np.ndarray, centroids: np.ndarray,
 
     starts = range(0, len(points), rows)
     with _blas_controller().limit(limits=1, user_api="blas"):
-        for _ in workers.map(chunk, starts):  # each chunk writes its own rows
+        # Each chunk writes its own rows; a single chunk is not worth starting threads for.
+        for _ in (workers if len(starts) > 1 else _ONE_THREAD).map(chunk, starts):
             pass
     return labels, distances
 
