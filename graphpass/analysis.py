@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -19,20 +18,19 @@ from graphpass.manager import Analysis, PassContext
 from graphpass.scopes import Scope
 from graphpass.weights import WeightReader, WeightRef
 
-# numpy releases the GIL in its calls over a whole tensor or chunk (protobuf's copy of each
-# tensor holds it), so two threads use both cores.
-_WORKERS = 2
-
 _Result = TypeVar("_Result")
 
 
 def _per_weight(ctx: PassContext, label: str, weights: Sequence[WeightRef],
                 summarise: Callable[[np.ndarray], _Result]) -> list[_Result]:
-    """`summarise(value)` for every weight, in order, on the worker threads."""
+    """`summarise(value)` for every weight, in order, on the run's workers.
+
+    numpy releases the GIL in its calls over a whole tensor or chunk (protobuf's copy of each
+    tensor holds it), so threads share the cores."""
     reader = WeightReader(weights)
     results = []
-    with ctx.progress(label, len(weights)) as advance, ThreadPoolExecutor(_WORKERS) as pool:
-        for result in pool.map(lambda weight: summarise(reader.read(weight)), weights):
+    with ctx.progress(label, len(weights)) as advance:
+        for result in ctx.workers.map(lambda weight: summarise(reader.read(weight)), weights):
             results.append(result)
             advance(1)
     return results

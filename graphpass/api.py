@@ -25,6 +25,8 @@ from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.download import DownloadSize, download_size
 from graphpass.model import LoadedModel, check_output_path, external_data_path, load_model, save_compacted, serialized_bytes
+from graphpass.parallel import Workers
+from graphpass.streamed import stored_weights
 from graphpass.runtimes import usable_adapters
 from graphpass.runtimes.cost import CostBudget, CostCheck, check_cost, seconds_beside
 
@@ -78,6 +80,8 @@ def run(
     deployment: Deployment | None = None,
     cost: bool = False,
     cost_budget: CostBudget | None = None,
+    jobs: int | None = None,
+    scheduler: str | None = None,
 ) -> RunResult:
     """Compress `model` with `passes`; verify the written result in onnxruntime and in each
     target runtime of `deployment` (where the input runs).
@@ -89,7 +93,9 @@ def run(
     the objective (file or memory) and the runtimes the output is for (default: file size,
     onnxruntime). With `cost` (implied by a `cost_budget`), the runtime cost of input and output
     is measured side by side after verification (`graphpass.runtimes.cost`), and a missed
-    cost budget fails the run as a missed accuracy budget does.
+    cost budget fails the run as a missed accuracy budget does. `jobs` worker threads (default:
+    every core) run the passes' per-tensor work, and `scheduler` (a Dask scheduler's address)
+    the part of it that can run on other machines; the output bytes are the same either way.
     """
     started = time.perf_counter()
     deployment = deployment or Deployment()
@@ -108,7 +114,8 @@ def run(
         staged = stage / (Path(output).name if output else "candidate.onnx")
         compiled = _compile(model, manager, staged, output=output, in_place=in_place, inputs=inputs, shapes=shapes,
                             seed=seed, verify=verify, budget=budget, budget_outputs=budget_outputs,
-                            progress=progress, deployment=deployment, external_data=external_data)
+                            progress=progress, deployment=deployment, external_data=external_data,
+                            jobs=jobs, scheduler=scheduler)
         # Model and its weight handles refer to each other: the input's protobuf goes at a collection.
         gc.collect()
         reference, feeds, budget_outputs, after = (compiled.reference, compiled.feeds, compiled.budget_outputs,
@@ -145,6 +152,7 @@ def run(
     report = reporting.build_report(compiled.before, after, compiled.stats, compiled.pass_seconds, checked,
                                     manager.lossless)
     report["deployment"] = deployment.to_dict()
+    report["workers"] = compiled.workers  # what the passes' seconds ran on
     report["cost"] = measured.to_dict() if measured is not None else None
     # The cost probes run in processes of their own, with their own peaks in report["cost"].
     # Imported here: the probe is also `python -m graphpass.runtimes.probe`, which must not find
@@ -173,10 +181,11 @@ class _Compiled:
     before: dict[str, Any]
     after: dict[str, Any]  # the download size is added once the written files are measured
     notes: list[str]
+    workers: dict[str, Any]  # the workers the passes ran on
 
 
 def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inputs, shapes, seed, verify, budget,
-             budget_outputs, progress, deployment, external_data) -> _Compiled:
+             budget_outputs, progress, deployment, external_data, jobs, scheduler) -> _Compiled:
     """Load `model`, run the passes and write the result to `staged`. The loaded protobuf ends
     with this function: the passes edit it in place and upb frees none of a message's memory
     until the whole message goes, so the input's weights would stay resident under the
@@ -192,13 +201,17 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
 
+    workers = Workers(jobs, scheduler, stored_weights(loaded.path) if scheduler else None)
     ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
-                      calibration_inputs=feeds, deployment=deployment)
+                      calibration_inputs=feeds, deployment=deployment, workers=workers)
     with ThreadPoolExecutor(max_workers=1) as background:
         # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
         input_download = background.submit(loaded.download_size)
         start = time.perf_counter()
-        stats = _run_passes(manager, ctx, reference)
+        try:
+            stats = _run_passes(manager, ctx, reference)
+        finally:
+            workers.close()
         pass_seconds = time.perf_counter() - start
         _add_download_size(before, input_download.result())
     notes = []
@@ -209,7 +222,8 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
         notes.append(f"{loaded.dynamic_minus_one} declared size(s) of -1 read as dynamic (and written so)")
     after = reporting.model_summary(ctx.model, None, Path(output) if output else None)
     after["file_bytes"], written = save_compacted(ctx.model.proto, staged, external_data=external_data)
-    return _Compiled(written, reference, feeds, budget_outputs, stats, pass_seconds, before, after, notes)
+    return _Compiled(written, reference, feeds, budget_outputs, stats, pass_seconds, before, after, notes,
+                     {"jobs": workers.jobs, "scheduler": scheduler})
 
 
 def _add_download_size(summary: dict[str, Any], size: DownloadSize) -> None:

@@ -24,8 +24,12 @@ from graphpass.errors import GraphpassError, UsageError
 from graphpass.inspect import inspect_model, render_inspection
 from graphpass.manager import PassContext, registered_passes
 from graphpass.model import load_model
+from graphpass.parallel import Workers
 from graphpass.report import render_report
 from graphpass.runtimes.cost import BUDGETS, CostBudget, check_cost, render_cost, seconds_beside
+
+JOBS_HELP = ("Worker threads for the per-tensor work (fingerprints, fits, auto's measurements) "
+             "[default: every core]; the output is the same whatever the number.")
 
 # A bar appears only for steps that are still running after this long.
 PROGRESS_DELAY_SECONDS = 1.0
@@ -163,9 +167,14 @@ def main(verbose: bool) -> None:
               help=TARGET_HELP + " Passes leave alone what a target needs kept as is (openvino: LSTM/GRU/RNN "
                                  "weights stay constants).")
 @with_options(cost_options)
+@click.option("--jobs", type=click.IntRange(min=1), help=JOBS_HELP)
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Send the per-tensor fits that can leave this machine (the kmeans family's) to this Dask "
+                   "scheduler, e.g. tcp://host:8786; its workers read the weights from the model's external data "
+                   "themselves (pip install 'graphpass[dask]').")
 def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes, seed, budget_outputs, no_verify,
         keep_failed, external_data, in_place, objective, targets, no_cost, max_memory, max_peak_rss, max_start,
-        max_latency):
+        max_latency, jobs, scheduler):
     """Run passes on MODEL, write OUTPUT, verify it against MODEL in onnxruntime and each --target, and measure
     what each costs to run."""
     deployment = Deployment.parse(objective, targets)
@@ -174,7 +183,7 @@ def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes
         model, spec, output=output, inputs=inputs, shapes=_shapes(shapes), budget=_budget(atol, rtol, min_cosine),
         budget_outputs=budget_outputs or None, verify=not no_verify, external_data=external_data, in_place=in_place,
         keep_failed=keep_failed, progress=delayed_progress, seed=seed, deployment=deployment,
-        cost=not no_cost, cost_budget=cost_budget,
+        cost=not no_cost, cost_budget=cost_budget, jobs=jobs, scheduler=scheduler,
     )
     click.echo(render_report(result.report, result.verify_result))
     if report_path:
@@ -192,10 +201,11 @@ def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes
               help="List near copies within this relative error.")
 @click.option("--rows", is_flag=True, help="Also list rows, filters and head slices that tie(rows=true) would share "
                                           "(reads every weight in full).")
-def inspect(model, as_json, tol, rows):
+@click.option("--jobs", type=click.IntRange(min=1), help=JOBS_HELP)
+def inspect(model, as_json, tol, rows, jobs):
     """Show where MODEL's bytes are and what the passes could share."""
     loaded = load_model(model)
-    found = inspect_model(PassContext(Model(loaded.proto), delayed_progress), tol, rows=rows)
+    found = inspect_model(PassContext(Model(loaded.proto), delayed_progress, workers=Workers(jobs)), tol, rows=rows)
     found["file_bytes"] = loaded.file_bytes
     click.echo(json.dumps(found, indent=2) if as_json else render_inspection(found))
 

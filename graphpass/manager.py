@@ -19,6 +19,7 @@ from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.errors import ConditionError, GraphpassError, PassFailed, UsageError
 from graphpass.model import find_structure_problem
+from graphpass.parallel import Workers
 from graphpass.runtimes import required_constants
 
 
@@ -101,13 +102,15 @@ class PassContext:
     and `calibration_inputs` (name -> array) are what the run will be verified against; passes
     that search for the smallest model within a budget (auto) read them. None when not known.
     `deployment` says which runtimes the output is for and what it should save there.
+    `workers` (graphpass.parallel) runs the passes' per-tensor tasks; default: one thread per core.
     """
 
     def __init__(self, model: Model, progress: ProgressFactory | None = None, *, budget: Any = None,
                  budget_outputs: Sequence[str] | None = None, calibration_inputs: dict[str, Any] | None = None,
-                 deployment: Deployment | None = None):
+                 deployment: Deployment | None = None, workers: Workers | None = None):
         self.model = model
         self.deployment = deployment or Deployment()
+        self.workers = workers or Workers()
         # Weights a target runtime needs as constants stay as they are (WeightRef.pinned).
         model.keep_constant(required_constants(self.deployment.targets))
         self._progress = progress

@@ -194,7 +194,7 @@ class Probe:
     """One onnxruntime model in which `weights` are graph inputs, and one session per thread.
 
     `run` is safe to call from several threads at once: each gets its own single-threaded
-    session (onnxruntime releases the GIL while it runs), so two threads use both cores.
+    session (onnxruntime releases the GIL while it runs), so the run's worker threads share the cores.
     """
 
     def __init__(self, model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],

@@ -15,7 +15,7 @@ budget against the model it receives, so it goes before any other lossy pass.
    expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
    in the probe model on the calibration inputs. A weight stops at the first setting whose
    error is below a floor, 1/(4N) of the budget for N weights: more bytes could buy almost
-   nothing there. Two weights are measured at once (two threads, one session each).
+   nothing there. Weights are measured on the run's workers (`--jobs`; one session each).
    With aware=true, k-means weights each value's squared error by the energy of the
    activation channel it multiplies (MatMul and Gemm weights of the main graph).
 3. Allocation. Each weight's measured settings and "kept as is" (bytes, error) are reduced to
@@ -42,7 +42,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,6 @@ LOOSEN_BELOW = 0.7
 # Activation energy below this fraction of the mean still counts a little: a channel silent on
 # the calibration inputs may not be silent on others.
 ENERGY_FLOOR = 1e-2
-_WORKERS = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,14 +366,16 @@ class AutoPass(Pass):
         studies = [Study(w) for w in weights]
         lock = threading.Lock()
         with ctx.progress("auto: measuring each weight's settings", len(weights) * len(settings)) as advance:
-            def locked_advance(n: int) -> None:  # two workers report progress
+            def locked_advance(n: int) -> None:  # the workers report progress
                 with lock:
                     advance(n)
 
-            # Largest first, so that the two workers finish together.
+            # Largest first, so that the workers finish together. Each study fills in its own
+            # points, whichever worker runs it: the result does not depend on their number.
             order = sorted(studies, key=lambda s: -s.weight.nbytes)
-            with ThreadPoolExecutor(_WORKERS) as pool:
-                list(pool.map(lambda study: self._study(ctx, study, settings, calibration, locked_advance), order))
+            for _ in ctx.workers.map(lambda study: self._study(ctx, study, settings, calibration, locked_advance),
+                                     order):
+                pass
         return studies
 
     def _study(self, ctx, study: Study, settings: list[Setting], calibration: Calibration, advance) -> None:
@@ -412,7 +412,7 @@ class AutoPass(Pass):
         rows = calibration.rows.get(weight.name)
         if rows is not None and setting.row_local(weight):
             subset, rows_weight = row_subset(ctx.model, weight, rows)
-            plan = setting.plan(PassContext(subset, deployment=ctx.deployment), rows_weight, None)
+            plan = setting.plan(PassContext(subset, deployment=ctx.deployment, workers=ctx.workers), rows_weight, None)
             if not isinstance(plan, str):  # else the whole weight decides (min_size, say)
                 values = calibration.probe.originals[weight.name].copy()
                 values[rows] = plan.reconstruction

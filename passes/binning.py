@@ -9,9 +9,9 @@ the end only say how they fit and which options they add.
 
 Every pass here is a `graphpass.codec.WeightCodec`: `plan(ctx, weight)` fits one weight and
 returns its exact reconstruction (what onnxruntime will compute), its real stored bytes (from
-emitting once into a scratch replacement) and the emitter; `call` plans every selected weight,
-two fits at a time, and applies the plans in order. `auto` plans many settings per weight and
-applies only the ones it keeps.
+emitting once into a scratch replacement) and the emitter; `call` plans every selected weight
+on the run's workers (`--jobs`) and applies the plans in order. `auto` plans many settings per
+weight and applies only the ones it keeps.
 
 With `feedback=true` every method first fits its codebooks as usual (kmeans weighted by the
 energy of each value's input, the Hessian's diagonal), then assigns each value an entry column
@@ -33,9 +33,8 @@ drift of ~1e-2 relative at ORT_ENABLE_ALL that ORT_DISABLE_ALL does not show.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,18 +48,15 @@ from graphpass.codec import (
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
+from graphpass.errors import UsageError
 from graphpass.feedback import (
     ENERGY_FLOOR, NO_INPUTS, FeedbackStatistics, InputHessians, feedback_note, input_axis, scalar_labels,
 )
-from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.manager import Option, Pass, PassContext, PassResult, register, registered_passes
 from graphpass.scopes import NameAllocator
 from graphpass.sensitivity import input_channel_energy
+from graphpass.streamed import WeightSource
 from graphpass.weights import Replacement, WeightRef
-
-# Fitting is numpy work that releases the GIL for long stretches: two threads use both cores.
-# A few tensors in flight keep both busy without holding every weight in memory at once.
-_WORKERS = 2
-_IN_FLIGHT = 4
 
 COMMON_OPTIONS = (
     Option("granularity", str, "tensor", "one codebook per tensor, per output channel, or per block "
@@ -89,7 +85,7 @@ _CODEBOOK_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 @dataclass
 class Job:
-    """One weight, read and laid out, ready to fit (fits run on worker threads)."""
+    """One weight, read and laid out, ready to fit (fits run on the run's workers)."""
 
     weight: WeightRef
     layout: Layout
@@ -149,7 +145,7 @@ class BinningPass(Pass):
         statistics = ctx.analysis(InputHessians) if self.uses_feedback() else None
         tensors = []
         with ctx.progress(f"{self.name}: sharing weight values", len(chosen)) as advance:
-            for plan in self._planned(chosen, statistics):
+            for plan in self._planned(ctx, chosen, statistics):
                 plan.apply()
                 tensors.append(plan.details)
                 advance(1)
@@ -276,23 +272,39 @@ class BinningPass(Pass):
 
     # -- fitting ---------------------------------------------------------------------------
 
-    def _planned(self, chosen: list[tuple[WeightRef, Layout]], statistics: FeedbackStatistics | None,
-                 ) -> Iterator[Plan]:
-        """Plans in order, two at a time. Weights are read here, on the calling thread, because
-        applying a plan edits the protobuf lists that reading walks."""
-        pending: deque[Future] = deque()
-        with ThreadPoolExecutor(_WORKERS) as pool:
-            for weight, layout in chosen:
-                job = self._job(weight, layout, *self._calibration(statistics, weight))
-                pending.append(pool.submit(self._plan_job, job))
-                if len(pending) >= _IN_FLIGHT:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+    def _planned(self, ctx: PassContext, chosen: list[tuple[WeightRef, Layout]],
+                 statistics: FeedbackStatistics | None) -> Iterator[Plan]:
+        """Plans in order, fitted on the run's workers (numpy work that releases the GIL for long
+        stretches), or on a Dask cluster when the run has one. Weights are read here, on the
+        calling thread, because applying a plan edits the protobuf lists that reading walks."""
+        if ctx.workers.scheduler is not None:
+            if statistics is not None:
+                # The second moments live in this process; the cluster's tasks carry only where weights are.
+                raise UsageError(f"{self.name}(feedback=true) fits on this machine's workers: drop --scheduler")
+            return self._planned_remotely(ctx, chosen)
+        # Only the read happens here: converting and laying out the values is the worker's.
+        reads = ((weight, layout, np.asarray(weight.read()), *_versions(weight), *self._calibration(statistics, weight))
+                 for weight, layout in chosen)
+        return ctx.workers.map(lambda read: self._plan_job(self.job_of(*read)), reads)
+
+    def _planned_remotely(self, ctx: PassContext, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
+        """The fits as `fit_weight` tasks, each reading its weight where the cluster's worker runs;
+        the plans (scratch emits, reconstructions) are made here from the small results."""
+        tasks = (FitTask(self.name, dict(self.config), _detached(weight), ctx.workers.source_of(weight), layout,
+                         *_versions(weight))
+                 for weight, layout in chosen)
+        for (weight, layout), (fit, outliers) in zip(chosen, ctx.workers.map_remote(fit_weight, tasks)):
+            job = Job(weight, layout, None, None, outliers, None, *_versions(weight))
+            rebuilt = self.rebuilt_groups(job, fit.codebook, fit.labels)
+            yield self._plan_from_fit(job, dataclasses.replace(fit, rebuilt=rebuilt))
 
     def _job(self, weight: WeightRef, layout: Layout, value_weight: np.ndarray | None = None,
              hessian: np.ndarray | None = None) -> Job:
-        array = np.asarray(weight.read())
+        return self.job_of(weight, layout, np.asarray(weight.read()), *_versions(weight), value_weight, hessian)
+
+    def job_of(self, weight: WeightRef, layout: Layout, array: np.ndarray, opset: int, ir_version: int,
+               value_weight: np.ndarray | None = None, hessian: np.ndarray | None = None) -> Job:
+        """The job for a weight whose values are `array` (which may have been read elsewhere)."""
         work_type = np.float64 if array.dtype == np.float64 else np.float32
         array = array.astype(work_type)
         outliers = _largest(array, self.config["outliers"])
@@ -305,8 +317,8 @@ class BinningPass(Pass):
         sample_weight = None
         if value_weight is not None and self.supports_value_weight:
             sample_weight = layout.split(np.broadcast_to(np.asarray(value_weight, dtype=np.float64), array.shape))
-        return Job(weight, layout, layout.split(clipped), layout.split(array), outliers, mask,
-                   scope_opset(weight, weight.model), weight.model.proto.ir_version, sample_weight, hessian)
+        return Job(weight, layout, layout.split(clipped), layout.split(array), outliers, mask, opset, ir_version,
+                   sample_weight, hessian)
 
     def _fit(self, job: Job) -> Fit:
         if job.sample_weight is None:
@@ -350,11 +362,16 @@ class BinningPass(Pass):
     # -- rewriting -------------------------------------------------------------------------
 
     def _plan_job(self, job: Job) -> Plan:
-        """Fit, then everything the plan promises: the exact reconstruction and the real stored
-        bytes, measured by emitting once into a scratch replacement (same nodes, private names)."""
-        fit = self._fit(job)
+        return self._plan_from_fit(job, self._fit(job))
+
+    def _plan_from_fit(self, job: Job, fit: Fit) -> Plan:
+        """Everything the plan promises: the exact reconstruction and the real stored bytes,
+        measured by emitting once into a scratch replacement (same nodes, private names).
+        `fit.rebuilt` may leave the outliers out: they are put back from `job.outliers`."""
         weight = job.weight
         reconstruction = job.layout.merge(fit.rebuilt).reshape(weight.shape).astype(lookup.np_dtype(weight.dtype))
+        if job.outliers is not None:
+            np.put(reconstruction, job.outliers.positions, job.outliers.values)
         # The emitter keeps codebook, labels and layout only: a plan waiting to be applied stays small.
         slim_job, slim_fit = job.for_emit(), dataclasses.replace(fit, rebuilt=None)
 
@@ -431,6 +448,37 @@ class _ScratchNames:
 
     def __init__(self):
         self.names = NameAllocator(set())
+
+
+@dataclass(frozen=True)
+class FitTask:
+    """One weight's fit as any worker can run it, on this machine or another: the codec by
+    registered name and options, the weight by where its values are (graphpass.streamed)."""
+
+    codec: str
+    config: dict[str, Any]
+    weight: WeightRef  # detached from its model: type, shape and name only
+    source: WeightSource
+    layout: Layout
+    opset: int
+    ir_version: int
+
+
+def fit_weight(task: FitTask) -> tuple[Fit, Outliers | None]:
+    """The fit of one weight, read from its source where this runs; without the weight-sized
+    reconstruction, which the client rebuilds from codebook and labels."""
+    codec = registered_passes()[task.codec](**task.config)
+    job = codec.job_of(task.weight, task.layout, task.source.read(), task.opset, task.ir_version)
+    return dataclasses.replace(codec._fit(job), rebuilt=None), job.outliers
+
+
+def _versions(weight: WeightRef) -> tuple[int, int]:
+    """The opset of the weight's scope and the model's IR version: what packings and lowerings use."""
+    return scope_opset(weight, weight.model), weight.model.proto.ir_version
+
+
+def _detached(weight: WeightRef) -> WeightRef:
+    return dataclasses.replace(weight, model=None, scope=None, consumers=[])
 
 
 def _no_lookup(opset: int) -> str:

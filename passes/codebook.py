@@ -63,7 +63,8 @@ the weight's type. Every stored name carries `lookup.LUT_ROLE_PREFIX`, so later 
 k-means: k-means++ seeding (or random rows, `init`) and Lloyd iterations on a sample of the
 sub-vectors (`sample`), then one assignment of every sub-vector and a final centroid update over
 all of them; deterministic for a given `seed`. Assignment is a brute-force distance matrix in
-chunks on two threads, or a k-d tree when k > 4096, where the matrix would be too large.
+chunks on the run's workers (`--jobs`), or a k-d tree when k > 4096, where the matrix would be
+too large.
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -95,11 +95,14 @@ from graphpass.feedback import (
 )
 from graphpass.lowering.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.parallel import Workers
 from graphpass.scopes import NameAllocator
 from graphpass.weights import Replacement, WeightRef, stored_bytes
 
 
-_WORKERS = 2  # matmul and argmin release the GIL: two threads use both cores
+# One fit at a time: chunks of its assignment run on the run's workers (matmul and argmin
+# release the GIL, so threads share the cores). Without workers given, the calling thread alone.
+_ONE_THREAD = Workers(1)
 # Distance-matrix entries per chunk: 1 MB of float32 stays in cache between the matmul and the
 # argmin (measured 2-3x faster than 16 MB chunks), with BLAS itself held to one thread per chunk.
 _DISTANCE_CELLS = 1 << 18
@@ -228,10 +231,11 @@ class KMeansSettings:
     seed: int
 
 
-def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nearest(vectors: np.ndarray, centroids: np.ndarray,
+            workers: Workers = _ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
     """Index of each vector's nearest centroid and the squared distance to it."""
     if len(centroids) > _KDTREE_MIN_K:
-        distance, labels = cKDTree(centroids).query(vectors, workers=_WORKERS)
+        distance, labels = cKDTree(centroids).query(vectors, workers=workers.free)
         return labels.astype(np.int64), distance**2
     points = np.asarray(vectors, dtype=np.float32)
     table = np.asarray(centroids, dtype=np.float32)
@@ -251,11 +255,9 @@ def nearest(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.
 
     starts = range(0, len(points), rows)
     with _blas_controller().limit(limits=1, user_api="blas"):
-        if len(starts) == 1:
-            chunk(0)
-        else:
-            with ThreadPoolExecutor(_WORKERS) as pool:
-                list(pool.map(chunk, starts))
+        # Each chunk writes its own rows; a single chunk is not worth starting threads for.
+        for _ in (workers if len(starts) > 1 else _ONE_THREAD).map(chunk, starts):
+            pass
     return labels, distances
 
 
@@ -265,8 +267,8 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None,
-                   settings: KMeansSettings) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None, settings: KMeansSettings,
+                   workers: Workers = _ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
     """Centroids [k', dim] (float64, k' <= k: unused ones dropped) and each vector's label.
 
     Lloyd runs on a sample; then every vector is assigned once and the centroids move to the
@@ -280,8 +282,8 @@ def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None,
     sample = vectors[picked]
     sample_importance = None if importance is None else importance[picked]
     centroids = _seed(sample, sample_importance, settings, rng)
-    centroids = _lloyd(sample, sample_importance, centroids, settings.iterations)
-    labels, _ = nearest(vectors, centroids)
+    centroids = _lloyd(sample, sample_importance, centroids, settings.iterations, workers)
+    labels, _ = nearest(vectors, centroids, workers)
     centroids = _means(vectors, importance, labels, centroids)
     return _drop_unused(centroids, labels)
 
@@ -328,10 +330,11 @@ def _squared_distances(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", difference, difference).astype(np.float64)
 
 
-def _lloyd(points: np.ndarray, importance: np.ndarray | None, centroids: np.ndarray, iterations: int) -> np.ndarray:
+def _lloyd(points: np.ndarray, importance: np.ndarray | None, centroids: np.ndarray, iterations: int,
+           workers: Workers) -> np.ndarray:
     previous = math.inf
     for _ in range(iterations):
-        labels, distances = nearest(points, centroids)
+        labels, distances = nearest(points, centroids, workers)
         error = float(np.dot(distances, importance) if importance is not None else distances.sum())
         if error >= previous * (1.0 - _CONVERGED):
             break
@@ -404,7 +407,8 @@ class Stage:
         return len(self.entries)
 
 
-def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, table_type: int) -> list[Stage]:
+def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, table_type: int,
+               workers: Workers = _ONE_THREAD) -> list[Stage]:
     """Codebooks fitted once over every member's sub-vectors, stage 2 on stage 1's residual."""
     vectors = np.concatenate([m.vectors for m in members])
     importance = None
@@ -415,7 +419,7 @@ def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, tab
     fitted = []
     for stage in range(stages):
         stage_settings = dataclasses.replace(settings, seed=settings.seed + stage)
-        centroids, labels = kmeans_vectors(vectors, importance, stage_settings)
+        centroids, labels = kmeans_vectors(vectors, importance, stage_settings, workers)
         entries = centroids.astype(lookup.np_dtype(table_type))
         values = entries.astype(lookup.np_dtype(weight_type))
         fitted.append(Stage(entries, values, labels))
@@ -581,12 +585,12 @@ class CodebookPass(Pass):
         if self.uses_feedback():
             found = ctx.analysis(InputHessians)
             statistics = FeedbackStatistics({**found.hessians, **(hessians or {})}, found.row_counts)
-        return self._plan_group(ctx, weights, statistics)
+        return self._plan_members(ctx, [self.prepare(w) for w in weights], statistics)
 
-    def _plan_group(self, ctx: PassContext, weights: list[WeightRef], statistics: FeedbackStatistics | None,
-                    ) -> tuple[list[Plan], dict[str, Any] | None]:
-        members = [self._calibrated(self.prepare(w), statistics) for w in weights]
-        stages = self.fit(members)
+    def _plan_members(self, ctx: PassContext, members: list[Member], statistics: FeedbackStatistics | None,
+                      ) -> tuple[list[Plan], dict[str, Any] | None]:
+        members = [self._calibrated(m, statistics) for m in members]
+        stages = self.fit(members, ctx.workers)
         shared = self._store_shared(ctx, members, stages) if len(members) > 1 else None
         group_weights = sum(m.weight.size for m in members)
         plans, begin = [], 0
@@ -603,8 +607,9 @@ class CodebookPass(Pass):
             begin = end
         return plans, shared
 
-    def fit(self, members: list[Member]) -> list[Stage]:
-        return fit_stages(members, self._settings(), self.config["stages"], self._table_type(members[0].weight))
+    def fit(self, members: list[Member], workers: Workers = _ONE_THREAD) -> list[Stage]:
+        return fit_stages(members, self._settings(), self.config["stages"], self._table_type(members[0].weight),
+                          workers)
 
     # -- call ----------------------------------------------------------------------------
 
@@ -620,8 +625,7 @@ class CodebookPass(Pass):
         statistics = ctx.analysis(InputHessians) if self.uses_feedback() else None
         tensors, tables = [], []
         with ctx.progress(f"{self.name}: fitting codebooks", sum(map(len, groups))) as advance:
-            for group in groups:
-                plans, shared = self._plan_group(ctx, group, statistics)
+            for group, (plans, shared) in zip(groups, self._planned_groups(ctx, groups, statistics)):
                 for plan in plans:
                     plan.apply()
                     tensors.append(plan.details)
@@ -634,6 +638,16 @@ class CodebookPass(Pass):
         if ctx.deployment.objective == "memory" and tensors:
             result.notes.append(f"{self.name}: {len(tensors)} weights: {NON_AFFINE_NOTE} (--objective memory)")
         return result
+
+    def _planned_groups(self, ctx: PassContext, groups: list[list[WeightRef]], statistics: FeedbackStatistics | None):
+        """Each group's plans and shared table, in order. Weights with codebooks of their own are
+        fitted on the run's workers, one a task (read here, on the calling thread, as applying a
+        plan edits the lists reading walks). A shared table is stored as soon as it is fitted, so
+        shared groups go one at a time, each fit's assignment in chunks on the workers."""
+        if self.config["share"] != "none":
+            return (self._plan_members(ctx, [self.prepare(w) for w in group], statistics) for group in groups)
+        members = ([self.prepare(weight)] for (weight,) in groups)
+        return ctx.workers.map(lambda own: self._plan_members(ctx, own, statistics), members)
 
     # -- selection -------------------------------------------------------------------------
 

@@ -1,0 +1,95 @@
+"""`--jobs`: the run's workers (graphpass/parallel.py) change how fast, never what is written."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+import graphpass
+from graphpass.cli import main
+from graphpass.errors import UsageError
+from graphpass.parallel import Workers
+from graphpass.verify import Budget
+
+AUTO = "tie,auto(methods=kmeans|codebook,bits=2|4,granularities=tensor|channel)"
+
+
+# Budgets each spec meets on the (small, sensitive) transformer fixture; the low-rate ones
+# keep little, but the test is about identical bytes, verified all the same.
+@pytest.mark.parametrize("spec, min_cosine", [
+    ("tie", 0.999),
+    ("kmeans(bits=4,granularity=channel)", 0.95),
+    ("uniform(bits=4,granularity=group,group_size=32)", 0.9),
+    ("ternary(granularity=channel,include=Gather)", 0.5),
+    ("codebook(dim=2,k=256)", 0.95),
+    ("codebook(dim=2,k=16,share=shape,scale=channel)", 0.4),
+])
+def test_one_and_two_workers_write_the_same_bytes(fixture_dir, tmp_path, spec, min_cosine):
+    outputs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}.onnx"
+        result = graphpass.run(fixture_dir / "transformer.onnx", spec, output=out, jobs=jobs,
+                               budget=Budget(min_cosine=min_cosine))
+        assert result.passed, result.failures  # verified in onnxruntime against the input
+        assert result.report["passes"][-1]["tensors_changed"] > 0
+        assert result.report["workers"] == {"jobs": jobs, "scheduler": None}
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_auto_measures_the_same_whatever_the_workers(fixture_dir, tmp_path):
+    outputs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}.onnx"
+        result = graphpass.run(fixture_dir / "transformer.onnx", AUTO, output=out, jobs=jobs,
+                               budget=Budget(min_cosine=0.999))
+        assert result.passed, result.failures
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_results_come_in_input_order_whichever_task_finishes_first():
+    finished = []
+    second_done = threading.Event()
+
+    def task(i: int) -> int:
+        if i == 0:  # the first task finishes only after the second, on the other worker
+            assert second_done.wait(timeout=30)
+        finished.append(i)
+        if i == 1:
+            second_done.set()
+        return i
+
+    assert list(Workers(2).map(task, range(5))) == [0, 1, 2, 3, 4]
+    assert finished.index(1) < finished.index(0)
+
+
+def test_one_job_runs_in_the_calling_thread():
+    caller = threading.get_ident()
+    assert set(Workers(1).map(lambda _: threading.get_ident(), range(3))) == {caller}
+
+
+def test_zero_jobs_is_a_usage_error(fixture_dir, tmp_path):
+    with pytest.raises(UsageError):
+        Workers(0)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["run", str(fixture_dir / "mlp.onnx"), "-o", str(out), "--jobs", "0"])
+    assert result.exit_code == 2 and not out.exists()
+
+
+def test_inspect_takes_jobs(fixture_dir):
+    result = CliRunner().invoke(main, ["inspect", str(fixture_dir / "transformer.onnx"), "--json", "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    assert '"exact_duplicates"' in result.output
+
+
+def test_a_task_that_maps_again_runs_its_tasks_itself():
+    workers = Workers(2)
+
+    def inner_threads(_: int) -> tuple[int, set[int]]:
+        return threading.get_ident(), set(workers.map(lambda _: threading.get_ident(), range(4)))
+
+    for outer, inner in workers.map(inner_threads, range(2)):
+        assert inner == {outer}
