@@ -7,6 +7,10 @@ budget is the whole point, and a silent default would hide the most important ch
 calibration inputs (--inputs, else the generated verification inputs). It spends the whole
 budget against the model it receives, so it goes before any other lossy pass.
 
+0. Held-out share (graphpass.holdout). A quarter of the calibration samples, picked by position
+   along the batch axis, is held out: steps 2 and 3 fit on the rest, and a model passes only
+   when the held-out samples meet the budget too, so that a choice tuned to the fitting samples
+   does not pass unseen. A batch of one sample holds nothing out (the report says so).
 1. Settings (graphpass.grid). A grid over codecs (passes implementing graphpass.codec.WeightCodec:
    kmeans and codebook by default), index bits and granularity. Per-channel and per-group codebooks
    are stored as float16, whose rounding is far below the index error and whose tables are a
@@ -24,7 +28,7 @@ budget against the model it receives, so it goes before any other lossy pass.
    an exact knapsack over error steps (no greedy overshoot when one weight's steps are coarse).
 4. Check. The model with the chosen plans is built and verified with graphpass.verify at both
    optimisation levels, against the budget less HEADROOM (later passes may reorder float
-   operations). A failure shrinks the target by the measured/predicted ratio (always by at least
+   operations), on the fitting share and on the held-out share of the calibration inputs. A failure shrinks the target by the measured/predicted ratio (always by at least
    one upgrade); a pass with room to spare grows it, to find a smaller model. The smallest
    model that passed is kept. When none passes within MAX_ROUNDS builds, or when no weight can
    be compressed within the budget at all, auto stops with BudgetError (exit 1).
@@ -55,6 +59,7 @@ from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
 from graphpass.grid import Setting, candidate_settings
+from graphpass.holdout import Split, split_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
@@ -198,24 +203,37 @@ class Round:
     file_bytes: int
     proto: onnx.ModelProto | None = None
     figures: dict[str, Any] = field(default_factory=dict)
+    held_out: Check | None = None  # None: nothing was held out
 
     def to_dict(self, compressed: int) -> dict[str, Any]:
+        held_out = {} if self.held_out is None else {"held_out_units": _finite(self.held_out.units)}
         return {"target_units": round(self.target, 6), "predicted_units": round(self.predicted, 6),
-                "measured_units": _finite(self.measured), "passed": self.passed, "file_bytes": self.file_bytes,
-                "tensors_compressed": compressed}
+                "measured_units": _finite(self.measured), **held_out, "passed": self.passed,
+                "file_bytes": self.file_bytes, "tensors_compressed": compressed}
 
 
 def _finite(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+@dataclass
+class Check:
+    """One candidate verified on one share of the calibration inputs."""
+
+    passed: bool
+    units: float  # of the real budget
+    figures: dict[str, Any]  # per output: the worst sample's cosine and max abs error
+
+
 class Builder:
     """Builds candidate models from chosen plans on copies of the base model, and verifies them
-    against the reference in onnxruntime (both optimisation levels)."""
+    against the reference in onnxruntime (both optimisation levels), on the fitting share of the
+    calibration inputs and on the held-out share (graphpass.holdout)."""
 
-    def __init__(self, base: onnx.ModelProto, outputs: list[str], inputs, budget: verification.Budget, folder: Path):
+    def __init__(self, base: onnx.ModelProto, outputs: list[str], split: Split, budget: verification.Budget,
+                 folder: Path):
         self.base = base
-        self.inputs = inputs
+        self.split = split
         self.budget = budget
         self.outputs = outputs
         self.folder = folder
@@ -233,13 +251,18 @@ class Builder:
             dataclasses.replace(point.plan, weight=weights[study.key]).apply()
         return trial.proto
 
-    def check(self, proto: onnx.ModelProto) -> tuple[bool, float, int, dict[str, Any]]:
-        """(passed with headroom, error units of the real budget, file bytes, figures)."""
+    def check(self, proto: onnx.ModelProto) -> tuple[Check, Check | None, int]:
+        """(the check on the fitting share, on the held-out share or None, file bytes)."""
         path = self.folder / "candidate.onnx"
         file_bytes = save_model(proto, path)
-        result = verification.verify(self.reference, path, self.inputs, self.accept)
+        fitting = self._check_on(path, self.split.fitting)
+        held_out = None if self.split.held_out is None else self._check_on(path, self.split.held_out)
+        return fitting, held_out, file_bytes
+
+    def _check_on(self, path: Path, inputs) -> Check:
+        result = verification.verify(self.reference, path, inputs, self.accept)
         figures = {name: {"cosine": m.cosine, "max_abs_error": m.max_abs_error} for name, m in result.outputs.items()}
-        return result.passed, verified_units(result, self.budget), file_bytes, figures
+        return Check(result.passed, verified_units(result, self.budget), figures)
 
 
 def _with_headroom(budget: verification.Budget, share: float) -> verification.Budget:
@@ -311,9 +334,10 @@ class AutoPass(Pass):
         started = time.perf_counter()
         result = PassResult()
         inputs = ctx.calibration_inputs or verification.synthesize_inputs(ctx.model.proto)
+        split = split_inputs(ctx.model.proto, inputs)
         outputs = verification.budget_output_names(ctx.model.proto, ctx.budget_outputs)
         weights = self._candidates(ctx, result)
-        calibration = self._calibrate(ctx, weights, inputs, outputs) if weights else None
+        calibration = self._calibrate(ctx, weights, split.fitting, outputs) if weights else None
         studies = self._measure(ctx, weights, calibration) if weights else []
         if not any(not p.kept for s in studies for p in s.points):
             reasons = Counter(reason for s in studies for _, reason in s.unplanned)
@@ -321,7 +345,7 @@ class AutoPass(Pass):
             result.notes.append(f"no weight could be compressed{why}: nothing changed")
             return result
         measured_at = time.perf_counter()
-        best, rounds = self._search(ctx, studies, inputs, outputs, calibration)
+        best, rounds = self._search(ctx, studies, split, outputs, calibration)
         self._commit(ctx, best.proto)
         picks = [s.front[i] for s, i in zip(studies, best.chosen)]
         result.changed = True
@@ -333,7 +357,9 @@ class AutoPass(Pass):
         if ctx.deployment.objective == "memory" and lookups:
             shown = ", ".join(lookups[:3]) + (", ..." if len(lookups) > 3 else "")
             result.notes.append(f"auto: {len(lookups)} weights stay lookups: {NON_AFFINE_NOTE} ({shown})")
-        result.details = _details(ctx.budget, outputs, inputs, studies, best, rounds,
+        if split.note:
+            result.notes.append(f"auto: {split.note}")
+        result.details = _details(ctx.budget, outputs, split, studies, best, rounds,
                                   {"measure": measured_at - started, "search": time.perf_counter() - measured_at})
         return result
 
@@ -424,7 +450,7 @@ class AutoPass(Pass):
 
     # -- allocation, builds and checks ----------------------------------------------------------
 
-    def _search(self, ctx: PassContext, studies: list[Study], inputs, outputs: list[str],
+    def _search(self, ctx: PassContext, studies: list[Study], split: Split, outputs: list[str],
                 calibration: Calibration) -> tuple[Round, list[Round]]:
         """Allocate, build, verify; move the target until the budget's edge is found. An
         allocation already built is not built again: its verdict only narrows the bracket."""
@@ -434,7 +460,7 @@ class AutoPass(Pass):
         passed_target, failed_target, target = 0.0, math.inf, HEADROOM
         with tempfile.TemporaryDirectory(prefix=".graphpass-auto-") as folder, \
                 ctx.progress("auto: building and verifying", MAX_ROUNDS) as advance:
-            builder = Builder(ctx.model.proto, outputs, inputs, ctx.budget, Path(folder))
+            builder = Builder(ctx.model.proto, outputs, split, ctx.budget, Path(folder))
             for _ in range(MAX_STEPS):
                 chosen = allocate(fronts, target)
                 if all(s.front[i].kept for s, i in zip(studies, chosen)):
@@ -481,9 +507,13 @@ class AutoPass(Pass):
     def _try(self, builder: Builder, studies: list[Study], chosen: list[int], target: float) -> Round:
         picks = [(s, s.front[i]) for s, i in zip(studies, chosen) if not s.front[i].kept]
         proto = builder.build(picks)
-        passed, measured, file_bytes, figures = builder.check(proto)
+        fitting, held_out, file_bytes = builder.check(proto)
         predicted = predicted_units([s.front for s in studies], chosen)
-        return Round(target, chosen, predicted, measured, passed, file_bytes, proto if passed else None, figures)
+        # Steered by the worse share: a model the held-out samples reject needs a tighter target.
+        passed = fitting.passed and (held_out is None or held_out.passed)
+        measured = max(fitting.units, held_out.units if held_out else 0.0)
+        return Round(target, chosen, predicted, measured, passed, file_bytes, proto if passed else None,
+                     fitting.figures, held_out)
 
     def _commit(self, ctx: PassContext, proto: onnx.ModelProto) -> None:
         """Make the verified model the context's model: the very bytes that were checked."""
@@ -561,14 +591,18 @@ def _why_kept(study: Study) -> str:
             "of the budget, a worse trade than the others'")
 
 
-def _details(budget, outputs, inputs, studies: list[Study], best: Round, rounds: list[Round],
+def _details(budget, outputs, split: Split, studies: list[Study], best: Round, rounds: list[Round],
              seconds: dict[str, float]) -> dict[str, Any]:
     tensors = [_tensor_report(s, i) for s, i in zip(studies, best.chosen)]
     compressed = [t for t in tensors if t["setting"] != KEPT]
+    held_out = split.to_dict()
+    if best.held_out is not None:
+        held_out.update(units=_finite(best.held_out.units), outputs=best.held_out.figures)
     return {
         "budget": budget.to_dict(),
         "outputs": outputs,
-        "calibration": {name: list(np.shape(value)) for name, value in inputs.items()},
+        "fitting": {name: list(np.shape(value)) for name, value in split.fitting.items()},
+        "held_out": held_out,
         "settings_measured": sum(len(s.points) - 1 for s in studies),
         "bytes_before": sum(t["bytes_before"] for t in tensors),
         "bytes_after": sum(t["bytes_after"] for t in tensors),
