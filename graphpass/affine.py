@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphpass.feedback import quantize_with_feedback
+
 # Clip search: the block range shrinks by these factors, 1.0 (min/max) first.
 CLIP_FACTORS = tuple(np.round(np.linspace(1.0, 0.55, 19), 4))
 # Blocks fitted per numpy step: bounds the temporary arrays to a few tens of MB.
@@ -135,50 +137,37 @@ def weighted_error(rows: np.ndarray, fitted: BlockQuantized, importance: np.ndar
     return float(np.sum(diff if importance is None else diff * np.broadcast_to(importance, diff.shape)))
 
 
-# GPTQ's damping: this share of the mean diagonal keeps the inverse Hessian well conditioned.
-GPTQ_DAMPING = 0.01
-
-
-def quantize_blocks_gptq(rows: np.ndarray, bits: int, block_size: int, hessian: np.ndarray) -> BlockQuantized:
-    """GPTQ-style error feedback (Frantar et al., 2022) on the same block format.
+def quantize_blocks_gptq(rows: np.ndarray, bits: int, block_size: int, hessian: np.ndarray,
+                         ) -> tuple[BlockQuantized, str | None]:
+    """GPTQ's error feedback (graphpass.feedback) on the same block format, and the reason it
+    fell back to rounding each block on its own (None when it did not).
 
     `rows` [N, K] are the weight's output rows, `hessian` [K, K] the second moment of the
-    activations along K. Columns are rounded in order; each column's rounding error, scaled by
-    the inverse Hessian's Cholesky factor, is pushed onto the columns not yet rounded, so that the
-    layer's output error X (W - W_q) rather than the weight error is what stays small. Each
-    block's range is fitted (clip search, weighted by the Hessian's diagonal) on the columns as
-    updated when the block is reached."""
+    activations along K. Each block's range is fitted (clip search, weighted by the Hessian's
+    diagonal) on the columns as updated when the block is reached, as GPTQ fits its groups."""
     rows = np.asarray(rows, dtype=np.float64)
     count, length = rows.shape
     blocks = -(-length // block_size)
-    padded_length = blocks * block_size
-    work = np.zeros((count, padded_length))
-    work[:, :length] = rows
-    h = np.eye(padded_length)
-    h[:length, :length] = hessian
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    work[:, dead] = 0.0
-    h[np.diag_indices_from(h)] += GPTQ_DAMPING * float(np.mean(np.diag(h)))
-    inverse = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
+    padded = np.zeros((count, blocks * block_size))
+    padded[:, :length] = rows
+    h = np.zeros((blocks * block_size,) * 2)
+    h[:length, :length] = hessian  # padding columns are dead inputs: zeroed, as they are stored
+    importance = np.where(np.diag(h) > 0, np.diag(h), 1.0)
     top = float(2**bits - 1)
     q = np.zeros((count, blocks, block_size), dtype=np.uint8)
     scales = np.zeros((count, blocks), dtype=np.float32)
     zeros = np.zeros((count, blocks), dtype=np.uint8)
-    importance = np.diag(h)
-    for b in range(blocks):
-        start, stop = b * block_size, (b + 1) * block_size
-        fitted = quantize_blocks(work[:, start:stop], bits, block_size, importance[start:stop][None, :])
-        scale, zero = fitted.scale[:, 0].astype(np.float64), fitted.zero_point[:, 0].astype(np.float64)
-        errors = np.zeros((count, block_size))
-        for j in range(block_size):
-            column = work[:, start + j]
-            level = np.clip(np.rint(column / scale) + zero, 0, top)
-            rounded = (level - zero) * scale
-            error = (column - rounded) / inverse[start + j, start + j]
-            work[:, start + j:stop] -= np.outer(error, inverse[start + j, start + j:stop])
-            errors[:, j] = error
-            q[:, b, j] = level
-        work[:, stop:] -= errors @ inverse[start:stop, stop:]
-        scales[:, b], zeros[:, b] = fitted.scale[:, 0], fitted.zero_point[:, 0]
-    return BlockQuantized(q, scales, zeros, bits, block_size, length)
+
+    def fit_block(start: int, stop: int, values: np.ndarray) -> None:
+        fitted = quantize_blocks(values, bits, block_size, importance[start:stop][None, :])
+        scales[:, start // block_size], zeros[:, start // block_size] = fitted.scale[:, 0], fitted.zero_point[:, 0]
+
+    def round_column(start: int, values: np.ndarray, metric: np.ndarray) -> np.ndarray:
+        b, j = divmod(start, block_size)
+        scale, zero = scales[:, b].astype(np.float64), zeros[:, b].astype(np.float64)
+        level = np.clip(np.rint(values[:, 0] / scale) + zero, 0, top)
+        q[:, b, j] = level
+        return ((level - zero) * scale)[:, None]
+
+    result = quantize_with_feedback(padded, h, round_column, block=block_size, begin_block=fit_block)
+    return BlockQuantized(q, scales, zeros, bits, block_size, length), result.note

@@ -48,7 +48,7 @@ class Setting:
         extra = {}
         if value_weight is not None and getattr(self.codec, "supports_value_weight", False):
             extra["value_weight"] = value_weight
-        if hessian is not None and getattr(self.codec, "supports_hessian", False) and self.codec.config.get("gptq"):
+        if hessian is not None and getattr(self.codec, "supports_hessian", False) and self.codec.uses_feedback():
             extra["hessian"] = hessian
         return self.codec.plan(ctx, weight, **extra)
 

@@ -298,14 +298,20 @@ def gathered_rows(model: Model, weights: Sequence[WeightRef], inputs: Mapping[st
     """For each weight read only as the table of main-graph Gathers on axis 0 (an embedding), the
     sorted rows those Gathers read on the calibration inputs. Nothing else of such a table reaches
     the outputs, which lets per-row settings be measured on these rows alone."""
+    return {name: np.flatnonzero(counts) for name, counts in gathered_row_counts(model, weights, inputs).items()}
+
+
+def gathered_row_counts(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
+                        ) -> dict[str, np.ndarray]:
+    """For each such embedding table, how many times the calibration inputs read each row."""
     tables = _gather_tables(model, weights)
     captured = _capture(model, inputs, {index for indices in tables.values() for index in indices})
-    rows = {}
+    found = {}
     for name, indices in tables.items():
         count = next(w.shape[0] for w in weights if w.name == name)
         seen = np.concatenate([np.asarray(captured[i], dtype=np.int64).ravel() for i in indices])
-        rows[name] = np.unique(np.where(seen < 0, seen + count, seen))
-    return rows
+        found[name] = np.bincount(np.where(seen < 0, seen + count, seen), minlength=count)
+    return found
 
 
 def _gather_tables(model: Model, weights: Sequence[WeightRef]) -> dict[str, list[str]]:

@@ -44,10 +44,10 @@ from graphpass.codec import (
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
-from graphpass.errors import UsageError
+from graphpass.feedback import ENERGY_FLOOR, FeedbackStatistics, InputHessians, input_axis, scalar_labels
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
-from graphpass.sensitivity import input_channel_energy, input_covariance
+from graphpass.sensitivity import input_channel_energy
 from graphpass.weights import Replacement, WeightRef
 
 # Fitting is numpy work that releases the GIL for long stretches: two threads use both cores.
@@ -63,6 +63,10 @@ COMMON_OPTIONS = (
     *WEIGHT_FILTER_OPTIONS,
     CODEBOOK_DTYPE_OPTION,
     Option("outliers", float, 0.0, "percent of each tensor's largest magnitudes kept exactly", low=0.0, high=10.0),
+    Option("feedback", bool, False, "error feedback (GPTQ/OBQ): MatMul and Gemm weights take their codebook "
+           "entries column by column, each column's error pushed onto the next through the second moment of "
+           "their inputs on the calibration inputs; embedding tables weight each row by how often those read "
+           "it; other weights as without"),
 )
 
 # Options whose effect a weight's layout and codebook size say in full (see effect_key).
@@ -70,9 +74,6 @@ _SHAPING_OPTIONS = frozenset({"bits", "k", "granularity", "group_size"})
 
 _CODEBOOK_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
-# Activation energy below this fraction of the mean still counts a little (as auto's): a channel
-# silent on the calibration inputs may not be silent on others.
-ENERGY_FLOOR = 1e-2
 
 # ---------------------------------------------------------------------------------------------
 # The engine
@@ -92,10 +93,12 @@ class Job:
     opset: int  # of the weight's scope: decides packings and lowerings
     ir_version: int
     sample_weight: np.ndarray | None = None  # [groups, group_size]: how much each value's error counts
+    hessian: np.ndarray | None = None  # [K, K] the second moment of the inputs, for error feedback
 
     def for_emit(self) -> Job:
         """The job without its weight-sized arrays: all that emitting needs, so a plan stays small."""
-        return dataclasses.replace(self, values=None, original=None, outlier_mask=None, sample_weight=None)
+        return dataclasses.replace(self, values=None, original=None, outlier_mask=None, sample_weight=None,
+                                   hessian=None)
 
 
 @dataclass
@@ -114,6 +117,8 @@ class BinningPass(Pass):
     method_options: ClassVar[tuple[Option, ...]] = ()
     # Methods whose fit can weight each value's error (binning.kmeans's sample_weight).
     supports_value_weight: ClassVar[bool] = False
+    # Every method's codebook can be assigned with error feedback (feedback=true).
+    supports_hessian: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -134,9 +139,10 @@ class BinningPass(Pass):
             result.notes.append(f"{_no_lookup(model.opset)}: nothing changed")
             return result
         chosen = self._select(model, result)
+        statistics = ctx.analysis(InputHessians) if self.uses_feedback() else None
         tensors = []
         with ctx.progress(f"{self.name}: sharing weight values", len(chosen)) as advance:
-            for plan in self._planned(chosen):
+            for plan in self._planned(chosen, statistics):
                 plan.apply()
                 tensors.append(plan.details)
                 advance(1)
@@ -154,19 +160,37 @@ class BinningPass(Pass):
         """What runtimes do with this pass's lookups, said under --objective memory."""
         return NON_AFFINE_NOTE
 
-    def plan(self, ctx: PassContext, weight: WeightRef, *, value_weight: np.ndarray | None = None) -> Plan | str:
+    def plan(self, ctx: PassContext, weight: WeightRef, *, value_weight: np.ndarray | None = None,
+             hessian: np.ndarray | None = None) -> Plan | str:
         """This pass's plan for one weight (graphpass.codec.WeightCodec), or why it stays as it is.
 
         `value_weight` (broadcastable to the weight) says how much each value's squared error
         counts, e.g. the energy of the activations it multiplies; methods that cannot weight
-        their fit (`supports_value_weight` False) ignore it.
+        their fit (`supports_value_weight` False) ignore it. With feedback=true, `hessian` (the
+        second moment of a MatMul weight's inputs) drives the error feedback; not given, both come
+        from the run's calibration inputs (`graphpass.feedback.InputHessians`).
         """
         if ctx.model.opset < lookup.MIN_OPSET:
             return _no_lookup(ctx.model.opset)
         found = self._layout_or_reason(weight, ctx.model)
         if isinstance(found, str):
             return found
-        return self._plan_job(self._job(weight, found, value_weight))
+        if self.uses_feedback():
+            own_weight, own_hessian = self._calibration(ctx.analysis(InputHessians), weight)
+            value_weight = own_weight if value_weight is None else value_weight
+            hessian = own_hessian if hessian is None else hessian
+        return self._plan_job(self._job(weight, found, value_weight, hessian if self.uses_feedback() else None))
+
+    def uses_feedback(self) -> bool:
+        """Whether this instance assigns codebook entries with error feedback."""
+        return self.config["feedback"]
+
+    def _calibration(self, statistics: FeedbackStatistics | None, weight: WeightRef):
+        """(value weight, hessian) error feedback uses for this weight (FeedbackStatistics):
+        the Hessian for MatMul/Gemm weights, and the fit's weights."""
+        if statistics is None:
+            return None, None
+        return statistics.value_weight(weight), statistics.hessians.get(weight.name)
 
     def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
         if any(t["table_bytes"] > t["index_bytes"] for t in tensors):
@@ -239,19 +263,22 @@ class BinningPass(Pass):
 
     # -- fitting ---------------------------------------------------------------------------
 
-    def _planned(self, chosen: list[tuple[WeightRef, Layout]]) -> Iterator[Plan]:
+    def _planned(self, chosen: list[tuple[WeightRef, Layout]], statistics: FeedbackStatistics | None,
+                 ) -> Iterator[Plan]:
         """Plans in order, two at a time. Weights are read here, on the calling thread, because
         applying a plan edits the protobuf lists that reading walks."""
         pending: deque[Future] = deque()
         with ThreadPoolExecutor(_WORKERS) as pool:
             for weight, layout in chosen:
-                pending.append(pool.submit(self._plan_job, self._job(weight, layout)))
+                job = self._job(weight, layout, *self._calibration(statistics, weight))
+                pending.append(pool.submit(self._plan_job, job))
                 if len(pending) >= _IN_FLIGHT:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
 
-    def _job(self, weight: WeightRef, layout: Layout, value_weight: np.ndarray | None = None) -> Job:
+    def _job(self, weight: WeightRef, layout: Layout, value_weight: np.ndarray | None = None,
+             hessian: np.ndarray | None = None) -> Job:
         array = np.asarray(weight.read())
         work_type = np.float64 if array.dtype == np.float64 else np.float32
         array = array.astype(work_type)
@@ -266,18 +293,32 @@ class BinningPass(Pass):
         if value_weight is not None and self.supports_value_weight:
             sample_weight = layout.split(np.broadcast_to(np.asarray(value_weight, dtype=np.float64), array.shape))
         return Job(weight, layout, layout.split(clipped), layout.split(array), outliers, mask,
-                   scope_opset(weight, weight.model), weight.model.proto.ir_version, sample_weight)
+                   scope_opset(weight, weight.model), weight.model.proto.ir_version, sample_weight, hessian)
 
     def _fit(self, job: Job) -> Fit:
         if job.sample_weight is None:
             found, extra = self.fit_groups(job.values)
         else:
             found, extra = self.fit_weighted(job.values, job.sample_weight)
+        if job.hessian is not None:
+            found, extra["feedback"] = self._fed_back(job, found)
         codebook, labels = self.final_codebook(found)
         rebuilt = self.rebuilt_groups(job, codebook, labels)
         if job.outlier_mask is not None:
             rebuilt = np.where(job.outlier_mask, job.original, rebuilt)
         return Fit(codebook, labels, sqnr_db(job.original, rebuilt), extra, rebuilt)
+
+    def _fed_back(self, job: Job, found: binning.Binning) -> tuple[binning.Binning, str]:
+        """The fitted codebook's entries assigned with error feedback (graphpass.feedback), and
+        what the report says: "applied", or why each value was rounded on its own instead."""
+        layout, shape = job.layout, job.weight.shape
+        groups = layout.merge(np.repeat(np.arange(layout.groups)[:, None], layout.group_size, axis=1)).reshape(shape)
+        exact = None if job.outlier_mask is None else layout.merge(job.outlier_mask).reshape(shape)
+        original = layout.merge(job.original).reshape(shape)
+        labels, note = scalar_labels(original, groups, self._stored_values(job.weight, found.codebook), job.hessian,
+                                     input_axis(job.weight), exact)
+        labels = layout.split(labels).astype(found.labels.dtype)
+        return binning.Binning(found.codebook, labels), note or "applied"
 
     def rebuilt_groups(self, job: Job, codebook: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """[groups, group_size] float64: the values the emitted lookup produces, before outliers."""
@@ -425,15 +466,15 @@ class UniformPass(BinningPass):
                choices=("auto", "lookup", "dequantize", "kernel")),
     )
 
-    # Kernel plans weight each value's error by its activation energy, and with gptq use the
+    # Kernel plans weight each value's error by its activation energy, and with feedback use the
     # input second moment, when auto gives them.
     supports_value_weight = True
-    supports_hessian = True
     options_after = (
-        Option("gptq", bool, False, "lower=kernel: GPTQ error feedback on MatMul weights with the second moment "
-               "of their inputs on the calibration inputs (--inputs): lowers the layer's output error rather "
-               "than the weight's"),
+        Option("gptq", bool, False, "the same as feedback=true (its earlier name)"),
     )
+
+    def uses_feedback(self) -> bool:
+        return self.config["feedback"] or self.config["gptq"]
 
     def call(self, ctx: PassContext) -> PassResult:
         if not self._lowers_to_kernel(ctx):
@@ -490,7 +531,7 @@ class UniformPass(BinningPass):
         """Under the kernel lowering, the chooser's plan; a weight no kernel of the run's targets
         can read falls back to the lookup, and its plan says why (details.memory)."""
         if not self._lowers_to_kernel(ctx):
-            return super().plan(ctx, weight, value_weight=value_weight)
+            return super().plan(ctx, weight, value_weight=value_weight, hessian=hessian)
         reason = self._kernel_reason(weight)
         if reason is None:
             found = compressed_plan(weight, ctx.deployment, self.config["bits"], self.config["group_size"], value_weight,
@@ -535,13 +576,8 @@ class UniformPass(BinningPass):
         return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
 
     def _input_covariance(self, ctx: PassContext, keys) -> dict[str, np.ndarray]:
-        """With gptq: the second moment of each MatMul weight's inputs on the calibration inputs."""
-        if not self.config["gptq"]:
-            return {}
-        if not ctx.calibration_inputs:
-            raise UsageError("uniform(gptq=true) needs calibration inputs: give --inputs")
-        names = {name for _, name in keys}
-        return input_covariance(ctx.model, [w for w in ctx.model.weights() if w.name in names], ctx.calibration_inputs)
+        """With feedback: the second moment of each MatMul weight's inputs on the calibration inputs."""
+        return ctx.analysis(InputHessians).hessians if self.uses_feedback() else {}
 
     def fit_weighted(self, values, sample_weight):
         return self.fit_groups(values)  # the lookup's even grid ignores weights; kernel plans use them

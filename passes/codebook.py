@@ -86,6 +86,7 @@ from graphpass.codec import (
     CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, output_channel_axis, scope_opset, sqnr_db,
     sqnr_figure,
 )
+from graphpass.feedback import FeedbackStatistics, InputHessians, as_rows, from_rows, input_axis, vector_labels
 from graphpass.lowering.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
@@ -401,8 +402,9 @@ def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, tab
     """Codebooks fitted once over every member's sub-vectors, stage 2 on stage 1's residual."""
     vectors = np.concatenate([m.vectors for m in members])
     importance = None
-    if members[0].importance is not None:  # scaled: every member is
-        importance = np.concatenate([m.importance for m in members])
+    if any(m.importance is not None for m in members):  # scaled, or calibrated for feedback
+        importance = np.concatenate([np.ones(m.layout.count) if m.importance is None else m.importance
+                                     for m in members])
     weight_type = members[0].weight.dtype
     fitted = []
     for stage in range(stages):
@@ -526,19 +528,30 @@ class CodebookPass(Pass):
         Option("sample", int, 0, "sub-vectors Lloyd runs on before every one is assigned "
                "(0: max(65536, 16k))", low=0),
         Option("seed", int, 0, "seed for sampling and seeding: the same seed gives the same bytes", low=0),
+        Option("feedback", bool, False, "error feedback (GPTVQ): sub-vectors of MatMul and Gemm weights take their "
+               "entries in order along the inputs, each one's error pushed onto the next through the second moment "
+               "of those inputs on the calibration inputs (the fit weighted by its diagonal); embedding tables "
+               "weight each row by how often those read it"),
         *WEIGHT_FILTER_OPTIONS,
         CODEBOOK_DTYPE_OPTION,
     )
 
+    # Sub-vectors can be assigned with error feedback (feedback=true).
+    supports_hessian = True
+
     # -- the WeightCodec protocol ------------------------------------------------------------
 
-    def plan(self, ctx: PassContext, weight: WeightRef) -> Plan | str:
-        """This weight alone with its own codebook, whatever `share` says, or the reason it stays."""
+    def plan(self, ctx: PassContext, weight: WeightRef, hessian: np.ndarray | None = None) -> Plan | str:
+        """This weight alone with its own codebook, whatever `share` says, or the reason it stays.
+        With feedback=true, `hessian` (its inputs' second moment) replaces the run's own."""
         reason = self.reason_to_skip(ctx.model, weight)
         if reason is not None:
             return reason
-        (plan,), _ = self.plan_group(ctx, [weight])
+        (plan,), _ = self.plan_group(ctx, [weight], {} if hessian is None else {weight.name: hessian})
         return plan
+
+    def uses_feedback(self) -> bool:
+        return self.config["feedback"]
 
     def expected_bytes(self, weight: WeightRef, model) -> int:
         return int(weight.size * math.log2(self.config["k"]) / self.config["dim"] / 8)
@@ -549,21 +562,34 @@ class CodebookPass(Pass):
     def row_local(self, weight: WeightRef) -> bool:
         return False  # one codebook serves every row
 
-    def plan_group(self, ctx: PassContext, weights: list[WeightRef]) -> tuple[list[Plan], dict[str, Any] | None]:
+    def plan_group(self, ctx: PassContext, weights: list[WeightRef], hessians: dict[str, np.ndarray] | None = None,
+                   ) -> tuple[list[Plan], dict[str, Any] | None]:
         """One codebook fitted over all `weights` and a plan per weight that reads it.
 
         With several weights the tables are stored here, once, in the innermost scope that
         encloses them all (returned: names, scope, bytes); a caller that drops the plans should
         then call `ctx.model.remove_unused_weights()`. A single weight's plan stores its own.
+        With feedback=true, `hessians` (name -> second moment) add to the run's own.
         """
-        members = [self.prepare(w) for w in weights]
+        statistics = None
+        if self.uses_feedback():
+            found = ctx.analysis(InputHessians)
+            statistics = FeedbackStatistics({**found.hessians, **(hessians or {})}, found.row_counts)
+        members = [self._calibrated(self.prepare(w), statistics) for w in weights]
         stages = self.fit(members)
         shared = self._store_shared(ctx, members, stages) if len(members) > 1 else None
         group_weights = sum(m.weight.size for m in members)
         plans, begin = [], 0
         for member in members:
             end = begin + member.layout.count
-            plans.append(self._plan(ctx, member, stages, [s.labels[begin:end] for s in stages], group_weights))
+            labels = [s.labels[begin:end] for s in stages]
+            hessian = None if statistics is None else statistics.hessians.get(member.weight.name)
+            note = None
+            if hessian is not None:
+                labels, note = self._fed_back(member, stages, hessian)
+            plans.append(self._plan(ctx, member, stages, labels, group_weights))
+            if hessian is not None:
+                plans[-1].details["feedback"] = note or "applied"
             begin = end
         return plans, shared
 
@@ -696,6 +722,33 @@ class CodebookPass(Pass):
         importance = layout.split(np.broadcast_to(squares / squares.mean(), values.shape))[:, 0]
         return Member(weight, layout, original, axis, entries, scale,
                       layout.split(normalised).astype(np.float32), importance)
+
+    def _calibrated(self, member: Member, statistics: FeedbackStatistics | None) -> Member:
+        """The member with each sub-vector's k-means weight times its calibration importance: the
+        mean energy of the inputs it multiplies (MatMul/Gemm), or its row's use (embeddings)."""
+        if statistics is None:
+            return member
+        per_value = statistics.value_weight(member.weight)
+        if per_value is None:
+            return member
+        calibration = member.layout.split(np.broadcast_to(per_value, member.weight.shape)).mean(axis=1)
+        importance = calibration if member.importance is None else member.importance * calibration
+        return dataclasses.replace(member, importance=importance)
+
+    def _fed_back(self, member: Member, stages: list[Stage], hessian: np.ndarray,
+                  ) -> tuple[list[np.ndarray], str | None]:
+        """Each stage's labels for the member chosen with error feedback (graphpass.feedback)."""
+        weight, layout = member.weight, member.layout
+        axis = input_axis(weight)
+        scale = np.ones(weight.shape) if member.scale is None else np.broadcast_to(member.scale, weight.shape)
+        per_row, note = vector_labels(as_rows(np.asarray(member.original, np.float64), axis),
+                                      as_rows(scale.astype(np.float64), axis)[:, 0],
+                                      [s.values.astype(np.float64) for s in stages], hessian, nearest)
+        labels = []
+        for rows in per_row:  # [N, blocks] -> one label per value -> per sub-vector, in index order
+            values = np.repeat(rows, layout.dim, axis=1)[:, : layout.length]
+            labels.append(layout.split(from_rows(values, axis))[:, 0].astype(stages[0].labels.dtype))
+        return labels, note
 
     def _plan(self, ctx: PassContext, member: Member, stages: list[Stage], labels: list[np.ndarray],
               group_weights: int) -> Plan:

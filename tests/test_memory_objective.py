@@ -113,7 +113,7 @@ def test_gptq_error_feedback_lowers_the_layer_output_error_on_correlated_inputs(
     w = rng.standard_normal((128, 64))  # [K, N]
     hessian = x.T @ x / len(x)
     rounded = quantize_blocks(w.T, 4, 32).dequantized(np.float64).T
-    fed_back = quantize_blocks_gptq(w.T, 4, 32, hessian).dequantized(np.float64).T
+    fed_back = quantize_blocks_gptq(w.T, 4, 32, hessian)[0].dequantized(np.float64).T
     assert np.sum((x @ (w - fed_back)) ** 2) < 0.8 * np.sum((x @ (w - rounded)) ** 2)
 
 
@@ -258,7 +258,7 @@ def test_uniform_gptq_lowers_kernels_that_match_their_plan(tmp_path):
     result = graphpass.run(source, "uniform(bits=4,granularity=group,group_size=32,gptq=true)", output=target,
                            inputs={"A": a}, deployment=ORT_ONLY)
     (stats,) = result.report["passes"]
-    assert stats["details"]["tensors"][0]["fit"] == "gptq"
+    assert stats["details"]["tensors"][0]["fit"] == "feedback"
     assert ops(onnx.load(target)) == ["MatMulNBits"] and result.report["verify"]["passed"]
 
 

@@ -69,8 +69,10 @@ def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_
     weights_of_rows = None
     if importance is not None:
         weights_of_rows = lowering.rows(np.broadcast_to(np.asarray(importance, np.float32), weight.shape))
-    if hessian is not None and isinstance(lowering, MatMulNBitsLowering):
-        fitted = quantize_blocks_gptq(rows, bits, block_size, hessian)
+    feedback = hessian is not None and isinstance(lowering, MatMulNBitsLowering)
+    fallback = None
+    if feedback:
+        fitted, fallback = quantize_blocks_gptq(rows, bits, block_size, hessian)
     else:
         fitted = quantize_blocks(rows, bits, block_size, weights_of_rows, search=search)
     weight_type = np.dtype(helper.tensor_dtype_to_np_dtype(weight.dtype))
@@ -100,6 +102,8 @@ def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_
         "bits_per_weight": round(8.0 * stored / weight.size, 3),
         "sqnr_db": None if error == 0 else round(float(10 * np.log10(signal / error)), 2) if signal > 0 else None,
         "packing": f"{lowering.op}/{bits}bit/block{block_size}",
-        "fit": "gptq" if hessian is not None and isinstance(lowering, MatMulNBitsLowering) else "clip search",
+        "fit": "feedback" if feedback and fallback is None else "clip search",
     }
+    if fallback:
+        details["feedback"] = fallback
     return Plan(weight, reconstruction, stored, emit, details)
