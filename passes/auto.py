@@ -14,7 +14,9 @@ budget against the model it receives, so it goes before any other lossy pass.
 1. Settings (graphpass.grid). A grid over codecs (passes implementing graphpass.codec.WeightCodec:
    kmeans and codebook by default), index bits and granularity. Per-channel and per-group codebooks
    are stored as float16, whose rounding is far below the index error and whose tables are a
-   real share of the bytes there; per-tensor tables stay float32.
+   real share of the bytes there; per-tensor tables stay float32. With feedback=true (the
+   default) every setting of a codec that has error feedback comes again with it, tried on
+   MatMul and Gemm weights with their inputs' second moment on the fitting share.
 2. Sensitivity (graphpass.sensitivity). Each candidate weight's settings are tried in order of
    expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
    in the probe model on the calibration inputs. A weight stops at the first setting whose
@@ -58,7 +60,8 @@ from graphpass import verify as verification
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
-from graphpass.grid import Setting, candidate_settings
+from graphpass.feedback import input_axis
+from graphpass.grid import Setting, candidate_settings, uses_feedback
 from graphpass.holdout import Split, split_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
@@ -84,6 +87,10 @@ LOOSEN_BELOW = 0.7
 # the calibration inputs may not be silent on others.
 ENERGY_FLOOR = 1e-2
 _WORKERS = 2
+
+
+def relative_energy(energy: np.ndarray) -> np.ndarray:
+    return np.maximum(energy / max(float(energy.mean()), 1e-30), ENERGY_FLOOR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +306,16 @@ class Calibration:
     value_weights: dict[str, np.ndarray]  # activation energy per value, for aware k-means
     rows: dict[str, np.ndarray]  # rows of each embedding table that the inputs read
     floor: float  # error units below which a weight needs no more bytes
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul inputs' second moments, for gptq
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul inputs' second moments, for feedback
+
+    def fit_inputs(self, setting: Setting, weight: WeightRef) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(value weight, Hessian) a setting's plan gets, all from the fitting share: a feedback
+        setting weighs its fit by the Hessian's diagonal, as the codec would on its own inputs."""
+        value_weight, hessian = self.value_weights.get(weight.name), self.hessians.get(weight.name)
+        if value_weight is None and hessian is not None and uses_feedback(setting):
+            value_weight = relative_energy(np.diag(hessian))
+            value_weight = value_weight[:, None] if input_axis(weight) == 0 else value_weight[None, :]
+        return value_weight, hessian
 
 
 @register
@@ -315,6 +331,9 @@ class AutoPass(Pass):
         Option("group_size", int, 128, "values per codebook with granularity group", low=2),
         Option("aware", bool, True, "weight k-means by the activation energy of each input channel "
                "(MatMul and Gemm weights, measured on the calibration inputs)"),
+        Option("feedback", bool, True, "also try every setting of codecs that have it with error feedback "
+               "(GPTQ/GPTVQ, graphpass.feedback) on MatMul and Gemm weights, the inputs' second moment taken on "
+               "the fitting share of the calibration inputs"),
         Option("gptq", bool, False, "codecs that take it (uniform's kernels under --objective memory) fit MatMul "
                "weights with GPTQ error feedback on their inputs' second moment on the calibration inputs; "
                "it overfits few inputs (32 sentences on the BERT: worst test sentence 0.969 at --min-cosine 0.993, "
@@ -378,7 +397,8 @@ class AutoPass(Pass):
 
     def _calibrate(self, ctx: PassContext, weights: list[WeightRef], inputs, outputs: list[str]) -> Calibration:
         probe = Probe(ctx.model, weights, inputs, outputs)
-        hessians = input_covariance(ctx.model, weights, inputs) if self.config["gptq"] else {}
+        needs_hessians = self.config["gptq"] or self.config["feedback"]
+        hessians = input_covariance(ctx.model, weights, inputs) if needs_hessians else {}
         meter = ErrorMeter(probe.run(), ctx.budget, verification.declared_batch_axes(ctx.model.proto))
         return Calibration(probe, meter, self._value_weights(ctx, weights, inputs),
                            gathered_rows(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians)
@@ -387,7 +407,7 @@ class AutoPass(Pass):
         if not self.config["aware"]:
             return {}
         energy = input_channel_energy(ctx.model, weights, inputs)
-        return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
+        return {name: relative_energy(e) for name, e in energy.items()}
 
     def _measure(self, ctx: PassContext, weights: list[WeightRef], calibration: Calibration) -> list[Study]:
         settings = candidate_settings(self.config, ctx.model, ctx.deployment)
@@ -408,7 +428,8 @@ class AutoPass(Pass):
         """Settings from cheapest to dearest, each measured alone, until one is below the floor."""
         weight = study.weight
         study.points.append(Point(KEPT, weight.nbytes, None))
-        ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), s.label))
+        # At equal bytes feedback first: where it applies it is the likelier to reach the floor.
+        ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), not uses_feedback(s), s.label))
         seen = set()
         for done, setting in enumerate(ordered, 1):
             advance(1)
@@ -435,6 +456,9 @@ class AutoPass(Pass):
                 point.plan = None  # never chosen: free its labels now
 
     def _trial(self, ctx, setting: Setting, weight: WeightRef, calibration: Calibration) -> Trial | str:
+        if uses_feedback(setting) and weight.name not in calibration.hessians:
+            # Elsewhere feedback would weight embedding rows by the calibration's own tokens.
+            return "error feedback is tried on MatMul and Gemm weights only"
         rows = calibration.rows.get(weight.name)
         if rows is not None and setting.row_local(weight):
             subset, rows_weight = row_subset(ctx.model, weight, rows)
@@ -443,7 +467,7 @@ class AutoPass(Pass):
                 values = calibration.probe.originals[weight.name].copy()
                 values[rows] = plan.reconstruction
                 return Trial(values, setting.expected_bytes(weight, ctx.model), None)
-        plan = setting.plan(ctx, weight, calibration.value_weights.get(weight.name), calibration.hessians.get(weight.name))
+        plan = setting.plan(ctx, weight, *calibration.fit_inputs(setting, weight))
         if isinstance(plan, str):
             return plan
         return Trial(plan.reconstruction, plan.stored_bytes, plan)
@@ -494,8 +518,7 @@ class AutoPass(Pass):
             point = study.front[index]
             if point.kept or point.plan is not None:
                 continue
-            plan = point.setting.plan(ctx, study.weight, calibration.value_weights.get(study.weight.name),
-                                      calibration.hessians.get(study.weight.name))
+            plan = point.setting.plan(ctx, study.weight, *calibration.fit_inputs(point.setting, study.weight))
             if isinstance(plan, str):
                 study.unplanned.append((point.label, plan))
                 study.points.remove(point)
