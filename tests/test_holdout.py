@@ -98,3 +98,22 @@ def test_auto_checks_its_model_on_samples_it_never_fitted(fixture_dir):
     assert checked.passed
     assert checked.outputs["logits"].cosine == pytest.approx(details["held_out"]["outputs"]["logits"]["cosine"],
                                                              abs=1e-6)
+
+
+def test_settings_that_learnt_from_the_fitting_share_are_measured_on_the_held_out_one_too():
+    """Error feedback fits the fitting share: its error there understates it, so a feedback
+    setting counts the worse of the two shares; other settings are measured on the fitting share."""
+    from types import SimpleNamespace
+
+    def share(units):
+        probe = SimpleNamespace(run=lambda overrides: overrides)
+        meter = SimpleNamespace(measure=lambda outputs: SimpleNamespace(units=units))
+        return probe, meter
+
+    fitting_probe, fitting_meter = share(0.1)
+    calibration = auto.Calibration(fitting_probe, fitting_meter, {}, {}, 0.01, unseen=share(0.7))
+    weight = SimpleNamespace(name="w")
+    assert calibration.measure(weight, np.zeros(2), learnt=True).units == 0.7
+    assert calibration.measure(weight, np.zeros(2), learnt=False).units == 0.1
+    calibration.unseen = share(0.05)
+    assert calibration.measure(weight, np.zeros(2), learnt=True).units == 0.1
