@@ -27,7 +27,7 @@ from graphpass.model import load_model, serialized_bytes
 from graphpass.passes import auto
 from graphpass.verify import Budget, synthesize_inputs, verify
 
-FAST = "auto(methods=kmeans,bits=2|4|6,granularities=tensor|channel,feedback=false)"
+FAST = "auto(methods=kmeans,bits=2|4|6,granularities=tensor|channel)"
 
 
 def fixture(fixture_dir, name: str) -> onnx.ModelProto:
@@ -105,11 +105,11 @@ def test_the_budget_can_target_one_output(fixture_dir, tmp_path):
 
 
 def test_feedback_settings_join_the_candidates_on_matmul_weights_only(fixture_dir):
-    """With feedback (the default) each setting is also tried with error feedback, on the
-    MatMul weights, whose second moments come from the fitting share; the model meets the budget."""
+    """With feedback=true each setting is also tried with error feedback, on the MatMul
+    weights, whose second moments come from the fitting share; the model meets the budget."""
     rng = np.random.default_rng(5)
     inputs = {"input_ids": rng.integers(0, 512, (8, 12)).astype(np.int64)}
-    result = graphpass.run(fixture_dir / "transformer.onnx", "auto(methods=kmeans,bits=3|5,granularities=channel)",
+    result = graphpass.run(fixture_dir / "transformer.onnx", "auto(methods=kmeans,bits=3|5,granularities=channel,feedback=true)",
                            inputs=inputs, budget=Budget(min_cosine=0.999))
     assert result.passed
     tensors = auto_stats(result)["details"]["tensors"]
