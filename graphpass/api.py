@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -22,9 +23,10 @@ from graphpass.edit import Model
 from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageError
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
-from graphpass.model import (LoadedModel, check_output_path, deflated_bytes, external_data_path, file_chunks,
-                             load_model, save_model, serialized_bytes)
+from graphpass.download import DownloadSize, download_size
+from graphpass.model import LoadedModel, check_output_path, external_data_path, load_model, save_model, serialized_bytes
 from graphpass.runtimes import usable_adapters
+from graphpass.runtimes.probe import peak_rss_bytes
 from graphpass.runtimes.cost import CostBudget, CostCheck, check_cost, seconds_beside
 
 
@@ -98,40 +100,26 @@ def run(
     if cost_budget.given and not verify:
         raise UsageError("cost budgets are measured on the verification inputs; drop --no-verify to use them")
     measure_cost = verify and (cost or bool(cost_budget.given))
-    loaded = load_model(_private_copy(model))
     pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
     manager = PassManager(pipeline)
-    if output is not None:
-        check_output_path(Path(output), loaded.path, in_place)
-    # Once load has rewritten declared -1 sizes, the model to compare against is the rewritten one.
-    repaired = loaded.dynamic_minus_one > 0
-    reference = loaded.path if loaded.path is not None and not repaired else serialized_bytes(loaded.proto)
-    feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify else None
-    before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
-    budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
-
-    ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
-                      calibration_inputs=feeds, deployment=deployment)
-    with ThreadPoolExecutor(max_workers=1) as background:
-        # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
-        input_zip_bytes = background.submit(loaded.zip_bytes)
-        start = time.perf_counter()
-        stats = _run_passes(manager, ctx, reference)
-        pass_seconds = time.perf_counter() - start
-        before["zip_bytes"] = input_zip_bytes.result()
+    compiled = _compile(model, manager, output=output, in_place=in_place, inputs=inputs,
+                        shapes=shapes, seed=seed, verify=verify, budget=budget, budget_outputs=budget_outputs,
+                        progress=progress, deployment=deployment)
+    # Model and its weight handles refer to each other: the input's protobuf goes at a collection.
+    gc.collect()
+    reference, feeds, budget_outputs, after = compiled.reference, compiled.feeds, compiled.budget_outputs, compiled.after
 
     stage = Path(tempfile.mkdtemp(prefix=".graphpass-", dir=Path(output).parent if output else None))
     try:
         staged = stage / (Path(output).name if output else "candidate.onnx")
-        file_bytes = save_model(ctx.model.proto, staged, external_data=external_data)
-        after = reporting.model_summary(ctx.model, file_bytes, Path(output) if output else None)
+        after["file_bytes"] = save_model(compiled.proto, staged, external_data=external_data)
         written_files = [p for p in (staged, external_data_path(staged)) if p.exists()]
-        after["zip_bytes"] = deflated_bytes(file_chunks(written_files))
+        _add_download_size(after, download_size(written_files))
         checked = None
         if verify:
             # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
             if manager.lossless:
-                chosen = verification.LOSSLESS_BUDGET.overridden_by(budget)
+                chosen = verification.lossless_budget(compiled.proto).overridden_by(budget)
             else:
                 chosen = budget or verification.Budget()
             try:
@@ -154,18 +142,81 @@ def run(
             written = _move_into_place(staged, Path(output))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    report = reporting.build_report(before, after, stats, pass_seconds, checked, manager.lossless)
+    report = reporting.build_report(compiled.before, after, compiled.stats, compiled.pass_seconds, checked,
+                                    manager.lossless)
     report["deployment"] = deployment.to_dict()
     report["cost"] = measured.to_dict() if measured is not None else None
-    if ctx.model.shape_inference_error:
-        report["notes"].append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
-                               "the passes worked from the types the model declares")
-    if repaired:
-        report["notes"].append(f"{loaded.dynamic_minus_one} declared size(s) of -1 read as dynamic (and written so)")
+    # The cost probes run in processes of their own, with their own peaks in report["cost"].
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    report["notes"] += compiled.notes
     if budget_outputs:
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")
-    return RunResult(ctx.model.proto, report, written, checked, measured)
+    return RunResult(compiled.proto, report, written, checked, measured)
+
+
+@dataclass
+class _Compiled:
+    """What a run keeps of its input once the passes are done: the output in memory of its own,
+    and the figures and inputs the rest of the run needs."""
+
+    proto: onnx.ModelProto
+    reference: Path | bytes  # the model to verify against
+    feeds: dict[str, np.ndarray] | None
+    budget_outputs: list[str] | None
+    stats: list
+    pass_seconds: float
+    before: dict[str, Any]
+    after: dict[str, Any]  # file_bytes and the download size are filled in once it is written
+    notes: list[str]
+
+
+def _compile(model, manager: PassManager, *, output, in_place, inputs, shapes, seed, verify, budget, budget_outputs,
+             progress, deployment) -> _Compiled:
+    """Load `model` and run the passes. The loaded protobuf ends with this function: the passes
+    edit it in place and upb frees none of a message's memory until the whole message goes, so
+    the input's weights would stay resident under the output's through writing and verifying."""
+    loaded = load_model(_private_copy(model))
+    if output is not None:
+        check_output_path(Path(output), loaded.path, in_place)
+    # Once load has rewritten declared -1 sizes, the model to compare against is the rewritten one.
+    repaired = loaded.dynamic_minus_one > 0
+    reference = loaded.path if loaded.path is not None and not repaired else serialized_bytes(loaded.proto)
+    # Without verification, given inputs still calibrate the passes that measure activations.
+    feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify or inputs is not None else None
+    before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
+    budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
+
+    ctx = PassContext(Model(loaded.proto), progress, budget=budget, budget_outputs=budget_outputs,
+                      calibration_inputs=feeds, deployment=deployment)
+    with ThreadPoolExecutor(max_workers=1) as background:
+        # zlib lets go of the GIL, so the input's download size costs no time beside the passes.
+        input_download = background.submit(loaded.download_size)
+        start = time.perf_counter()
+        stats = _run_passes(manager, ctx, reference)
+        pass_seconds = time.perf_counter() - start
+        _add_download_size(before, input_download.result())
+    notes = []
+    if ctx.model.shape_inference_error:
+        notes.append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
+                     "the passes worked from the types the model declares")
+    if repaired:
+        notes.append(f"{loaded.dynamic_minus_one} declared size(s) of -1 read as dynamic (and written so)")
+    after = reporting.model_summary(ctx.model, None, Path(output) if output else None)
+    return _Compiled(compacted(ctx.model.proto), reference, feeds, budget_outputs, stats, pass_seconds, before,
+                     after, notes)
+
+
+def compacted(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model in a message of its own, holding only what is still in it."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
+def _add_download_size(summary: dict[str, Any], size: DownloadSize) -> None:
+    summary["zip_bytes"] = size.zip_bytes
+    summary["zip_sample_bytes"] = size.sample_bytes  # None: exact
 
 
 def _holds_accuracy(budget: verification.Budget | None) -> bool:

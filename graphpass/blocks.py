@@ -22,9 +22,12 @@ are found from the graph alone:
    that covers most nodes, shares most weights and carries fewest values wins.
 5. Loop check. Every value a block reads from outside is carried (the previous block makes
    it, at the same place each time), loop-invariant (one value for every block, made before
-   the run: masks, position tables, shared Shape chains) or a weight (one per block, same
-   dtype and shape; equal across blocks or not). A block value read outside the run (a side
-   output) keeps that block out, and it is reported.
+   the run: masks, position tables, shared Shape chains), a weight (one per block, same
+   dtype and shape; equal across blocks or not) or a graph input of its own (one per block:
+   a decoder layer's past keys and values). A block value that is a graph output at the same
+   place in every block (a decoder layer's present keys and values) is a per-block output;
+   any other block value read outside the run (a side output) keeps that block out, and it
+   is reported.
 
 Only the top-level graph is searched; a block holding a subgraph node (If, Loop) never matches.
 """
@@ -118,6 +121,19 @@ class Invariant:
 
 
 @dataclass
+class PerBlockValue:
+    """A graph input each block reads (`ports`) or a graph output each block makes (`source`):
+    one value per block, `names` first block first, stacked along a new leading axis when the
+    run is folded."""
+
+    names: tuple[str, ...]
+    dtype: int | None
+    dims: Dims | None
+    ports: tuple[Port, ...] = ()
+    source: tuple[int, int] | None = None  # (aligned node, output index), for an output
+
+
+@dataclass
 class BlockRun:
     """Consecutive blocks with one structure. `blocks[j][k]` is the scope position of the
     k-th node of block j; the k-th node plays the same role in every block."""
@@ -127,6 +143,8 @@ class BlockRun:
     carried: list[CarriedValue]
     invariants: list[Invariant]
     slots: list[WeightSlot]
+    inputs: list[PerBlockValue] = field(default_factory=list)  # graph inputs, one per block
+    outputs: list[PerBlockValue] = field(default_factory=list)  # graph outputs, one per block
 
     @property
     def length(self) -> int:
@@ -197,6 +215,7 @@ class GraphIndex:
         self.weight_nodes = {
             i for i, n in enumerate(self.nodes) if n.op_type == "Constant" and n.output and n.output[0] in self.weights
         }
+        self.graph_inputs = set(scope.input_names())
         self.graph_outputs = set(scope.output_names())
         self._signatures: dict[int, bytes] = {}
         self.producer: dict[str, tuple[int, int]] = {}
@@ -522,6 +541,7 @@ class _Roles:
     carried: list[CarriedValue]
     invariants: list[Invariant]
     slots: list[WeightSlot]
+    inputs: list[PerBlockValue]
 
 
 @dataclass
@@ -763,7 +783,7 @@ class _RunFinder:
     def _roles(self, blocks: list[_Match]) -> _Roles | None:
         """Classify each outside read as carried, invariant or weight; None if one is none."""
         index = self.index
-        roles = _Roles([], [], [])
+        roles = _Roles([], [], [], [])
         found = self._classify(blocks)
         if not found:
             return None
@@ -772,6 +792,9 @@ class _RunFinder:
                 roles.slots.append(self._slot(names, ports))
             elif kind == "invariant":
                 roles.invariants.append(Invariant(names[0], tuple(ports)))
+            elif kind == "input":
+                dtype, dims = index.types.get(names[0], (None, None))
+                roles.inputs.append(PerBlockValue(names, dtype, dims, ports=tuple(ports)))
             else:
                 final = index.nodes[blocks[-1].nodes[source[0]]].output[source[1]]
                 dtype, dims = index.types.get(names[0]) or index.types.get(final) or (None, None)
@@ -780,7 +803,8 @@ class _RunFinder:
 
     def _classify(self, blocks: list[_Match]) -> list[tuple] | None:
         """(kind, names per block, ports, carried source) per group of outside reads, or None
-        when a read is neither weight, carried nor invariant, or nothing is carried."""
+        when a read is neither weight, carried, invariant nor a graph input of each block's
+        own, or nothing is carried."""
         index = self.index
         groups: dict[tuple[str, ...], list[Port]] = defaultdict(list)
         for port in sorted(blocks[0].reads, key=lambda p: (p.node, p.index)):
@@ -797,6 +821,8 @@ class _RunFinder:
                 kind = "carried"
             elif len(set(names)) == 1 and not any(index.produced_by(names[0]) in b.node_set for b in blocks):
                 kind = "invariant"
+            elif len(set(names)) == len(names) and all(n in index.graph_inputs for n in names):
+                kind = "input"
             else:
                 return None
             found.append((kind, names, ports, source))
@@ -831,9 +857,10 @@ class _RunFinder:
         roles = self._roles(sequence[start : end + 1])
         sources = {c.source for c in roles.carried}
         inside = set().union(*(m.node_set for m in sequence[start : end + 1]))
+        outputs = self._output_sources(sequence[start : end + 1], inside) - sources
         piece_start = start
         for j in range(start, end + 1):
-            side, carried_out = self._escapes(sequence[j], sources, inside)
+            side, carried_out = self._escapes(sequence[j], sources, outputs, inside)
             if side:
                 yield self._piece(sequence, piece_start, j - 1), self._unsafe(sequence[j], side)
                 piece_start = j + 1
@@ -842,12 +869,28 @@ class _RunFinder:
                 piece_start = j + 1
         yield self._piece(sequence, piece_start, end), None
 
-    def _escapes(self, block: _Match, sources: set[tuple[int, int]], inside: set[int]) -> tuple[str, bool]:
+    def _output_sources(self, blocks: list[_Match], inside: set[int]) -> set[tuple[int, int]]:
+        """(aligned node, output) places where every block makes a graph output that nothing
+        outside the run reads: per-block outputs of the run."""
+        found = None
+        for block in blocks:
+            here = set()
+            for k, position in enumerate(block.nodes):
+                for slot, name in enumerate(self.index.nodes[position].output):
+                    if name and self.index.escapes(name, inside) == ["<graph output>"]:
+                        here.add((k, slot))
+            found = here if found is None else found & here
+        return found or set()
+
+    def _escapes(self, block: _Match, sources: set[tuple[int, int]], outputs: set[tuple[int, int]],
+                 inside: set[int]) -> tuple[str, bool]:
+        """A side output of the block (or ''), and whether its carried value is read outside
+        the run. Per-block graph outputs (`outputs`) are neither."""
         side, carried_out = "", False
         for k, position in enumerate(block.nodes):
             for slot, name in enumerate(self.index.nodes[position].output):
                 readers = self.index.escapes(name, inside) if name else []
-                if not readers:
+                if not readers or (k, slot) in outputs:
                     continue
                 if (k, slot) in sources:
                     carried_out = True
@@ -862,7 +905,14 @@ class _RunFinder:
         roles = self._roles(blocks)
         if roles is None:
             return None
-        return BlockRun(self.index.scope, [b.nodes for b in blocks], roles.carried, roles.invariants, roles.slots)
+        inside = set().union(*(b.node_set for b in blocks))
+        outputs = []
+        for k, slot in sorted(self._output_sources(blocks, inside) - {c.source for c in roles.carried}):
+            names = tuple(self.index.nodes[b.nodes[k]].output[slot] for b in blocks)
+            dtype, dims = self.index.types.get(names[0], (None, None))
+            outputs.append(PerBlockValue(names, dtype, dims, source=(k, slot)))
+        return BlockRun(self.index.scope, [b.nodes for b in blocks], roles.carried, roles.invariants, roles.slots,
+                        roles.inputs, outputs)
 
     def _unsafe(self, block: _Match, reason: str) -> UnsafeBlocks:
         first = block.nodes[0]
@@ -893,6 +943,8 @@ def _describe_run(run: BlockRun) -> dict[str, Any]:
         "nodes_per_block": run.nodes_per_block,
         "carried": [{"initial": c.initial, "final": c.final} for c in run.carried],
         "invariants": [i.name for i in run.invariants],
+        "per_block_inputs": [list(v.names) for v in run.inputs],
+        "per_block_outputs": [list(v.names) for v in run.outputs],
         "shared_weights": len(shared),
         "shared_weight_bytes": sum(s.nbytes for s in shared),
         "per_block_weights": len(per_block),
@@ -929,6 +981,10 @@ def render_runs(found: dict[str, Any]) -> str:
         )
         if run["invariants"]:
             lines.append(f"    loop-invariant inputs: {', '.join(run['invariants'])}")
+        if run["per_block_inputs"] or run["per_block_outputs"]:
+            lines.append(f"    graph inputs and outputs of each block: {len(run['per_block_inputs'])} in "
+                         f"(e.g. {', '.join(run['per_block_inputs'][0][:2]) if run['per_block_inputs'] else '-'}), "
+                         f"{len(run['per_block_outputs'])} out")
     for unsafe in found["unsafe"]:
         lines.append(f"  left out: the block starting at '{unsafe['first_node']}': {unsafe['reason']}")
     return "\n".join(lines)

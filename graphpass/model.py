@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import zlib
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
+from graphpass.download import DownloadSize, bytes_download_size, download_size
 from graphpass.errors import InputError, UsageError
 from graphpass.scopes import Scope, build_scope_tree, iter_tensors, subgraphs_of
 from graphpass.validate import TensorProblem, check_tensors, tensor_label
@@ -35,11 +34,11 @@ class LoadedModel:
     data_files: tuple[Path, ...] = ()  # the external data files it read, in first-use order
     dynamic_minus_one: int = 0  # declared sizes of -1 read as dynamic (cleared in `proto`)
 
-    def zip_bytes(self) -> int:
-        """What the model costs to download: `zip -9` of its file(s)."""
+    def download_size(self) -> DownloadSize:
+        """What the model costs to download: `zip -9` of its file(s), exact or estimated."""
         if self.path is None:
-            return deflated_bytes([serialized_bytes(self.proto)])
-        return deflated_bytes(file_chunks([self.path, *self.data_files]))
+            return bytes_download_size(serialized_bytes(self.proto))
+        return download_size([self.path, *self.data_files])
 
 
 def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedModel:
@@ -151,20 +150,6 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, tuple[
         total += length
         files.setdefault(data_path, None)
     return total, tuple(files)
-
-
-def deflated_bytes(chunks: Iterable[bytes]) -> int:
-    """The size of `chunks` after deflate at level 9, the compression `zip -9` stores."""
-    compressor = zlib.compressobj(9)
-    size = sum(len(compressor.compress(chunk)) for chunk in chunks)
-    return size + len(compressor.flush())
-
-
-def file_chunks(paths: Iterable[Path], chunk_bytes: int = 1 << 22) -> Iterator[bytes]:
-    for path in paths:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(chunk_bytes):
-                yield chunk
 
 
 def _confined_data_path(base: Path, location: str, path: Path, tensor_name: str) -> Path:

@@ -91,13 +91,27 @@ def render_passes(report: dict[str, Any]) -> str:
     if before.get("zip_bytes") is not None and after.get("zip_bytes") is not None:
         rows.append(
             f"{'zip -9 (download) size':<28} {human_bytes(before['zip_bytes'])} -> {human_bytes(after['zip_bytes'])} "
-            f"({_ratio(after['zip_bytes'], before['zip_bytes'])})"
+            f"({_ratio(after['zip_bytes'], before['zip_bytes'])}{_zip_method(before, after)})"
         )
     rows.append(
         f"{'weight bytes':<28} {human_bytes(before['weight_bytes'])} -> {human_bytes(after['weight_bytes'])} "
         f"({_ratio(after['weight_bytes'], before['weight_bytes'])})"
     )
+    if report.get("peak_rss_bytes") is not None:
+        rows.append(f"{'peak RSS of this run':<28} {human_bytes(report['peak_rss_bytes'])} "
+                    "(graphpass with its onnxruntime sessions)")
     return "\n".join(rows)
+
+
+def _zip_method(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Nothing when both figures are exact; else which were estimated, and from how much."""
+    sampled = {side: summary.get("zip_sample_bytes") for side, summary in (("input", before), ("output", after))}
+    estimated = {side: f"{count / 1e6:.1f} MB" for side, count in sampled.items() if count is not None}
+    if not estimated:
+        return ""
+    if len(estimated) == 2 and len(set(estimated.values())) == 1:
+        return f"; estimated from a {estimated['input']} sample of each"
+    return "; " + ", ".join(f"{side} estimated from a {size} sample" for side, size in estimated.items())
 
 
 def render_skips(report: dict[str, Any], examples: int = 3) -> str:

@@ -59,6 +59,11 @@ class Scope:
             names.update(o for o in node.output if o)
         return names
 
+    def input_names(self) -> list[str]:
+        if self.is_function:
+            return list(self.body.input)
+        return [v.name for v in self.body.input]
+
     def output_names(self) -> list[str]:
         if self.is_function:
             return list(self.body.output)

@@ -22,7 +22,8 @@ the run's --min-cosine holds, so auto's choice and verification measure the same
 Summing each weight's worst-sample gap bounds the worst sample of the sum from above.
 
 Also here: the energy of each MatMul's input channels on calibration data (for
-activation-aware clustering) and the rows of each embedding table that calibration reads.
+activation-aware clustering), the second moment of MatMul, Gemm and (unfolded) Conv inputs (for
+error feedback), and the rows of each embedding table that calibration reads, and how often.
 """
 
 from __future__ import annotations
@@ -291,6 +292,58 @@ def input_covariance(model: Model, weights: Sequence[WeightRef], inputs: Mapping
         stacked = np.concatenate(rows)
         found[weight] = stacked.T @ stacked / max(len(stacked), 1)
     return found
+
+
+def conv_input_covariance(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
+                          ) -> dict[str, np.ndarray]:
+    """For each weight read only as the filters of main-graph Convs with group=1 and explicit
+    pads, the second moment P^T P / rows of their unfolded inputs (im2col): P has one row per
+    output position and one column per value of a filter, in the order of W.reshape(C_out, -1),
+    so that the Conv's output error is P dW^T as a MatMul's is X dW."""
+    readers = _conv_readers(model, weights)
+    captured = _capture(model, inputs, {node.input[0] for nodes in readers.values() for node in nodes})
+    found = {}
+    for name, nodes in readers.items():
+        shape = next(w.shape for w in weights if w.name == name)
+        total, rows = 0.0, 0
+        for node in nodes:
+            for sample in np.asarray(captured[node.input[0]], dtype=np.float64):  # one item at a time bounds memory
+                patches = unfolded(sample, shape[2:], _attributes(node))
+                total, rows = total + patches.T @ patches, rows + len(patches)
+        found[name] = total / max(rows, 1)
+    return found
+
+
+def _conv_readers(model: Model, weights: Sequence[WeightRef]) -> dict[str, list[onnx.NodeProto]]:
+    by_name = {w.name: w for w in weights if len(w.shape) >= 3 and w.scope.parent is None and not w.scope.is_function}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.proto.graph.node:
+        if node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in by_name:
+            attrs = _attributes(node)
+            if attrs.get("group", 1) == 1 and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"):
+                readers.setdefault(node.input[1], []).append(node)
+    return {name: nodes for name, nodes in readers.items() if len(nodes) == len(by_name[name].consumers)}
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def unfolded(sample: np.ndarray, kernel: Sequence[int], attrs: dict) -> np.ndarray:
+    """One input item [C, *spatial] as patches [positions, C * prod(kernel)] (im2col)."""
+    spatial = len(kernel)
+    pads = attrs.get("pads", [0] * 2 * spatial)
+    strides = attrs.get("strides", [1] * spatial)
+    dilations = attrs.get("dilations", [1] * spatial)
+    padded = np.pad(sample, [(0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)])
+    reach = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, reach, axis=tuple(range(1, spatial + 1)))
+    # windows: [C, *positions, *reach]; take every stride-th position and dilation-th tap.
+    windows = windows[(slice(None),) + tuple(slice(None, None, s) for s in strides)
+                      + tuple(slice(None, None, d) for d in dilations)]
+    positions = windows.shape[1:1 + spatial]
+    order = tuple(range(1, spatial + 1)) + (0,) + tuple(range(spatial + 1, 2 * spatial + 1))
+    return windows.transpose(order).reshape(int(np.prod(positions)), -1)
 
 
 def gathered_rows(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],

@@ -44,7 +44,9 @@ from graphpass.codec import (
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
-from graphpass.feedback import ENERGY_FLOOR, FeedbackStatistics, InputHessians, input_axis, scalar_labels
+from graphpass.feedback import (
+    ENERGY_FLOOR, NO_INPUTS, FeedbackStatistics, InputHessians, feedback_note, input_axis, scalar_labels,
+)
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
 from graphpass.sensitivity import input_channel_energy
@@ -63,7 +65,7 @@ COMMON_OPTIONS = (
     *WEIGHT_FILTER_OPTIONS,
     CODEBOOK_DTYPE_OPTION,
     Option("outliers", float, 0.0, "percent of each tensor's largest magnitudes kept exactly", low=0.0, high=10.0),
-    Option("feedback", bool, False, "error feedback (GPTQ/OBQ): MatMul and Gemm weights take their codebook "
+    Option("feedback", bool, False, "error feedback (GPTQ/OBQ): MatMul, Gemm and Conv weights take their codebook "
            "entries column by column, each column's error pushed onto the next through the second moment of "
            "their inputs on the calibration inputs; embedding tables weight each row by how often those read "
            "it; other weights as without"),
@@ -170,15 +172,20 @@ class BinningPass(Pass):
         second moment of a MatMul weight's inputs) drives the error feedback; not given, both come
         from the run's calibration inputs (`graphpass.feedback.InputHessians`).
         """
+        if self.uses_feedback():
+            own_weight, own_hessian = self._calibration(ctx.analysis(InputHessians), weight)
+            value_weight = own_weight if value_weight is None else value_weight
+            hessian = own_hessian if hessian is None else hessian
+        return self._lookup_plan(ctx, weight, value_weight, hessian)
+
+    def _lookup_plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None,
+                     hessian: np.ndarray | None) -> Plan | str:
+        """`plan` with the calibration figures given (None: without them)."""
         if ctx.model.opset < lookup.MIN_OPSET:
             return _no_lookup(ctx.model.opset)
         found = self._layout_or_reason(weight, ctx.model)
         if isinstance(found, str):
             return found
-        if self.uses_feedback():
-            own_weight, own_hessian = self._calibration(ctx.analysis(InputHessians), weight)
-            value_weight = own_weight if value_weight is None else value_weight
-            hessian = own_hessian if hessian is None else hessian
         return self._plan_job(self._job(weight, found, value_weight, hessian if self.uses_feedback() else None))
 
     def uses_feedback(self) -> bool:
@@ -187,16 +194,17 @@ class BinningPass(Pass):
 
     def _calibration(self, statistics: FeedbackStatistics | None, weight: WeightRef):
         """(value weight, hessian) error feedback uses for this weight (FeedbackStatistics):
-        the Hessian for MatMul/Gemm weights, and the fit's weights."""
+        the Hessian for MatMul/Gemm/Conv weights, and the fit's weights."""
         if statistics is None:
             return None, None
         return statistics.value_weight(weight), statistics.hessians.get(weight.name)
 
     def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
+        notes = feedback_note(self.name, tensors)
         if any(t["table_bytes"] > t["index_bytes"] for t in tensors):
-            return ["some codebooks outweigh their indices (see details.tensors): a larger group_size, "
-                    "granularity=tensor or codebook_dtype=float16 would shrink them"]
-        return []
+            notes.append("some codebooks outweigh their indices (see details.tensors): a larger group_size, "
+                         "granularity=tensor or codebook_dtype=float16 would shrink them")
+        return notes
 
     def codebook_entries(self) -> int:
         """Entries per codebook row before fitting, to predict what a lookup costs."""
@@ -302,6 +310,8 @@ class BinningPass(Pass):
             found, extra = self.fit_weighted(job.values, job.sample_weight)
         if job.hessian is not None:
             found, extra["feedback"] = self._fed_back(job, found)
+        elif self.uses_feedback():
+            extra["feedback"] = NO_INPUTS
         codebook, labels = self.final_codebook(found)
         rebuilt = self.rebuilt_groups(job, codebook, labels)
         if job.outlier_mask is not None:
@@ -312,7 +322,8 @@ class BinningPass(Pass):
         """The fitted codebook's entries assigned with error feedback (graphpass.feedback), and
         what the report says: "applied", or why each value was rounded on its own instead."""
         layout, shape = job.layout, job.weight.shape
-        groups = layout.merge(np.repeat(np.arange(layout.groups)[:, None], layout.group_size, axis=1)).reshape(shape)
+        group_of_value = np.repeat(np.arange(layout.groups, dtype=np.int32)[:, None], layout.group_size, axis=1)
+        groups = layout.merge(group_of_value).reshape(shape)
         exact = None if job.outlier_mask is None else layout.merge(job.outlier_mask).reshape(shape)
         original = layout.merge(job.original).reshape(shape)
         labels, note = scalar_labels(original, groups, self._stored_values(job.weight, found.codebook), job.hessian,
@@ -541,7 +552,8 @@ class UniformPass(BinningPass):
             reason = found
         if self.config["lower"] == "kernel":
             return reason  # asked for a kernel: no lookup in its place
-        fallback = super().plan(ctx, weight)
+        # The lookup fit ignores activation energy; the Hessian, with feedback, still counts.
+        fallback = self._lookup_plan(ctx, weight, None, hessian)
         if isinstance(fallback, str):
             return f"{reason}; and as a lookup: {fallback}"
         fallback.details["memory"] = f"rebuilt dense at load: {reason}"

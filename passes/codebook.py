@@ -86,7 +86,9 @@ from graphpass.codec import (
     CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, output_channel_axis, scope_opset, sqnr_db,
     sqnr_figure,
 )
-from graphpass.feedback import FeedbackStatistics, InputHessians, as_rows, from_rows, input_axis, vector_labels
+from graphpass.feedback import (
+    NO_INPUTS, FeedbackStatistics, InputHessians, as_rows, feedback_note, from_rows, input_axis, vector_labels,
+)
 from graphpass.lowering.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.scopes import NameAllocator
@@ -528,8 +530,8 @@ class CodebookPass(Pass):
         Option("sample", int, 0, "sub-vectors Lloyd runs on before every one is assigned "
                "(0: max(65536, 16k))", low=0),
         Option("seed", int, 0, "seed for sampling and seeding: the same seed gives the same bytes", low=0),
-        Option("feedback", bool, False, "error feedback (GPTVQ): sub-vectors of MatMul and Gemm weights take their "
-               "entries in order along the inputs, each one's error pushed onto the next through the second moment "
+        Option("feedback", bool, False, "error feedback (GPTVQ): sub-vectors of MatMul, Gemm and Conv weights take "
+               "their entries in order along the inputs, each one's error pushed onto the next through the second moment "
                "of those inputs on the calibration inputs (the fit weighted by its diagonal); embedding tables "
                "weight each row by how often those read it"),
         *WEIGHT_FILTER_OPTIONS,
@@ -575,6 +577,10 @@ class CodebookPass(Pass):
         if self.uses_feedback():
             found = ctx.analysis(InputHessians)
             statistics = FeedbackStatistics({**found.hessians, **(hessians or {})}, found.row_counts)
+        return self._plan_group(ctx, weights, statistics)
+
+    def _plan_group(self, ctx: PassContext, weights: list[WeightRef], statistics: FeedbackStatistics | None,
+                    ) -> tuple[list[Plan], dict[str, Any] | None]:
         members = [self._calibrated(self.prepare(w), statistics) for w in weights]
         stages = self.fit(members)
         shared = self._store_shared(ctx, members, stages) if len(members) > 1 else None
@@ -588,8 +594,8 @@ class CodebookPass(Pass):
             if hessian is not None:
                 labels, note = self._fed_back(member, stages, hessian)
             plans.append(self._plan(ctx, member, stages, labels, group_weights))
-            if hessian is not None:
-                plans[-1].details["feedback"] = note or "applied"
+            if statistics is not None:
+                plans[-1].details["feedback"] = NO_INPUTS if hessian is None else note or "applied"
             begin = end
         return plans, shared
 
@@ -606,10 +612,12 @@ class CodebookPass(Pass):
                                 "need: nothing changed")
             return result
         groups = self._select(model, result)
+        # Measured once, on the model as it comes: applying each plan would make it stale.
+        statistics = ctx.analysis(InputHessians) if self.uses_feedback() else None
         tensors, tables = [], []
         with ctx.progress(f"{self.name}: fitting codebooks", sum(map(len, groups))) as advance:
             for group in groups:
-                plans, shared = self.plan_group(ctx, group)
+                plans, shared = self._plan_group(ctx, group, statistics)
                 for plan in plans:
                     plan.apply()
                     tensors.append(plan.details)
@@ -725,7 +733,7 @@ class CodebookPass(Pass):
 
     def _calibrated(self, member: Member, statistics: FeedbackStatistics | None) -> Member:
         """The member with each sub-vector's k-means weight times its calibration importance: the
-        mean energy of the inputs it multiplies (MatMul/Gemm), or its row's use (embeddings)."""
+        mean energy of the inputs it multiplies (MatMul/Gemm/Conv), or its row's use (embeddings)."""
         if statistics is None:
             return member
         per_value = statistics.value_weight(member.weight)
@@ -743,11 +751,11 @@ class CodebookPass(Pass):
         scale = np.ones(weight.shape) if member.scale is None else np.broadcast_to(member.scale, weight.shape)
         per_row, note = vector_labels(as_rows(np.asarray(member.original, np.float64), axis),
                                       as_rows(scale.astype(np.float64), axis)[:, 0],
-                                      [s.values.astype(np.float64) for s in stages], hessian, nearest)
+                                      [s.values.astype(np.float64) for s in stages], hessian)
         labels = []
         for rows in per_row:  # [N, blocks] -> one label per value -> per sub-vector, in index order
             values = np.repeat(rows, layout.dim, axis=1)[:, : layout.length]
-            labels.append(layout.split(from_rows(values, axis))[:, 0].astype(stages[0].labels.dtype))
+            labels.append(layout.split(from_rows(values, axis, weight.shape))[:, 0].astype(stages[0].labels.dtype))
         return labels, note
 
     def _plan(self, ctx: PassContext, member: Member, stages: list[Stage], labels: list[np.ndarray],
@@ -847,7 +855,7 @@ class CodebookPass(Pass):
         }
 
     def _notes(self, tensors: list[dict[str, Any]]) -> list[str]:
-        notes = []
+        notes = feedback_note(self.name, tensors)
         if any(t["codebook_bytes"] > t["index_bytes"] for t in tensors):
             notes.append("some codebooks outweigh their indices (see details.tensors): share=shape or "
                          "share=all stores one codebook for many tensors")

@@ -11,10 +11,15 @@ Lookup weights (a codebook pass's GatherElements of a codebook by unpacked indic
 other node computed from weights alone that depends on a per-block weight) are not run in
 the body, where nothing is constant and every iteration would rebuild them (4-5x the
 latency on BERT). They run once before the loop, over the stacked packed indices (see
-`_BatchedLookup`), or once per block with the results stacked when an op has no batched
+`graphpass.batched_lookup`), or once per block with the results stacked when an op has no batched
 form; runtimes fold either to a constant at load and the body slices dense weights. The
 file keeps the packed indices. With the `memory` objective they stay in the body, where
 the weights stay compressed in memory.
+
+Blocks that read a graph input each (a decoder layer's past keys and values) and make a
+graph output each (its present keys and values) fold into a Scan too: the inputs are stacked
+[N, ...] before it (Unsqueeze, Concat) and enter as scan inputs, the body's outputs leave as
+scan outputs and are split back into the graph outputs after it (Split, Squeeze).
 
 The Scan runs in onnxruntime, OpenVINO and tract: the body reads nothing from the outer
 scope (what it needs enters as a state variable returned unchanged, or as its own copy of a
@@ -44,8 +49,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
+from graphpass.batched_lookup import ELEMENTWISE_OPS, UNSQUEEZE_AXES_INPUT_OPSET, BatchedLookup
 from graphpass.blocks import (
-    BlockAnalysis, BlockRun, CarriedValue, Dims, Port, RepeatedBlocks, WeightSlot, node_reads,
+    BlockAnalysis, BlockRun, CarriedValue, Dims, PerBlockValue, Port, RepeatedBlocks, WeightSlot, node_reads,
 )
 from graphpass.edit import Model
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
@@ -56,10 +62,6 @@ from graphpass.weights import element_bits, stored_bytes
 MIN_STACKED_BLOCKS = 3
 # Scan needs opset 9 (its current signature); Loop works from opset 1.
 SCAN_MIN_OPSET = 9
-# Unsqueeze takes its axes as an input from opset 13, as an attribute before.
-UNSQUEEZE_AXES_INPUT_OPSET = 13
-# GatherND's batch_dims is opset 12.
-GATHER_ND_BATCH_OPSET = 12
 # Gemm without a C input is opset 11.
 GEMM_MIN_OPSET = 11
 # Below this many elements the per-call packing that Gemm's transB saves costs less than the
@@ -119,7 +121,8 @@ class FoldPass(Pass):
             if why_not:
                 result.notes.append(f"fold: the lookups of the run at '{run.nodes(0)[0].name}' stay in the loop body, "
                                     f"rebuilt at every iteration: {why_not}")
-            if modes[id(run)] == "scan" and not plans[id(run)].sliced and not _scan_over_copies(run, plans[id(run)]):
+            steps = plans[id(run)].sliced or run.inputs
+            if modes[id(run)] == "scan" and not steps and not _scan_over_copies(run, plans[id(run)]):
                 result.notes.append(f"fold: left the run at '{run.nodes(0)[0].name}' unfolded: a target "
                                     "runtime has no Loop, and no small float weight could give a Scan its steps")
                 chosen.remove(run)
@@ -142,6 +145,11 @@ class FoldPass(Pass):
                 f"({info['shared_weights']} shared weights, {info['stacked_weights']} stacked"
                 + (f", {info['gemm_weights']} of them read by Gemm(transB=1))" if info["gemm_weights"] else ")")
             )
+            if info["per_block_inputs"] or info["per_block_outputs"]:
+                result.notes.append(
+                    f"fold: each block's own graph inputs ({info['per_block_inputs']} per block) are stacked into "
+                    f"scan inputs, its graph outputs ({info['per_block_outputs']} per block) split from scan outputs"
+                )
             if info["precomputed_values"]:
                 how = (
                     "rebuilt once, over the stacked stored inputs," if info["precomputed_once"]
@@ -165,8 +173,12 @@ class FoldPass(Pass):
             reason = f"{len(run.per_block_slots)} weights differ between blocks and stack=false"
         elif run.per_block_slots and run.length < MIN_STACKED_BLOCKS:
             reason = f"weights differ between blocks; stacking pays only for {MIN_STACKED_BLOCKS}+ blocks"
+        elif mode == "loop" and (run.inputs or run.outputs):
+            reason = "its blocks read or make graph inputs or outputs of their own, which only a Scan slices and stacks"
         elif any(c.dtype is None for c in run.carried):
             reason = "the type of a carried value is unknown (shape inference could not tell)"
+        elif any(v.dtype is None or v.dims is None for v in run.inputs + run.outputs):
+            reason = "the type of a graph input or output of a block is unknown (shape inference could not tell)"
         elif mode == "scan" and any(i.name not in self._types for i in run.invariants):
             # a Scan takes it as a state variable, which must declare its element type
             reason = "the type of a value every block reads is unknown (shape inference could not tell)"
@@ -184,7 +196,7 @@ class FoldPass(Pass):
         the same bytes."""
         if self.config["mode"] == "loop" or ctx.model.opset < SCAN_MIN_OPSET:
             return "loop"
-        if not run.per_block_slots and ctx.deployment.runs_loop:
+        if not run.per_block_slots and not run.inputs and ctx.deployment.runs_loop:
             return "loop"
         return "scan"
 
@@ -355,10 +367,11 @@ def _computed_values(run: BlockRun, varies: set[int], types: dict) -> tuple[list
 
 
 def _live_nodes(run: BlockRun, precomputed: set[int]) -> set[int]:
-    """Template nodes the body needs for the carried values, given what comes precomputed."""
+    """Template nodes the body needs for the carried values and per-block outputs, given what
+    comes precomputed."""
     nodes = run.nodes(0)
     producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
-    stack = [c.source[0] for c in run.carried]
+    stack = [c.source[0] for c in run.carried] + [v.source[0] for v in run.outputs]
     live: set[int] = set()
     while stack:
         k = stack.pop()
@@ -380,194 +393,6 @@ def _with_weight_inputs(run: BlockRun, varies: set[int]) -> set[int]:
             found.add(k)
             stack.extend(producer[n] for n in nodes[k].input if n in producer)
     return found
-
-
-# -- one lookup over the stacked inputs -------------------------------------------------------
-
-# Ops that act element by element: with a leading block axis on some inputs, each block still
-# gets what it got alone, as long as the other inputs broadcast from the right as before.
-ELEMENTWISE_OPS = frozenset({
-    "Cast", "Identity", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Sqrt", "Exp", "Log", "Pow",
-    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Relu", "Clip", "Min", "Max", "Where", "Equal", "Less",
-    "Greater", "Not", "And", "Or", "BitShift", "BitwiseAnd", "BitwiseOr",
-})  # fmt: skip
-
-
-class _BatchedLookup:
-    """The outside nodes of a run written once, over [N, ...] stacks of their per-block
-    inputs, instead of once per block: the file keeps one copy of the lookup nodes and the
-    stacked indices, as it did with the lookup in the body, and runtimes fold one lookup per
-    weight at load. Each op gets a leading block axis: element-wise ops as they are, Reshape
-    a leading N in its shape, Slice and GatherElements their axes moved by one, Transpose its
-    perm shifted, Gather on axis 0 its indices stacked (and GatherND over the block axis when
-    each block has its own table). Any other op (or a shape that is not a stored constant)
-    makes `emit` return None, and the caller stacks the blocks' own outputs instead."""
-
-    def __init__(self, rewrite: _Rewrite, run: BlockRun, plan: _Plan):
-        self.rewrite, self.run, self.plan = rewrite, run, plan
-        self.model = rewrite.model
-        self.nodes = run.nodes(0)
-        self.slot_at = {p: slot for slot in run.slots for p in slot.ports}
-        self.weight_shapes = {name: slot.shape for slot in run.slots for name in slot.names}  # name -> shape
-        self.producer = {name: k for k, node in enumerate(self.nodes) for name in node.output if name}
-        self.batched: dict[str, str] = {}  # block-0 value -> its [N, ...] stack
-        self.emitted: list[onnx.NodeProto] = []
-        self.tensors: list[TensorProto] = []
-
-    def emit(self) -> dict[str, str] | None:
-        """Block-0 names of the outside values -> their stacks, or None if an op cannot batch."""
-        for k in self._order():
-            if not self._emit(k, self.nodes[k]):
-                return None
-        return self.batched
-
-    def _order(self) -> list[int]:
-        done: list[int] = []
-        pending = sorted(self.plan.varies)
-        while pending:
-            ready = [k for k in pending if all(self.producer.get(n) not in pending or self.producer[n] == k
-                                               for n in self.nodes[k].input)]
-            if not ready:
-                raise RuntimeError("fold: the lookup nodes of a block form a cycle")
-            done += ready
-            pending = [k for k in pending if k not in ready]
-        return done
-
-    def _source(self, k: int, i: int, name: str) -> tuple[str, bool]:
-        """What the batched node reads at input i, and whether it carries the block axis."""
-        slot = self.slot_at.get(Port(k, i))
-        if slot is not None:
-            if slot.equal:
-                return slot.names[0], False
-            return self.rewrite.stacked_weight(slot), True
-        if name in self.batched:
-            return self.batched[name], True
-        return name, False  # made by a weight-only node every block shares (block 0's copy)
-
-    def _rank(self, name: str) -> int | None:
-        if name in self.weight_shapes:
-            return len(self.weight_shapes[name])
-        dims = self.rewrite.found.value_types.get(name, (None, None))[1]
-        return None if dims is None else len(dims)
-
-    def _constant(self, k: int, i: int) -> np.ndarray | None:
-        slot = self.slot_at.get(Port(k, i))
-        if slot is None or not slot.equal:
-            return None
-        return np.asarray(self.rewrite._weight(slot.names[0]).read())
-
-    def _int64s(self, base: str, values) -> str:
-        name = self.model.names.fresh(base)
-        self.tensors.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
-        return name
-
-    def _offset_gather(self, node: onnx.NodeProto, inputs: list[str]) -> list[str] | None:
-        """Inputs for one Gather over the N tables laid end to end, each block's indices shifted
-        by its table's offset, or None where the table's shape or the indices' type is unknown.
-        GatherND would need the indices as int64 with a trailing axis: two more copies of them,
-        twice as wide, while the runtime rebuilds the weights at load."""
-        table_dims = self._dims(node.input[0])
-        index_rank, index_type = self._rank(node.input[1]), self._elem_type(node.input[1])
-        if not table_dims or None in table_dims or index_rank is None or index_type not in (TensorProto.INT32,
-                                                                                              TensorProto.INT64):
-            return None
-        names, rows = self.model.names, table_dims[0]
-        flat = names.fresh(f"{node.input[0]}.end_to_end")
-        shape = self._int64s(f"{node.input[0]}.end_to_end_shape", [self.run.length * rows, *table_dims[1:]])
-        self.emitted.append(helper.make_node("Reshape", [inputs[0], shape], [flat], name=flat))
-        offsets = (np.arange(self.run.length) * rows).reshape([self.run.length] + [1] * index_rank)
-        offset_name = names.fresh(f"{node.input[1]}.table_offsets")
-        self.tensors.append(numpy_helper.from_array(offsets.astype(helper.tensor_dtype_to_np_dtype(index_type)),
-                                                    offset_name))
-        shifted = names.fresh(f"{node.input[1]}.shifted")
-        self.emitted.append(helper.make_node("Add", [inputs[1], offset_name], [shifted], name=shifted))
-        return [flat, shifted]
-
-    def _dims(self, name: str) -> tuple | None:
-        if name in self.weight_shapes:
-            return tuple(self.weight_shapes[name])
-        return self.rewrite.found.value_types.get(name, (None, None))[1]
-
-    def _elem_type(self, name: str) -> int | None:
-        return self.rewrite.found.value_types.get(name, (None, None))[0]
-
-    def _as_nd_indices(self, indices: str, node: onnx.NodeProto) -> str:
-        """Gather's indices [N, ...] as GatherND's: int64, with a trailing axis of 1."""
-        names = self.model.names
-        wide, nd = names.fresh(f"{indices}.int64"), names.fresh(f"{indices}.nd")
-        self.emitted.append(helper.make_node("Cast", [indices], [wide], name=wide, to=TensorProto.INT64))
-        if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:
-            axes = self._int64s(f"{node.name or 'gather'}.last_axis", [-1])
-            self.emitted.append(helper.make_node("Unsqueeze", [wide, axes], [nd], name=nd))
-        else:
-            self.emitted.append(helper.make_node("Unsqueeze", [wide], [nd], name=nd, axes=[-1]))
-        return nd
-
-    def _emit(self, k: int, node: onnx.NodeProto) -> bool:
-        sources = [self._source(k, i, n) if n else ("", False) for i, n in enumerate(node.input)]
-        inputs = [name for name, _ in sources]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        op = node.op_type
-        stacked_rank = max((self._rank(n) or 0) for n, (_, b) in zip(node.input, sources) if b)
-        if op in ELEMENTWISE_OPS:
-            if len({self._rank(n) for n, (_, b) in zip(node.input, sources) if b}) != 1:
-                return False  # stacks of different ranks would broadcast block against block
-            for name, (_, batched) in zip(node.input, sources):
-                if name and not batched and (self._rank(name) is None or self._rank(name) > stacked_rank):
-                    return False  # would broadcast against the block axis
-        elif op == "Reshape":
-            shape = self._constant(k, 1)
-            if shape is None or sources[1][1] or not sources[0][1]:
-                return False
-            inputs[1] = self._int64s(f"{node.input[1]}.stacked", [self.run.length, *shape.tolist()])
-        elif op == "Slice":
-            if self.model.opset < 10 or not sources[0][1] or any(b for _, b in sources[1:]):
-                return False
-            axes = self._constant(k, 3) if len(node.input) > 3 and node.input[3] else None
-            starts = self._constant(k, 1)
-            if starts is None or (axes is None and len(node.input) > 3 and node.input[3]):
-                return False
-            axes = np.arange(len(starts)) if axes is None else axes
-            moved = [a + 1 if a >= 0 else a for a in axes.tolist()]
-            inputs = inputs[:3] + [self._int64s(f"{node.name or op}.axes", moved)] + inputs[4:]
-        elif op == "GatherElements":
-            if not (sources[0][1] and sources[1][1]):
-                return False
-            attrs["axis"] = _shifted(attrs.get("axis", 0))
-        elif op == "Gather":
-            rank = self._rank(node.input[0])
-            if not sources[1][1] or rank is None or attrs.get("axis", 0) % rank != 0:
-                return False
-            if sources[0][1]:  # each block its own table
-                offset = self._offset_gather(node, inputs)
-                if offset is not None:
-                    inputs = offset
-                elif self.model.opset < GATHER_ND_BATCH_OPSET:
-                    return False
-                else:
-                    inputs[1] = self._as_nd_indices(inputs[1], node)
-                    op, attrs = "GatherND", {"batch_dims": 1}
-        elif op == "Transpose":
-            rank = self._rank(node.input[0])
-            if rank is None:
-                return False
-            perm = attrs.get("perm", list(reversed(range(rank))))
-            attrs["perm"] = [0] + [p % rank + 1 for p in perm]
-        else:
-            return False
-        outputs = []
-        for out in node.output:
-            outputs.append(self.model.names.fresh(f"{out}.stacked") if out else "")
-            if out:
-                self.batched[out] = outputs[-1]
-        name = self.model.names.fresh(f"{node.name or op}.stacked")
-        self.emitted.append(helper.make_node(op, inputs, outputs, name=name, domain=node.domain, **attrs))
-        return True
-
-
-def _shifted(axis: int) -> int:
-    """An axis of a value that gained a leading block axis (negative axes count from the end)."""
-    return axis + 1 if axis >= 0 else axis
 
 
 # -- the rewrite --------------------------------------------------------------------------
@@ -608,7 +433,7 @@ class _Rewrite:
             if batched is not None and id(slot) in plan.computed:
                 stacked[id(slot)] = self._transposed(batched[slot.names[0]], id(slot) in transposed, first)
             elif id(slot) in plan.computed:
-                stacked[id(slot)] = self._stack_values(slot, id(slot) in transposed, first)
+                stacked[id(slot)] = self._stack_values(slot.names, id(slot) in transposed, first)
             else:
                 stacked[id(slot)] = self._widen(slot, self._stack(slot, id(slot) in transposed), first)
                 self.stacked_originals.update(slot.names)
@@ -624,6 +449,7 @@ class _Rewrite:
         # same names), so only what the body alone reads may move into it.
         in_body = run.all_positions() - {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
         moved, renamed = self._move_into_body(run, plan, in_body)
+        activations = [self._stack_values(value.names, False, first) for value in run.inputs]
         builder = _BodyBuilder(run, plan.sliced, self.found.value_types, names, mode, stacked, transposed, opsets,
                                {t.name for t in moved}, renamed, self._outer_types(run, plan))
         body, captured = builder.build()
@@ -636,15 +462,19 @@ class _Rewrite:
             self.tensors.append(numpy_helper.from_array(np.array(run.length, dtype=np.int64), trip_count))
             node = helper.make_node("Loop", [trip_count, "", *initial], final, name=node_name, body=body)
         else:
-            scanned = [stacked[id(s)] for s in plan.sliced]
+            scanned = [stacked[id(s)] for s in plan.sliced] + activations
             returned = [names.fresh(f"{name}.returned") for name in captured]  # unchanged, unread
+            made = [names.fresh(f"{value.names[0]}.stacked") for value in run.outputs]
             node = helper.make_node(
-                "Scan", [*initial, *captured, *scanned], [*final, *returned], name=node_name, body=body,
+                "Scan", [*initial, *captured, *scanned], [*final, *returned, *made], name=node_name, body=body,
                 num_scan_inputs=len(scanned),
             )
         positions = run.all_positions()
         self.removed |= positions - outside
         self.added.append((max(positions), node))
+        if mode == "scan":
+            for value, stack in zip(run.outputs, made):
+                self._unstack(stack, value.names, max(positions))
         return {
             "op": node.op_type,
             "blocks": run.length,
@@ -656,11 +486,14 @@ class _Rewrite:
             "precomputed_values": plan.hoisted_values,
             "precomputed_once": batched is not None,
             "carried": initial,
+            "per_block_inputs": len(run.inputs),
+            "per_block_outputs": len(run.outputs),
         }
 
     def _batched_lookup(self, run: BlockRun, plan: _Plan, position: int) -> dict[str, str] | None:
-        """The outside nodes once over stacked inputs (see _BatchedLookup), or None."""
-        lookup = _BatchedLookup(self, run, plan)
+        """The outside nodes once over stacked inputs (see BatchedLookup), or None."""
+        lookup = BatchedLookup(self.model, run, plan.varies, self.found.value_types, self.stacked_weight,
+                               lambda name: np.asarray(self._weight(name).read()))
         mark = (len(self.tensors), dict(self._stacks))
         found = lookup.emit()
         if found is None:  # drop the stacks made for it
@@ -684,13 +517,14 @@ class _Rewrite:
         self.added.append((position, helper.make_node("Transpose", [stacked], [name], name=name, perm=[0, 2, 1])))
         return name
 
-    def _stack_values(self, slot: WeightSlot, transposed: bool, position: int) -> str:
+    def _stack_values(self, values: tuple[str, ...], transposed: bool, position: int) -> str:
         """Concat of the blocks' values, each Unsqueezed to [1, ...] (and the stack transposed
-        to [N, cols, rows] for Gemm): all constants once the values are, so runtimes fold it
-        at load and the body slices a dense tensor."""
+        to [N, cols, rows] for Gemm). For computed weights, all constants once the values are,
+        so runtimes fold it at load and the body slices a dense tensor; for graph inputs, the
+        scan input."""
         names = self.model.names
         pieces = []
-        for value in slot.names:
+        for value in values:
             piece = names.fresh(f"{value}.unsqueezed")
             if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:
                 node = helper.make_node("Unsqueeze", [value, self._axes_zero()], [piece], name=piece)
@@ -698,13 +532,27 @@ class _Rewrite:
                 node = helper.make_node("Unsqueeze", [value], [piece], name=piece, axes=[0])
             self.added.append((position, node))
             pieces.append(piece)
-        stacked = names.fresh(f"{slot.names[0]}.stacked")
+        stacked = names.fresh(f"{values[0]}.stacked")
         concat = names.fresh(f"{stacked}.concat") if transposed else stacked
         self.added.append((position, helper.make_node("Concat", pieces, [concat], name=concat, axis=0)))
         if transposed:
             self.added.append((position, helper.make_node("Transpose", [concat], [stacked], name=stacked,
                                                           perm=[0, 2, 1])))
         return stacked
+
+    def _unstack(self, stacked: str, values: tuple[str, ...], position: int) -> None:
+        """The blocks' values back from a scan output [N, ...]: Split on the block axis, then
+        Squeeze each piece to the value's own name."""
+        names = self.model.names
+        pieces = [names.fresh(f"{value}.piece") for value in values]
+        split = names.fresh(f"{stacked}.split")
+        self.added.append((position, helper.make_node("Split", [stacked], pieces, name=split, axis=0)))
+        for piece, value in zip(pieces, values):
+            if self.model.opset >= UNSQUEEZE_AXES_INPUT_OPSET:  # Squeeze took axes as an input from 13 too
+                node = helper.make_node("Squeeze", [piece, self._axes_zero()], [value], name=names.fresh(value))
+            else:
+                node = helper.make_node("Squeeze", [piece], [value], name=names.fresh(value), axes=[0])
+            self.added.append((position, node))
 
     def _axes_zero(self) -> str:
         if self._axes is None:
@@ -875,15 +723,34 @@ class _BodyBuilder:
         scanned = []
         for slot in self.sliced:
             scanned += self._slice(graph, slot, iteration)
-        graph.inputs, graph.outputs = inputs + scanned, outputs
+        scanned += [self._activation_slice(graph, value) for value in self.run.inputs]
+        made = [self._activation_made(graph, tensors, value) for value in self.run.outputs]
+        graph.inputs, graph.outputs = inputs + scanned, outputs + made
         graph.cleanup(remove_unused_graph_inputs=False)
         captured = []
         if self.mode == "scan":
             captured = self._capture_as_state(graph)
             graph.inputs = inputs + [state for _, state, _ in captured] + scanned
-            graph.outputs = outputs + [same for _, _, same in captured]
+            graph.outputs = outputs + [same for _, _, same in captured] + made
         graph.toposort()
         return gs.export_onnx(graph, do_type_check=False).graph, [name for name, _, _ in captured]
+
+    def _activation_slice(self, graph: gs.Graph, value: PerBlockValue) -> gs.Variable:
+        """This iteration's graph input, a slice of the stacked inputs: a scan input."""
+        piece = gs.Variable(self.names.fresh(f"{value.names[0]}.slice"), value.dtype, _static(value.dims))
+        self._rewire(graph, value.ports, piece)
+        return piece
+
+    def _activation_made(self, graph: gs.Graph, tensors: dict[str, gs.Tensor], value: PerBlockValue) -> gs.Variable:
+        """This iteration's graph output, as a scan output. The body's value is renamed (the
+        main graph makes the original name again when it splits the stack) and leaves
+        through an Identity: tract (0.23) fails to analyse a Scan whose scan output is also
+        read in the body ("Impossible to unify")."""
+        produced = tensors[self.run.nodes(0)[value.source[0]].output[value.source[1]]]
+        produced.name = self.names.fresh(f"{value.names[0]}.in_body")
+        made = gs.Variable(self.names.fresh(f"{value.names[0]}.made"), value.dtype, _static(value.dims))
+        graph.nodes.append(self._node("Identity", made.name, [produced], [made]))
+        return made
 
     def _capture_as_state(self, graph: gs.Graph) -> list[tuple[str, gs.Variable, gs.Variable]]:
         """Every outer-scope value the body reads, as a state variable returned unchanged:

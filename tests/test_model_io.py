@@ -40,7 +40,7 @@ def test_loads_external_data_from_the_models_folder(tmp_path):
     assert np.array_equal(weight, np.arange(512, dtype=np.float32).reshape(64, 8))
     assert loaded.file_bytes == (tmp_path / "model.onnx").stat().st_size + 512 * 4
     both = (tmp_path / "model.onnx").read_bytes() + (tmp_path / "w.bin").read_bytes()
-    assert loaded.zip_bytes() == len(zlib.compress(both, 9))
+    assert loaded.download_size().zip_bytes == len(zlib.compress(both, 9))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,33 @@
+"""Names and small node builders that every lookup lowering shares."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from graphpass.weights import Replacement
+
+# Every stored role name starts with this; `lookup.is_lookup_table` looks for it.
+LUT_ROLE_PREFIX = "lut_"
+
+
+def np_dtype(onnx_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type))
+
+
+def int64s(r: Replacement, role: str, values: list[int]) -> str:
+    return r.stored(f"{LUT_ROLE_PREFIX}{role}", np.array(values, dtype=np.int64))
+
+
+def reshape(r: Replacement, name: str, current, target) -> str:
+    if tuple(current) == tuple(target):
+        return name
+    return r.node("Reshape", [name, int64s(r, "shape", list(target))], f"{LUT_ROLE_PREFIX}reshaped")
+
+
+def codebook_table(r: Replacement, entries: np.ndarray, stored_dtype: int) -> str:
+    """The codebook stored in `stored_dtype` and read as the weight's type."""
+    table = r.stored(f"{LUT_ROLE_PREFIX}codebook", entries.astype(np_dtype(stored_dtype)))
+    if stored_dtype != r.weight.dtype:  # cast the table's entries, not the n values
+        table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast", to=r.weight.dtype)
+    return table
