@@ -4,12 +4,13 @@
     python bench/bench_auto.py                 # BERT and magika
     python bench/bench_auto.py --bert          # the 3-layer BERT only
     python bench/bench_auto.py --magika [--files 600]
-    python bench/bench_auto.py --sweep bench/results   # the BERT's rate-distortion table and plot
+    python bench/bench_auto.py --sweep docs   # the BERT's rate-distortion table and plot (README)
 
 BERT (paraphrase_minilm_l3): 32 English sentences calibrate, 32 others test. The budget applies
 to the sentence embedding, output "461" (mean-pooled [B, 384]). Rows: the input, onnxruntime's
-MatMulNBits 4-bit block 32, onnxruntime's quantize_dynamic int8, and auto at min cosine 0.99
-and 0.999 (with and without activation-aware k-means). Cosine figures are the worse of
+MatMulNBits 4-bit block 32, onnxruntime's quantize_dynamic int8, NNCF's compress_weights (int4
+group 32 calibrated on the calibration sentences, int8) where nncf imports, and auto at min
+cosine 0.99 and 0.999 (with and without error feedback). Cosine figures are the worse of
 onnxruntime's two optimisation levels, on the test sentences and on the calibration ones.
 
 magika: files from this machine (/usr/lib, /usr/share, /etc), featurised exactly as magika
@@ -299,9 +300,10 @@ def auto_passes(result) -> dict:
     return next(p for p in result.report["passes"] if p["name"] == "auto")
 
 
-def quantized_baselines(model_path: Path) -> list[tuple[str, bytes]]:
+def quantized_baselines(model_path: Path, calibration) -> list[tuple[str, bytes]]:
+    """onnxruntime's baselines, and NNCF's where it imports (calibrated where they calibrate)."""
     proto = onnx.load(model_path)
-    return [(name, build(proto)) for name, _, build in sweep.BASELINES]
+    return [(name, build(proto, calibration)) for name, _, build in sweep.available_baselines()]
 
 
 def render(title: str, rows: list[Row], input_bytes: int, metric: str) -> str:
@@ -329,7 +331,7 @@ def bench_bert(specs: list[str], budgets: list[float]) -> str:
     test = tokenizer.encode_batch(TEST_SENTENCES)
     input_bytes = path.stat().st_size
     rows = [Row("(input) paraphrase-MiniLM-L3-v2", input_bytes, 1.0, 1.0)]
-    for label, data in quantized_baselines(path):
+    for label, data in quantized_baselines(path, calibration):
         rows.append(Row(label, len(data), worst_cosine(path, data, test, EMBEDDING),
                         worst_cosine(path, data, calibration, EMBEDDING)))
     details = []
@@ -404,16 +406,18 @@ def bench_magika(files: int, spec: str, budgets: list[Budget]) -> str:
     return text + "\n" + verdict + "\n\n" + "\n\n".join(render_choices(label, d) for label, d in details)
 
 
-def sweep_bert(folder: Path, bits: list[int]) -> str:
-    """`graphpass sweep` of the BERT on the test sentences: the table and plot the README shows."""
+def sweep_bert(folder: Path, methods: list[str], bits: list[int], granularities: list[str]) -> str:
+    """`graphpass sweep` of the BERT, with and without error feedback: fitted on the calibration
+    sentences, measured on the test ones (worst sentence). The table and plot the README shows."""
     path = Path(real_models.fetch("paraphrase_minilm_l3"))
     tokenizer = WordPiece(Path(real_models.fetch("bert_uncased_tokenizer")))
-    rows = sweep.sweep(path, list(sweep.DEFAULT_METHODS), bits, ["tensor", "channel", "group"],
-                       inputs=tokenizer.encode_batch(TEST_SENTENCES), outputs=[EMBEDDING], progress=_progress)
+    rows = sweep.sweep(path, methods, bits, granularities, inputs=tokenizer.encode_batch(TEST_SENTENCES),
+                       calibration=tokenizer.encode_batch(CALIBRATION_SENTENCES), feedback=True,
+                       outputs=[EMBEDDING], progress=_progress)
     folder.mkdir(parents=True, exist_ok=True)
     sweep.write_table(rows, folder / "bert_sweep.csv")
     sweep.write_svg(rows, folder / "bert_sweep.svg",
-                    "paraphrase-MiniLM-L3-v2: file size against sentence-embedding error")
+                    "paraphrase-MiniLM-L3-v2: file size against the worst test sentence's embedding error")
     return sweep.render_text(rows) + f"\nwrote {folder / 'bert_sweep.csv'} and {folder / 'bert_sweep.svg'}"
 
 
@@ -422,17 +426,21 @@ def main(argv=None) -> int:
     parser.add_argument("--bert", action="store_true")
     parser.add_argument("--magika", action="store_true")
     parser.add_argument("--files", type=int, default=600, help="magika test files (plus 256 calibration)")
-    parser.add_argument("--specs", default="tie,auto,fold;tie,auto(aware=false),fold",
+    parser.add_argument("--specs", default="tie,auto,fold;tie,auto(feedback=true),fold",
                         help="BERT pass specs, ;-separated")
     parser.add_argument("--budgets", default="0.99,0.999")
     parser.add_argument("--magika-budgets", default="0.999,0.9999,atol=0.05,atol=0.02,atol=0.01",
                         help="min cosines, or atol=X on the output probabilities")
     parser.add_argument("--sweep", type=Path, metavar="DIR",
-                        help="instead: sweep the BERT (kmeans, uniform, codebook; bits 2..8) into DIR")
+                        help="instead: sweep the BERT, with and without error feedback, into DIR")
+    parser.add_argument("--sweep-methods", default="kmeans,uniform,codebook")
+    parser.add_argument("--sweep-bits", default="2..8")
+    parser.add_argument("--sweep-granularities", default="tensor,channel,group")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # onnxruntime's quantizers log each node they skip
     if args.sweep:
-        print(sweep_bert(args.sweep, list(range(2, 9))))
+        print(sweep_bert(args.sweep, sweep.parse_methods(args.sweep_methods), sweep.parse_bits(args.sweep_bits),
+                         sweep.parse_list(args.sweep_granularities)))
         return 0
     both = not (args.bert or args.magika)
     if args.bert or both:

@@ -39,6 +39,7 @@ import onnx.version_converter
 import onnxruntime as ort
 
 import graphpass
+from graphpass import sweep
 from graphpass.deployment import Deployment
 from graphpass.runtimes import RuntimeFailure, adapter
 from graphpass.runtimes.cost import RuntimeCost, measure_cost
@@ -176,20 +177,14 @@ def ort_matmul_nbits(source: Path, target: Path) -> None:
 
 
 def nncf_int4(source: Path, target: Path, calibration: dict[str, np.ndarray]) -> str | None:
-    """NNCF's compress_weights on the ONNX backend, when nncf imports; else why not."""
+    """NNCF's compress_weights on the ONNX backend (graphpass.sweep's baseline), when nncf
+    imports; else why not."""
     try:
         import nncf  # noqa: F401
     except Exception as exc:  # not installed, or it needs torch
         return f"nncf unavailable: {type(exc).__name__}: {exc}"
     try:
-        # At the model's opset 17 NNCF writes MatMulNBits with unpacked 4-bit zero points, which
-        # onnxruntime refuses to load; at opset 21 it writes blocked DequantizeLinear + MatMul.
-        model = onnx.version_converter.convert_version(onnx.load(source), 21)
-        count = len(next(iter(calibration.values())))
-        dataset = nncf.Dataset([{k: v[i:i + 1] for k, v in calibration.items()} for i in range(count)])
-        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32,
-                                           ratio=1.0, dataset=dataset)
-        onnx.save(compressed, target)
+        target.write_bytes(sweep.nncf_int4_baseline(onnx.load(source), calibration))
         return None
     except Exception as exc:
         return f"nncf failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

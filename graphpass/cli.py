@@ -269,15 +269,19 @@ def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, r
               help="Measure this output only (repeatable; default: all).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the table here (.csv or .json).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the rate-distortion plot here (.svg).")
-@click.option("--no-baselines", is_flag=True, help="Leave out onnxruntime's MatMulNBits and int8 reference points.")
+@click.option("--no-baselines", is_flag=True,
+              help="Leave out the reference points (onnxruntime's MatMulNBits and int8; NNCF's where it imports).")
+@click.option("--feedback", is_flag=True, help="Also sweep every setting with error feedback (a dashed line each).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help=".npz the settings that learn from data (feedback, NNCF) learn from; default: the --inputs.")
 def sweep(model, methods, bits_text, granularities, group_size, inputs, shapes, seed, model_outputs, output, plot,
-          no_baselines):
+          no_baselines, feedback, calibration):
     """Rate-distortion table of MODEL: file size against output error per method x bits x granularity."""
     sweeping.check_destinations(output, plot)
     rows = sweeping.sweep(model, sweeping.parse_methods(methods), sweeping.parse_bits(bits_text),
                           sweeping.parse_list(granularities), inputs=inputs, shapes=_shapes(shapes), seed=seed,
                           outputs=model_outputs or None, group_size=group_size, baselines=not no_baselines,
-                          progress=delayed_progress)
+                          feedback=feedback, calibration=calibration, progress=delayed_progress)
     click.echo(sweeping.render_text(rows))
     if output:
         sweeping.write_table(rows, output)

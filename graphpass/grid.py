@@ -3,7 +3,8 @@
 A setting is one configured codec (kmeans(bits=3,granularity=channel), say). The grid is laid
 out per codec family: the binning family over bits x granularity, vector codebooks over the
 rates where they pay off. Both auto and sweep read it from here, so the table sweep writes
-shows exactly the options auto weighs.
+shows exactly the options auto weighs. With `feedback` in the config, every setting of a codec
+that has error feedback (graphpass.feedback) comes twice: without it and with it.
 """
 
 from __future__ import annotations
@@ -178,7 +179,22 @@ def candidate_settings(config: dict[str, Any], model: Model, deployment: Deploym
             codecs = [name for name, c in passes.items() if is_codec(c)]
             raise UsageError(f"method '{method}' is not a weight codec; valid: {', '.join(codecs)}")
         shared = {o.name: config[o.name] for o in cls.options if o.name in ("min_size", "include", "exclude")}
-        grid = kernel_grid if memory and method in MEMORY_METHODS else SETTING_GRIDS.get(method, binning_grid)
-        for options in grid(cls, config, model):
+        kernels = memory and method in MEMORY_METHODS
+        grid = kernel_grid if kernels else SETTING_GRIDS.get(method, binning_grid)
+        for options in _with_feedback(grid(cls, config, model), cls, config.get("feedback") and not kernels):
             settings.append(Setting(method, tuple(options.items()), cls(**{**shared, **options})))
     return settings
+
+
+def _with_feedback(grid: list[dict[str, Any]], cls: type[Pass], feedback: bool) -> list[dict[str, Any]]:
+    """The grid, and with `feedback` each of its option sets again with error feedback
+    (graphpass.feedback), for codecs that have the option. The kernels' grid says feedback
+    its own way (gptq)."""
+    if not feedback or "feedback" not in {o.name for o in cls.options}:
+        return grid
+    return grid + [{**options, "feedback": True} for options in grid]
+
+
+def uses_feedback(setting: Setting) -> bool:
+    """Whether a setting assigns its entries with error feedback (and so needs a Hessian)."""
+    return bool(getattr(setting.codec, "uses_feedback", lambda: False)())

@@ -1,13 +1,22 @@
 """Rate-distortion sweep: file size against output error, one row per method x bits x granularity.
 
     graphpass sweep model.onnx --methods kmeans,codebook,uniform --bits 2..8 -o table.csv --plot rd.svg
+    graphpass sweep model.onnx --feedback --calibration calib.npz --inputs test.npz --plot rd.svg
 
 Each row compresses every eligible weight of the model with one setting (the same grid `auto`
 chooses from, so the table shows auto's options side by side), writes the model, and compares
 it with the input in onnxruntime at both optimisation levels on the same inputs (`--inputs`, or
-generated ones). Reference points, marked apart on the plot: onnxruntime's 4-bit MatMulNBits
+generated ones). With `--feedback` every setting of a codec that has error feedback comes again
+with it (graphpass.feedback), a dashed line beside the plain one. Settings that learn from data
+(feedback's second moments) learn from `--calibration` when given, else from the inputs they
+are measured on, which flatters them: give held-out inputs to measure them fairly.
+
+Reference points, marked apart on the plot: onnxruntime's 4-bit MatMulNBits
 (MatMulNBitsQuantizer, block 32) and its int8 quantize_dynamic (int8 weights, activations
-quantized on the fly). The plot is a hand-written SVG: no plotting library is needed.
+quantized on the fly), and, when `import nncf` works (it is not a dependency), NNCF's
+compress_weights int4 asymmetric group 32 (calibrated, at opset 21: NNCF's opset-17 MatMulNBits
+does not load) and int8 asymmetric per channel. The plot is a hand-written SVG: no plotting
+library is needed.
 """
 
 from __future__ import annotations
@@ -28,12 +37,13 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 import onnx
+from onnx import version_converter
 
 from graphpass import verify as verification
 from graphpass.api import run as run_pipeline
 from graphpass.edit import Model
 from graphpass.errors import UsageError
-from graphpass.grid import candidate_settings, index_bits
+from graphpass.grid import candidate_settings, index_bits, uses_feedback
 from graphpass.manager import progress_of
 from graphpass.model import load_model, serialized_bytes
 
@@ -53,6 +63,7 @@ class SweepRow:
     seconds: float
     baseline: bool = False
     outputs: dict[str, float | None] = field(default_factory=dict)  # cosine per output
+    feedback: bool = False  # the setting assigns its entries with error feedback
 
     @property
     def distortion(self) -> float | None:
@@ -85,22 +96,26 @@ def parse_bits(text: str) -> list[int]:
 def sweep(model, methods: Sequence[str], bits: Sequence[int], granularities: Sequence[str], *,
           inputs: dict[str, np.ndarray] | str | None = None, shapes=None, seed: int = 0,
           outputs: Sequence[str] | None = None, group_size: int = 128, baselines: bool = True,
+          feedback: bool = False, calibration: dict[str, np.ndarray] | str | None = None,
           progress=None) -> list[SweepRow]:
-    """One row per setting of the grid, then the baselines."""
+    """One row per setting of the grid (twice with `feedback`), then the baselines. Measured on
+    `inputs`; settings and baselines that learn from data learn from `calibration` (else `inputs`)."""
     loaded = load_model(model)
     reference = loaded.path if loaded.path is not None else serialized_bytes(loaded.proto)
     feeds = _feeds(loaded.proto, inputs, shapes, seed)
+    fitting = feeds if calibration is None else _feeds(loaded.proto, calibration, shapes, seed)
     measured = verification.budget_output_names(loaded.proto, outputs)
     config = {"methods": "|".join(methods), "bits": "|".join(map(str, bits)), "granularities": "|".join(granularities),
-              "group_size": group_size, "min_size": 1024, "include": "", "exclude": ""}
+              "group_size": group_size, "min_size": 1024, "include": "", "exclude": "", "feedback": feedback}
     settings = candidate_settings(config, Model(loaded.proto))
+    references = available_baselines() if baselines else ()
     rows = []
-    with progress_of(progress, "sweep: one model per setting", len(settings) + 2 * baselines) as advance:
+    with progress_of(progress, "sweep: one model per setting", len(settings) + len(references)) as advance:
         for setting in settings:
-            rows.append(_setting_row(loaded, setting, feeds, measured))
+            rows.append(_setting_row(loaded, reference, setting, feeds, fitting, measured))
             advance(1)
-        for name, bits, build in (BASELINES if baselines else ()):
-            rows.append(_baseline_row(loaded, reference, name, bits, build, feeds, measured))
+        for name, bits, build in references:
+            rows.append(_baseline_row(loaded, reference, name, bits, build, feeds, fitting, measured))
             advance(1)
     return rows
 
@@ -111,13 +126,18 @@ def _feeds(proto: onnx.ModelProto, inputs, shapes, seed) -> dict[str, np.ndarray
     return inputs if isinstance(inputs, dict) else verification.load_inputs(inputs)
 
 
-def _setting_row(loaded, setting, feeds, outputs: list[str]) -> SweepRow:
+def _setting_row(loaded, reference, setting, feeds, fitting, outputs: list[str]) -> SweepRow:
     start = time.perf_counter()
-    result = run_pipeline(loaded.proto, setting.label, inputs=feeds, budget=STRUCTURAL)
+    result = run_pipeline(loaded.proto, setting.label, inputs=fitting, budget=STRUCTURAL)
+    checked = result.verify_result
+    if fitting is not feeds:  # fitted on the calibration inputs: measured on the others
+        checked = verification.verify(reference, serialized_bytes(result.model), feeds, STRUCTURAL)
     options = dict(setting.options)
-    return _row(setting.method, index_bits(options), options.get("granularity"), setting.label,
-                result.report["output"]["file_bytes"], loaded.file_bytes, result.verify_result, outputs,
-                time.perf_counter() - start)
+    row = _row(setting.method, index_bits(options), options.get("granularity"), setting.label,
+               result.report["output"]["file_bytes"], loaded.file_bytes, checked, outputs,
+               time.perf_counter() - start)
+    row.feedback = uses_feedback(setting)
+    return row
 
 
 def _row(method, bits, granularity, spec, file_bytes, input_bytes, checked, outputs, seconds,
@@ -130,11 +150,11 @@ def _row(method, bits, granularity, spec, file_bytes, input_bytes, checked, outp
                     round(seconds, 2), baseline, cosines)
 
 
-def _baseline_row(loaded, reference, name: str, bits: int, build, feeds, outputs: list[str]) -> SweepRow:
+def _baseline_row(loaded, reference, name: str, bits: int, build, feeds, fitting, outputs: list[str]) -> SweepRow:
     start = time.perf_counter()
     try:
         with _quiet_logging():
-            data = build(loaded.proto)
+            data = build(loaded.proto, fitting)
     except Exception as exc:  # onnxruntime's quantizers reject some graphs; the sweep goes on
         return SweepRow(name, bits, None, f"{name} (failed: {type(exc).__name__}: {exc})", 0, 0.0, None, None, 0.0, True)
     checked = verification.verify(reference, data, feeds, STRUCTURAL)
@@ -152,7 +172,7 @@ def _quiet_logging():
         logging.disable(logging.NOTSET)
 
 
-def matmul_nbits_baseline(proto: onnx.ModelProto) -> bytes:
+def matmul_nbits_baseline(proto: onnx.ModelProto, calibration=None) -> bytes:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(_copy(proto), bits=4, block_size=32)
@@ -160,7 +180,7 @@ def matmul_nbits_baseline(proto: onnx.ModelProto) -> bytes:
     return serialized_bytes(quantizer.model.model)
 
 
-def int8_dynamic_baseline(proto: onnx.ModelProto) -> bytes:
+def int8_dynamic_baseline(proto: onnx.ModelProto, calibration=None) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as folder:
@@ -169,24 +189,62 @@ def int8_dynamic_baseline(proto: onnx.ModelProto) -> bytes:
         return target.read_bytes()
 
 
+# NNCF's ONNX backend writes MatMulNBits with unpacked 4-bit zero points at opset 17, which
+# onnxruntime refuses to load; at opset 21 it writes blocked DequantizeLinear + MatMul.
+NNCF_INT4_OPSET = 21
+
+
+def nncf_int4_baseline(proto: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> bytes:
+    """NNCF's compress_weights, int4 asymmetric in groups of 32 (every MatMul), calibrated on
+    `calibration` one sample at a time."""
+    import nncf
+
+    model = version_converter.convert_version(_copy(proto), NNCF_INT4_OPSET)
+    count = len(next(iter(calibration.values())))
+    dataset = nncf.Dataset([{k: v[i:i + 1] for k, v in calibration.items()} for i in range(count)])
+    return serialized_bytes(nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32,
+                                                  ratio=1.0, dataset=dataset))
+
+
+def nncf_int8_baseline(proto: onnx.ModelProto, calibration=None) -> bytes:
+    """NNCF's compress_weights, int8 asymmetric per channel (data-free: int8 takes no dataset)."""
+    import nncf
+
+    return serialized_bytes(nncf.compress_weights(_copy(proto), mode=nncf.CompressWeightsMode.INT8_ASYM))
+
+
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     return copy
 
 
-BASELINES = (  # (name, bits per weight, build: ModelProto -> file bytes)
+# (name, bits per weight, build: (ModelProto, calibration inputs) -> file bytes)
+BASELINES = (
     ("onnxruntime MatMulNBits 4-bit block 32", 4, matmul_nbits_baseline),
     ("onnxruntime int8 quantize_dynamic", 8, int8_dynamic_baseline),
 )
+NNCF_BASELINES = (
+    ("NNCF compress_weights int4_asym group 32", 4, nncf_int4_baseline),
+    ("NNCF compress_weights int8_asym", 8, nncf_int8_baseline),
+)
+
+
+def available_baselines() -> tuple:
+    """onnxruntime's baselines, and NNCF's where `import nncf` works (NNCF is not a dependency)."""
+    try:
+        import nncf  # noqa: F401
+    except Exception:  # not installed, or it wants a framework it cannot find
+        return BASELINES
+    return BASELINES + NNCF_BASELINES
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing the table
 # ---------------------------------------------------------------------------------------------
 
-_COLUMNS = ("method", "bits", "granularity", "spec", "file_bytes", "size_ratio", "cosine", "one_minus_cosine",
-            "max_abs_error", "seconds", "baseline")
+_COLUMNS = ("method", "bits", "granularity", "feedback", "spec", "file_bytes", "size_ratio", "cosine",
+            "one_minus_cosine", "max_abs_error", "seconds", "baseline")
 
 
 def table_dicts(rows: Sequence[SweepRow]) -> list[dict[str, Any]]:
@@ -251,7 +309,8 @@ def write_svg(rows: Sequence[SweepRow], path: str | Path, title: str) -> None:
 
 def render_svg(rows: Sequence[SweepRow], title: str) -> str:
     """File size (% of the input, x) against 1 - cosine (log y): a line per method and
-    granularity through its bits, baselines as labelled diamonds."""
+    granularity through its bits (dashed, in the same colour, with error feedback), baselines as
+    labelled diamonds."""
     plotted = [r for r in rows if r.distortion is not None and r.file_bytes > 0]
     axes = _Axes(plotted)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{_HEIGHT}" '
@@ -260,8 +319,10 @@ def render_svg(rows: Sequence[SweepRow], title: str) -> str:
              f'<text x="{_LEFT}" y="22" font-size="14">{escape(title)}</text>']
     parts += axes.grid()
     series = _series(plotted)
-    for index, (name, points) in enumerate(series.items()):
-        parts += _draw_series(name, points, axes, _PALETTE[index % len(_PALETTE)], index)
+    colours = {}
+    for index, ((name, feedback), points) in enumerate(series.items()):
+        colour = colours.setdefault(name, _PALETTE[len(colours) % len(_PALETTE)])
+        parts += _draw_series(name + (" + feedback" if feedback else ""), points, axes, colour, index, feedback)
     parts += _draw_baselines([r for r in plotted if r.baseline], axes, len(series))
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
@@ -309,25 +370,31 @@ def _nice_ceiling(value: float) -> float:
     return float(math.ceil(value / 50) * 50)
 
 
-def _series(rows: Sequence[SweepRow]) -> dict[str, list[SweepRow]]:
-    series: dict[str, list[SweepRow]] = {}
+def _series(rows: Sequence[SweepRow]) -> dict[tuple[str, bool], list[SweepRow]]:
+    """(method / granularity, with feedback) -> its rows by size; each plain series before the
+    same one with feedback."""
+    series: dict[tuple[str, bool], list[SweepRow]] = {}
     for row in rows:
         if not row.baseline:
             name = row.method + (f" / {row.granularity}" if row.granularity else "")
-            series.setdefault(name, []).append(row)
-    return {name: sorted(points, key=lambda r: r.size_ratio) for name, points in series.items()}
+            series.setdefault((name, row.feedback), []).append(row)
+    order = sorted(series, key=lambda key: (list(series).index((key[0], False)) if (key[0], False) in series
+                                            else len(series), key[1]))
+    return {key: sorted(series[key], key=lambda r: r.size_ratio) for key in order}
 
 
-def _draw_series(name: str, points: list[SweepRow], axes: _Axes, color: str, index: int) -> list[str]:
+def _draw_series(name: str, points: list[SweepRow], axes: _Axes, color: str, index: int,
+                 dashed: bool = False) -> list[str]:
     path = " ".join(f"{axes.x(p.size_ratio):.1f},{axes.y(p.distortion):.1f}" for p in points)
-    parts = [f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>']
+    dash = ' stroke-dasharray="5,3"' if dashed else ""
+    parts = [f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>']
     for p in points:
         x, y = axes.x(p.size_ratio), axes.y(p.distortion)
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"><title>{escape(p.spec)}: '
                      f'{p.file_bytes:,} bytes, cosine {p.cosine:.6f}</title></circle>')
         if p.bits is not None:
             parts.append(f'<text x="{x + 4:.1f}" y="{y - 4:.1f}" fill="{color}" font-size="9">{p.bits:g}</text>')
-    parts += _legend_entry(index, name, f'<line x1="0" y1="0" x2="16" y2="0" stroke="{color}" stroke-width="2"/>')
+    parts += _legend_entry(index, name, f'<line x1="0" y1="0" x2="16" y2="0" stroke="{color}" stroke-width="2"{dash}/>')
     return parts
 
 
@@ -340,7 +407,8 @@ def _draw_baselines(rows: Sequence[SweepRow], axes: _Axes, first_entry: int) -> 
                      f'bytes, cosine {row.cosine:.6f}</title></path>')
         parts.append(f'<text x="{x + 8:.1f}" y="{y + 4:.1f}" font-size="9">{escape(row.method)}</text>')
     if rows:
-        parts += _legend_entry(first_entry, "onnxruntime baselines",
+        parts += _legend_entry(first_entry, "baselines (onnxruntime, NNCF)" if any("NNCF" in r.method for r in rows)
+                               else "onnxruntime baselines",
                                '<path d="M8,-5 L13,0 L8,5 L3,0 Z" fill="black"/>')
     return parts
 

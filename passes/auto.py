@@ -7,15 +7,23 @@ budget is the whole point, and a silent default would hide the most important ch
 calibration inputs (--inputs, else the generated verification inputs). It spends the whole
 budget against the model it receives, so it goes before any other lossy pass.
 
+0. Held-out share (graphpass.holdout). A quarter of the calibration samples, picked by position
+   along the batch axis, is held out: steps 2 and 3 fit on the rest, and a model passes only
+   when the held-out samples meet the budget too, so that a choice tuned to the fitting samples
+   does not pass unseen. A batch of one sample holds nothing out (the report says so).
 1. Settings (graphpass.grid). A grid over codecs (passes implementing graphpass.codec.WeightCodec:
    kmeans and codebook by default), index bits and granularity. Per-channel and per-group codebooks
    are stored as float16, whose rounding is far below the index error and whose tables are a
-   real share of the bytes there; per-tensor tables stay float32.
+   real share of the bytes there; per-tensor tables stay float32. With feedback=true every
+   setting of a codec that has error feedback comes again with it, tried on MatMul and Gemm
+   weights with their inputs' second moment on the fitting share.
 2. Sensitivity (graphpass.sensitivity). Each candidate weight's settings are tried in order of
    expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
    in the probe model on the calibration inputs. A weight stops at the first setting whose
    error is below a floor, 1/(4N) of the budget for N weights: more bytes could buy almost
-   nothing there. Weights are measured on the run's workers (`--jobs`; one session each).
+   nothing there. Weights are measured on the run's workers (`--jobs`; one session each). A
+   setting that learns from the fitting share (error feedback) is measured on the held-out share
+   too and counts the worse: on its own samples its error looks smaller than it is.
    With aware=true, k-means weights each value's squared error by the energy of the
    activation channel it multiplies (MatMul and Gemm weights of the main graph).
 3. Allocation. Each weight's measured settings and "kept as is" (bytes, error) are reduced to
@@ -24,7 +32,7 @@ budget against the model it receives, so it goes before any other lossy pass.
    an exact knapsack over error steps (no greedy overshoot when one weight's steps are coarse).
 4. Check. The model with the chosen plans is built and verified with graphpass.verify at both
    optimisation levels, against the budget less HEADROOM (later passes may reorder float
-   operations). A failure shrinks the target by the measured/predicted ratio (always by at least
+   operations), on the fitting share and on the held-out share of the calibration inputs. A failure shrinks the target by the measured/predicted ratio (always by at least
    one upgrade); a pass with room to spare grows it, to find a smaller model. The smallest
    model that passed is kept. When none passes within MAX_ROUNDS builds, or when no weight can
    be compressed within the budget at all, auto stops with BudgetError (exit 1).
@@ -53,7 +61,9 @@ from graphpass import verify as verification
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
-from graphpass.grid import Setting, candidate_settings
+from graphpass.feedback import input_axis
+from graphpass.grid import Setting, candidate_settings, uses_feedback
+from graphpass.holdout import Split, split_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
@@ -77,6 +87,10 @@ LOOSEN_BELOW = 0.7
 # Activation energy below this fraction of the mean still counts a little: a channel silent on
 # the calibration inputs may not be silent on others.
 ENERGY_FLOOR = 1e-2
+
+
+def relative_energy(energy: np.ndarray) -> np.ndarray:
+    return np.maximum(energy / max(float(energy.mean()), 1e-30), ENERGY_FLOOR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,24 +210,37 @@ class Round:
     file_bytes: int
     proto: onnx.ModelProto | None = None
     figures: dict[str, Any] = field(default_factory=dict)
+    held_out: Check | None = None  # None: nothing was held out
 
     def to_dict(self, compressed: int) -> dict[str, Any]:
+        held_out = {} if self.held_out is None else {"held_out_units": _finite(self.held_out.units)}
         return {"target_units": round(self.target, 6), "predicted_units": round(self.predicted, 6),
-                "measured_units": _finite(self.measured), "passed": self.passed, "file_bytes": self.file_bytes,
-                "tensors_compressed": compressed}
+                "measured_units": _finite(self.measured), **held_out, "passed": self.passed,
+                "file_bytes": self.file_bytes, "tensors_compressed": compressed}
 
 
 def _finite(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
+@dataclass
+class Check:
+    """One candidate verified on one share of the calibration inputs."""
+
+    passed: bool
+    units: float  # of the real budget
+    figures: dict[str, Any]  # per output: the worst sample's cosine and max abs error
+
+
 class Builder:
     """Builds candidate models from chosen plans on copies of the base model, and verifies them
-    against the reference in onnxruntime (both optimisation levels)."""
+    against the reference in onnxruntime (both optimisation levels), on the fitting share of the
+    calibration inputs and on the held-out share (graphpass.holdout)."""
 
-    def __init__(self, base: onnx.ModelProto, outputs: list[str], inputs, budget: verification.Budget, folder: Path):
+    def __init__(self, base: onnx.ModelProto, outputs: list[str], split: Split, budget: verification.Budget,
+                 folder: Path):
         self.base = base
-        self.inputs = inputs
+        self.split = split
         self.budget = budget
         self.outputs = outputs
         self.folder = folder
@@ -231,13 +258,18 @@ class Builder:
             dataclasses.replace(point.plan, weight=weights[study.key]).apply()
         return trial.proto
 
-    def check(self, proto: onnx.ModelProto) -> tuple[bool, float, int, dict[str, Any]]:
-        """(passed with headroom, error units of the real budget, file bytes, figures)."""
+    def check(self, proto: onnx.ModelProto) -> tuple[Check, Check | None, int]:
+        """(the check on the fitting share, on the held-out share or None, file bytes)."""
         path = self.folder / "candidate.onnx"
         file_bytes = save_model(proto, path)
-        result = verification.verify(self.reference, path, self.inputs, self.accept)
+        fitting = self._check_on(path, self.split.fitting)
+        held_out = None if self.split.held_out is None else self._check_on(path, self.split.held_out)
+        return fitting, held_out, file_bytes
+
+    def _check_on(self, path: Path, inputs) -> Check:
+        result = verification.verify(self.reference, path, inputs, self.accept)
         figures = {name: {"cosine": m.cosine, "max_abs_error": m.max_abs_error} for name, m in result.outputs.items()}
-        return result.passed, verified_units(result, self.budget), file_bytes, figures
+        return Check(result.passed, verified_units(result, self.budget), figures)
 
 
 def _with_headroom(budget: verification.Budget, share: float) -> verification.Budget:
@@ -274,7 +306,30 @@ class Calibration:
     value_weights: dict[str, np.ndarray]  # activation energy per value, for aware k-means
     rows: dict[str, np.ndarray]  # rows of each embedding table that the inputs read
     floor: float  # error units below which a weight needs no more bytes
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul inputs' second moments, for gptq
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul inputs' second moments, for feedback
+    # The probe and meter on the held-out share, for settings that learn from the fitting one.
+    unseen: tuple[Probe, ErrorMeter] | None = None
+
+    def measure(self, weight: WeightRef, values: np.ndarray, learnt: bool) -> Measurement:
+        """The error of `weight` alone replaced by `values`, on the fitting share. A setting that
+        `learnt` from that share (error feedback) is also measured on the held-out share and
+        counts the worse: on the samples it fitted, its error looks smaller than it is (on the
+        BERT, 24 sentences let feedback hide error in directions other sentences use)."""
+        found = self.meter.measure(self.probe.run({weight.name: values}))
+        if learnt and self.unseen is not None:
+            probe, meter = self.unseen
+            other = meter.measure(probe.run({weight.name: values}))
+            found = other if other.units > found.units else found
+        return found
+
+    def fit_inputs(self, setting: Setting, weight: WeightRef) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(value weight, Hessian) a setting's plan gets, all from the fitting share: a feedback
+        setting weighs its fit by the Hessian's diagonal, as the codec would on its own inputs."""
+        value_weight, hessian = self.value_weights.get(weight.name), self.hessians.get(weight.name)
+        if value_weight is None and hessian is not None and uses_feedback(setting):
+            value_weight = relative_energy(np.diag(hessian))
+            value_weight = value_weight[:, None] if input_axis(weight) == 0 else value_weight[None, :]
+        return value_weight, hessian
 
 
 @register
@@ -290,6 +345,10 @@ class AutoPass(Pass):
         Option("group_size", int, 128, "values per codebook with granularity group", low=2),
         Option("aware", bool, True, "weight k-means by the activation energy of each input channel "
                "(MatMul and Gemm weights, measured on the calibration inputs)"),
+        Option("feedback", bool, False, "also try every setting of codecs that have it with error feedback "
+               "(GPTQ/GPTVQ, graphpass.feedback) on MatMul and Gemm weights, the inputs' second moment taken on "
+               "the fitting share of the calibration inputs; on the BERT (24 fitting sentences) it took 3 times "
+               "as long for 0.4% fewer bytes and a worse test sentence, so it is off by default"),
         Option("gptq", bool, False, "codecs that take it (uniform's kernels under --objective memory) fit MatMul "
                "weights with GPTQ error feedback on their inputs' second moment on the calibration inputs; "
                "it overfits few inputs (32 sentences on the BERT: worst test sentence 0.969 at --min-cosine 0.993, "
@@ -309,9 +368,10 @@ class AutoPass(Pass):
         started = time.perf_counter()
         result = PassResult()
         inputs = ctx.calibration_inputs or verification.synthesize_inputs(ctx.model.proto)
+        split = split_inputs(ctx.model.proto, inputs)
         outputs = verification.budget_output_names(ctx.model.proto, ctx.budget_outputs)
         weights = self._candidates(ctx, result)
-        calibration = self._calibrate(ctx, weights, inputs, outputs) if weights else None
+        calibration = self._calibrate(ctx, weights, split, outputs) if weights else None
         studies = self._measure(ctx, weights, calibration) if weights else []
         if not any(not p.kept for s in studies for p in s.points):
             reasons = Counter(reason for s in studies for _, reason in s.unplanned)
@@ -319,7 +379,7 @@ class AutoPass(Pass):
             result.notes.append(f"no weight could be compressed{why}: nothing changed")
             return result
         measured_at = time.perf_counter()
-        best, rounds = self._search(ctx, studies, inputs, outputs, calibration)
+        best, rounds = self._search(ctx, studies, split, outputs, calibration)
         self._commit(ctx, best.proto)
         picks = [s.front[i] for s, i in zip(studies, best.chosen)]
         result.changed = True
@@ -331,7 +391,9 @@ class AutoPass(Pass):
         if ctx.deployment.objective == "memory" and lookups:
             shown = ", ".join(lookups[:3]) + (", ..." if len(lookups) > 3 else "")
             result.notes.append(f"auto: {len(lookups)} weights stay lookups: {NON_AFFINE_NOTE} ({shown})")
-        result.details = _details(ctx.budget, outputs, inputs, studies, best, rounds,
+        if split.note:
+            result.notes.append(f"auto: {split.note}")
+        result.details = _details(ctx.budget, outputs, split, studies, best, rounds,
                                   {"measure": measured_at - started, "search": time.perf_counter() - measured_at})
         return result
 
@@ -348,18 +410,29 @@ class AutoPass(Pass):
                 chosen.append(weight)
         return chosen
 
-    def _calibrate(self, ctx: PassContext, weights: list[WeightRef], inputs, outputs: list[str]) -> Calibration:
+    def _calibrate(self, ctx: PassContext, weights: list[WeightRef], split: Split, outputs: list[str]) -> Calibration:
+        inputs = split.fitting
         probe = Probe(ctx.model, weights, inputs, outputs)
-        hessians = input_covariance(ctx.model, weights, inputs) if self.config["gptq"] else {}
-        meter = ErrorMeter(probe.run(), ctx.budget, verification.declared_batch_axes(ctx.model.proto))
+        needs_hessians = self.config["gptq"] or self.config["feedback"]
+        hessians = input_covariance(ctx.model, weights, inputs) if needs_hessians else {}
+        meter = self._meter(ctx, probe)
+        unseen = None
+        if needs_hessians and split.held_out is not None:
+            held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
+            unseen = held_out_probe, self._meter(ctx, held_out_probe)
         return Calibration(probe, meter, self._value_weights(ctx, weights, inputs),
-                           gathered_rows(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians)
+                           gathered_rows(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians, unseen)
+
+    @staticmethod
+    def _meter(ctx: PassContext, probe: Probe) -> ErrorMeter:
+        """Errors against the probe's outputs with the original weights."""
+        return ErrorMeter(probe.run(), ctx.budget, verification.declared_batch_axes(ctx.model.proto))
 
     def _value_weights(self, ctx: PassContext, weights: list[WeightRef], inputs) -> dict[str, np.ndarray]:
         if not self.config["aware"]:
             return {}
         energy = input_channel_energy(ctx.model, weights, inputs)
-        return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
+        return {name: relative_energy(e) for name, e in energy.items()}
 
     def _measure(self, ctx: PassContext, weights: list[WeightRef], calibration: Calibration) -> list[Study]:
         settings = candidate_settings(self.config, ctx.model, ctx.deployment)
@@ -382,7 +455,8 @@ class AutoPass(Pass):
         """Settings from cheapest to dearest, each measured alone, until one is below the floor."""
         weight = study.weight
         study.points.append(Point(KEPT, weight.nbytes, None))
-        ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), s.label))
+        # At equal bytes feedback first: where it applies it is the likelier to reach the floor.
+        ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), not uses_feedback(s), s.label))
         seen = set()
         for done, setting in enumerate(ordered, 1):
             advance(1)
@@ -394,7 +468,7 @@ class AutoPass(Pass):
             if isinstance(trial, str):
                 study.unplanned.append((setting.label, trial))
                 continue
-            measured = calibration.meter.measure(calibration.probe.run({weight.name: trial.reconstruction}))
+            measured = calibration.measure(weight, trial.reconstruction, uses_feedback(setting))
             # Measured: from here on a plan only needs its emitter, not a weight-sized copy.
             plan = None if trial.plan is None else dataclasses.replace(trial.plan, reconstruction=_MEASURED)
             study.points.append(Point(setting.label, trial.bytes, measured, plan, time.perf_counter() - started,
@@ -409,6 +483,9 @@ class AutoPass(Pass):
                 point.plan = None  # never chosen: free its labels now
 
     def _trial(self, ctx, setting: Setting, weight: WeightRef, calibration: Calibration) -> Trial | str:
+        if uses_feedback(setting) and weight.name not in calibration.hessians:
+            # Elsewhere feedback would weight embedding rows by the calibration's own tokens.
+            return "error feedback is tried on MatMul and Gemm weights only"
         rows = calibration.rows.get(weight.name)
         if rows is not None and setting.row_local(weight):
             subset, rows_weight = row_subset(ctx.model, weight, rows)
@@ -417,14 +494,14 @@ class AutoPass(Pass):
                 values = calibration.probe.originals[weight.name].copy()
                 values[rows] = plan.reconstruction
                 return Trial(values, setting.expected_bytes(weight, ctx.model), None)
-        plan = setting.plan(ctx, weight, calibration.value_weights.get(weight.name), calibration.hessians.get(weight.name))
+        plan = setting.plan(ctx, weight, *calibration.fit_inputs(setting, weight))
         if isinstance(plan, str):
             return plan
         return Trial(plan.reconstruction, plan.stored_bytes, plan)
 
     # -- allocation, builds and checks ----------------------------------------------------------
 
-    def _search(self, ctx: PassContext, studies: list[Study], inputs, outputs: list[str],
+    def _search(self, ctx: PassContext, studies: list[Study], split: Split, outputs: list[str],
                 calibration: Calibration) -> tuple[Round, list[Round]]:
         """Allocate, build, verify; move the target until the budget's edge is found. An
         allocation already built is not built again: its verdict only narrows the bracket."""
@@ -434,7 +511,7 @@ class AutoPass(Pass):
         passed_target, failed_target, target = 0.0, math.inf, HEADROOM
         with tempfile.TemporaryDirectory(prefix=".graphpass-auto-") as folder, \
                 ctx.progress("auto: building and verifying", MAX_ROUNDS) as advance:
-            builder = Builder(ctx.model.proto, outputs, inputs, ctx.budget, Path(folder))
+            builder = Builder(ctx.model.proto, outputs, split, ctx.budget, Path(folder))
             for _ in range(MAX_STEPS):
                 chosen = allocate(fronts, target)
                 if all(s.front[i].kept for s, i in zip(studies, chosen)):
@@ -468,8 +545,7 @@ class AutoPass(Pass):
             point = study.front[index]
             if point.kept or point.plan is not None:
                 continue
-            plan = point.setting.plan(ctx, study.weight, calibration.value_weights.get(study.weight.name),
-                                      calibration.hessians.get(study.weight.name))
+            plan = point.setting.plan(ctx, study.weight, *calibration.fit_inputs(point.setting, study.weight))
             if isinstance(plan, str):
                 study.unplanned.append((point.label, plan))
                 study.points.remove(point)
@@ -481,9 +557,13 @@ class AutoPass(Pass):
     def _try(self, builder: Builder, studies: list[Study], chosen: list[int], target: float) -> Round:
         picks = [(s, s.front[i]) for s, i in zip(studies, chosen) if not s.front[i].kept]
         proto = builder.build(picks)
-        passed, measured, file_bytes, figures = builder.check(proto)
+        fitting, held_out, file_bytes = builder.check(proto)
         predicted = predicted_units([s.front for s in studies], chosen)
-        return Round(target, chosen, predicted, measured, passed, file_bytes, proto if passed else None, figures)
+        # Steered by the worse share: a model the held-out samples reject needs a tighter target.
+        passed = fitting.passed and (held_out is None or held_out.passed)
+        measured = max(fitting.units, held_out.units if held_out else 0.0)
+        return Round(target, chosen, predicted, measured, passed, file_bytes, proto if passed else None,
+                     fitting.figures, held_out)
 
     def _commit(self, ctx: PassContext, proto: onnx.ModelProto) -> None:
         """Make the verified model the context's model: the very bytes that were checked."""
@@ -561,14 +641,18 @@ def _why_kept(study: Study) -> str:
             "of the budget, a worse trade than the others'")
 
 
-def _details(budget, outputs, inputs, studies: list[Study], best: Round, rounds: list[Round],
+def _details(budget, outputs, split: Split, studies: list[Study], best: Round, rounds: list[Round],
              seconds: dict[str, float]) -> dict[str, Any]:
     tensors = [_tensor_report(s, i) for s, i in zip(studies, best.chosen)]
     compressed = [t for t in tensors if t["setting"] != KEPT]
+    held_out = split.to_dict()
+    if best.held_out is not None:
+        held_out.update(units=_finite(best.held_out.units), outputs=best.held_out.figures)
     return {
         "budget": budget.to_dict(),
         "outputs": outputs,
-        "calibration": {name: list(np.shape(value)) for name, value in inputs.items()},
+        "fitting": {name: list(np.shape(value)) for name, value in split.fitting.items()},
+        "held_out": held_out,
         "settings_measured": sum(len(s.points) - 1 for s in studies),
         "bytes_before": sum(t["bytes_before"] for t in tensors),
         "bytes_after": sum(t["bytes_after"] for t in tensors),

@@ -35,8 +35,9 @@ def test_csv_has_a_row_per_method_bits_granularity_and_the_baselines(table, fixt
     ours = [r for r in rows if r["baseline"] == "False"]
     assert {(r["method"], r["bits"], r["granularity"]) for r in ours} == {
         (m, b, g) for m in ("kmeans", "uniform") for b in ("2", "3") for g in ("tensor", "channel")}
-    assert {r["method"] for r in rows if r["baseline"] == "True"} == {
-        "onnxruntime MatMulNBits 4-bit block 32", "onnxruntime int8 quantize_dynamic"}
+    assert {r["method"] for r in rows if r["baseline"] == "True"} == {name for name, _, _ in sweep.available_baselines()}
+    assert {"onnxruntime MatMulNBits 4-bit block 32", "onnxruntime int8 quantize_dynamic"} <= {
+        r["method"] for r in rows if r["baseline"] == "True"}
     input_bytes = (fixture_dir / "mlp.onnx").stat().st_size
     for row in rows:
         assert 0 < int(row["file_bytes"]) < input_bytes
@@ -53,7 +54,7 @@ def test_svg_is_a_valid_plot_with_series_and_baselines(table):
     assert root.tag == f"{SVG}svg"
     assert len(root.findall(f"{SVG}polyline")) == 4  # kmeans and uniform, tensor and channel
     baselines = [p for p in root.findall(f"{SVG}path") if "onnxruntime" in (p.findtext(f"{SVG}title") or "")]
-    assert len(baselines) == 2
+    assert len(baselines) == 2  # NNCF's, where it imports, are titled NNCF
     assert f"wrote {folder / 'rd.svg'}" in output and "onnxruntime MatMulNBits" in output
 
 
@@ -90,3 +91,47 @@ def test_bits_ranges_and_lists():
 def test_help():
     done = invoke("sweep", "--help")
     assert done.exit_code == 0 and "--plot" in done.output and "--model-output" in done.output
+
+
+def test_feedback_doubles_each_series_fitted_on_the_calibration_inputs(fixture_dir, tmp_path):
+    """--feedback: each setting again with error feedback, learnt from --calibration and measured
+    on --inputs; the plot draws it dashed in its plain series' colour."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 64)).astype(np.float32))
+    np.savez(tmp_path / "test.npz", x=rng.standard_normal((16, 64)).astype(np.float32))
+    done = invoke("sweep", fixture_dir / "mlp.onnx", "--methods", "kmeans", "--bits", "2,3", "--granularities",
+                  "channel", "--feedback", "--calibration", tmp_path / "calib.npz", "--inputs", tmp_path / "test.npz",
+                  "--no-baselines", "-o", tmp_path / "rd.csv", "--plot", tmp_path / "rd.svg")
+    assert done.exit_code == 0, done.output
+    rows = list(csv.DictReader((tmp_path / "rd.csv").open()))
+    assert sorted((r["bits"], r["feedback"]) for r in rows) == [("2", "False"), ("2", "True"), ("3", "False"),
+                                                                ("3", "True")]
+    assert all(("feedback=True" in r["spec"]) == (r["feedback"] == "True") for r in rows)
+    lines = ET.parse(tmp_path / "rd.svg").getroot().findall(f"{SVG}polyline")
+    plain, dashed = ([line for line in lines if ("stroke-dasharray" in line.attrib) == d] for d in (False, True))
+    assert len(plain) == len(dashed) == 1 and plain[0].get("stroke") == dashed[0].get("stroke")
+
+
+def test_feedback_rows_learn_from_the_calibration_inputs_only(fixture_dir):
+    """The same sweep measured on the same inputs, calibrated on two different sets: the plain
+    row does not change, the feedback row does."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    test = {"x": rng.standard_normal((16, 64)).astype(np.float32)}
+    rows = [sweep.sweep(fixture_dir / "mlp.onnx", ["kmeans"], [2], ["channel"], inputs=test, baselines=False,
+                        feedback=True, calibration={"x": rng.standard_normal((16, 64)).astype(np.float32)})
+            for _ in range(2)]
+    (plain_a, fed_a), (plain_b, fed_b) = (sorted(r, key=lambda row: row.feedback) for r in rows)
+    assert plain_a.cosine == plain_b.cosine and fed_a.feedback and fed_a.cosine != fed_b.cosine
+
+
+def test_nncf_points_join_the_baselines_where_nncf_imports(fixture_dir):
+    pytest.importorskip("nncf")
+    rows = sweep.sweep(fixture_dir / "mlp.onnx", ["kmeans"], [4], ["tensor"])
+    nncf_rows = [r for r in rows if r.baseline and r.method.startswith("NNCF")]
+    assert len(nncf_rows) == 2
+    for row in nncf_rows:
+        assert 0 < row.size_ratio < 1 and row.cosine is not None and row.cosine > 0.9, row.spec
