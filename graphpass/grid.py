@@ -157,8 +157,7 @@ def kernel_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[d
     the kernels take, in blocks of 32, 64 and 128 (the chooser drops what a weight's kernel
     cannot take or runs slowly, e.g. 8-bit MatMulNBits in onnxruntime)."""
     bits = [b for b in _bits(config) if b in MEMORY_BITS]
-    gptq = {"gptq": True} if config.get("gptq") else {}
-    return [{"bits": b, "granularity": "group", "group_size": size, "lower": "kernel", **gptq}
+    return [{"bits": b, "granularity": "group", "group_size": size, "lower": "kernel"}
             for b in bits for size in MEMORY_BLOCKS]
 
 
@@ -181,15 +180,16 @@ def candidate_settings(config: dict[str, Any], model: Model, deployment: Deploym
         shared = {o.name: config[o.name] for o in cls.options if o.name in ("min_size", "include", "exclude")}
         kernels = memory and method in MEMORY_METHODS
         grid = kernel_grid if kernels else SETTING_GRIDS.get(method, binning_grid)
-        for options in _with_feedback(grid(cls, config, model), cls, config.get("feedback") and not kernels):
+        feedback = bool(config.get("feedback") or config.get("gptq"))  # gptq: feedback's earlier name
+        for options in _with_feedback(grid(cls, config, model), cls, feedback):
             settings.append(Setting(method, tuple(options.items()), cls(**{**shared, **options})))
     return settings
 
 
 def _with_feedback(grid: list[dict[str, Any]], cls: type[Pass], feedback: bool) -> list[dict[str, Any]]:
     """The grid, and with `feedback` each of its option sets again with error feedback
-    (graphpass.feedback), for codecs that have the option. The kernels' grid says feedback
-    its own way (gptq)."""
+    (graphpass.feedback), for codecs that have the option (the memory objective's kernels too:
+    GPTQ on their blocks)."""
     if not feedback or "feedback" not in {o.name for o in cls.options}:
         return grid
     return grid + [{**options, "feedback": True} for options in grid]

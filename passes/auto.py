@@ -346,13 +346,11 @@ class AutoPass(Pass):
         Option("aware", bool, True, "weight k-means by the activation energy of each input channel "
                "(MatMul and Gemm weights, measured on the calibration inputs)"),
         Option("feedback", bool, False, "also try every setting of codecs that have it with error feedback "
-               "(GPTQ/GPTVQ, graphpass.feedback) on MatMul and Gemm weights, the inputs' second moment taken on "
+               "(GPTQ/GPTVQ, graphpass.feedback; GPTQ on the kernels' blocks under --objective memory) on MatMul "
+               "and Gemm weights, the inputs' second moment taken on "
                "the fitting share of the calibration inputs; on the BERT (24 fitting sentences) it took 3 times "
                "as long for 0.4% fewer bytes and a worse test sentence, so it is off by default"),
-        Option("gptq", bool, False, "codecs that take it (uniform's kernels under --objective memory) fit MatMul "
-               "weights with GPTQ error feedback on their inputs' second moment on the calibration inputs; "
-               "it overfits few inputs (32 sentences on the BERT: worst test sentence 0.969 at --min-cosine 0.993, "
-               "0.991 without)"),
+        Option("gptq", bool, False, "the same as feedback=true (its earlier name, for the memory objective's kernels)"),
         *WEIGHT_FILTER_OPTIONS,
     )
 
