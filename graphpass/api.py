@@ -9,7 +9,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageErro
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.download import DownloadSize, download_size
-from graphpass.model import LoadedModel, check_output_path, external_data_path, load_model, save_compacted, serialized_bytes
+from graphpass.model import (LoadedModel, WrittenModel, check_output_path, external_data_path, load_model,
+                             save_compacted, serialized_bytes)
 from graphpass.parallel import Workers
 from graphpass.streamed import stored_weights
 from graphpass.runtimes import usable_adapters
@@ -33,11 +34,17 @@ from graphpass.runtimes.cost import CostBudget, CostCheck, check_cost, seconds_b
 
 @dataclass
 class RunResult:
-    model: onnx.ModelProto
+    output: WrittenModel = field(repr=False)  # see `model`
     report: dict[str, Any]
     written: Path | None  # the output file, if one was written
     verify_result: verification.VerifyResult | None
     cost: CostCheck | None = None  # runtime cost of input and output, when measured
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The output model, every tensor inside it. Tensors written to external data are read
+        back from the written file on first access: a run never holds them itself."""
+        return self.output.inline(external_data_path(self.written)) if self.written else self.output.proto
 
     @property
     def passed(self) -> bool:
@@ -110,6 +117,7 @@ def run(
     if output is not None and not Path(output).parent.is_dir():
         raise UsageError(f"{output}: folder {Path(output).parent} does not exist")
     stage = Path(tempfile.mkdtemp(prefix=".graphpass-", dir=Path(output).parent if output else None))
+    compiled = written = None
     try:
         staged = stage / (Path(output).name if output else "candidate.onnx")
         compiled = _compile(model, manager, staged, output=output, in_place=in_place, inputs=inputs, shapes=shapes,
@@ -126,7 +134,7 @@ def run(
         if verify:
             # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
             if manager.lossless:
-                chosen = verification.lossless_budget(compiled.proto).overridden_by(budget)
+                chosen = verification.lossless_budget(compiled.output.proto).overridden_by(budget)
             else:
                 chosen = budget or verification.Budget()
             try:
@@ -144,10 +152,11 @@ def run(
             measured = check_cost(reference, staged, feeds, cost_budget,
                                   seconds_budget=seconds_beside(time.perf_counter() - started))
         passed = not budget_failures(checked, measured)
-        written = None
         if output is not None and (passed or keep_failed):
             written = _move_into_place(staged, Path(output))
     finally:
+        if written is None and compiled is not None:  # its data file goes with the stage: read it now
+            compiled.output.inline(external_data_path(staged))
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(compiled.before, after, compiled.stats, compiled.pass_seconds, checked,
                                     manager.lossless)
@@ -164,7 +173,7 @@ def run(
     if budget_outputs:
         report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
                                "the others get the structural checks only")
-    return RunResult(compiled.proto, report, written, checked, measured)
+    return RunResult(compiled.output, report, written, checked, measured)
 
 
 @dataclass
@@ -172,7 +181,7 @@ class _Compiled:
     """What a run keeps of its input once the passes are done: the output in memory of its own,
     and the figures and inputs the rest of the run needs."""
 
-    proto: onnx.ModelProto
+    output: WrittenModel
     reference: Path | bytes  # the model to verify against
     feeds: dict[str, np.ndarray] | None
     budget_outputs: list[str] | None
@@ -221,8 +230,8 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
     if repaired:
         notes.append(f"{loaded.dynamic_minus_one} declared size(s) of -1 read as dynamic (and written so)")
     after = reporting.model_summary(ctx.model, None, Path(output) if output else None)
-    after["file_bytes"], written = save_compacted(ctx.model.proto, staged, external_data=external_data)
-    return _Compiled(written, reference, feeds, budget_outputs, stats, pass_seconds, before, after, notes,
+    after["file_bytes"], written_model = save_compacted(ctx.model.proto, staged, external_data=external_data)
+    return _Compiled(written_model, reference, feeds, budget_outputs, stats, pass_seconds, before, after, notes,
                      {"jobs": workers.jobs, "scheduler": scheduler})
 
 

@@ -302,22 +302,39 @@ def save_model(proto: onnx.ModelProto, output: str | os.PathLike, *, external_da
 
 
 def save_compacted(proto: onnx.ModelProto, output: str | os.PathLike, *,
-                   external_data: bool = False) -> tuple[int, onnx.ModelProto]:
+                   external_data: bool = False) -> tuple[int, WrittenModel]:
     """Write as save_model does; return the bytes written and the same model in a message of its
-    own, holding only what the model still holds. Drop `proto` afterwards: its large tensors
-    are left pointing at the data file.
+    own, holding only what the model still holds, its large tensors still pointing at the data
+    file (`WrittenModel.inline` reads them back). Drop `proto` afterwards: its large tensors are
+    left pointing at the data file too.
 
     upb frees none of a message's memory until the whole message goes: a model the passes
-    edited in place still holds every weight they replaced, and save_model's round trip of a
-    tensor through the data file allocates its bytes anew. Here the bytes are read back into
-    the copy instead, so all of the original's memory goes with it.
+    edited in place still holds every weight they replaced. The copy lets all of it go, and
+    leaving the tensors in the file until someone asks for them keeps a run from holding the
+    output's weights while onnxruntime holds them too, to verify it.
     """
     output = _checked_output(output)
     if not (external_data or needs_external_data(proto)):
-        return _write_inline(proto, output), _copied(proto)
+        return _write_inline(proto, output), WrittenModel(_copied(proto), [])
     written = _ExternalWrite.start(proto, output)
     compact = _copied(proto)  # small: the large tensors' bytes are in the data file now
-    return written.finish(output, restore_into=compact), compact
+    return written.finish(output), WrittenModel(compact, written.moved)
+
+
+@dataclass
+class WrittenModel:
+    """A written model in memory whose `moved` tensors (place in iter_tensors order, offset,
+    length) still point at the data file it was written with."""
+
+    proto: onnx.ModelProto
+    moved: list[tuple[int, int, int]]
+
+    def inline(self, data_file: Path) -> onnx.ModelProto:
+        """The model with every tensor's bytes inside it, read from `data_file` the first time."""
+        if self.moved:
+            _restore_inline(self.moved, list(iter_tensors(self.proto)), data_file)
+            self.moved = []
+        return self.proto
 
 
 def _copied(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -368,11 +385,13 @@ class _ExternalWrite:
             Path(handle.name).unlink(missing_ok=True)
             raise
 
-    def finish(self, output: Path, *, restore_into: onnx.ModelProto) -> int:
-        """Read the moved tensors' bytes back into `restore_into` (the model or a copy of it),
-        then put the data, and after it the model, in place; return the bytes written."""
+    def finish(self, output: Path, *, restore_into: onnx.ModelProto | None = None) -> int:
+        """Read the moved tensors' bytes back into `restore_into` (the model or a copy of it; none
+        read when None), then put the data, and after it the model, in place; return the bytes
+        written."""
         try:
-            _restore_inline(self.moved, list(iter_tensors(restore_into)), self.data_file)
+            if restore_into is not None:
+                _restore_inline(self.moved, list(iter_tensors(restore_into)), self.data_file)
             os.replace(self.data_file, external_data_path(output))
         except BaseException:
             self.data_file.unlink(missing_ok=True)

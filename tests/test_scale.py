@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto
 
 from fixtures.synthetic import write_tanh_chain
 from graphpass import download, run
 from graphpass.download import SAMPLE_CHUNK_BYTES, SAMPLE_CHUNKS, download_size
 from graphpass.model import external_data_path, load_model
 from graphpass.report import render_report
+from graphpass.verify import Budget
 
 # The sample's deflated size, scaled to the whole, is held to this fraction of the exact figure.
 ESTIMATE_TOLERANCE = 0.02
@@ -81,6 +83,19 @@ def test_external_data_run_keeps_outputs_and_returns_what_it_wrote(chain, tmp_pa
     # The model handed back (a copy, freed of the input's memory) is the model written.
     written = load_model(out).proto
     assert written.SerializeToString(deterministic=True) == result.model.SerializeToString(deterministic=True)
+
+
+def test_a_run_that_writes_no_file_still_hands_back_every_tensor(chain, tmp_path):
+    # Without an output (and with a missed budget) the staged data file is removed: the model
+    # handed back must hold its tensors' bytes, read before that.
+    for kwargs in ({"output": None}, {"output": tmp_path / "failed.onnx", "budget": Budget(min_cosine=0.9999999)}):
+        result = run(chain, "kmeans(bits=4)", external_data=True, **kwargs)
+        assert result.written is None and not list(tmp_path.iterdir())
+        tensors = result.model.graph.initializer
+        assert tensors and all(t.data_location != TensorProto.EXTERNAL and not t.external_data for t in tensors)
+        x = np.random.default_rng(3).standard_normal((1, 1024)).astype(np.float32)
+        session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert session.run(None, {"x": x})[0].shape == (1, 1024)
 
 
 def test_lossy_run_on_external_data_is_verified_against_the_input(chain, tmp_path):
