@@ -117,7 +117,7 @@ def run(
     if output is not None and not Path(output).parent.is_dir():
         raise UsageError(f"{output}: folder {Path(output).parent} does not exist")
     stage = Path(tempfile.mkdtemp(prefix=".graphpass-", dir=Path(output).parent if output else None))
-    compiled = written = None
+    written = None
     try:
         staged = stage / (Path(output).name if output else "candidate.onnx")
         compiled = _compile(model, manager, staged, output=output, in_place=in_place, inputs=inputs, shapes=shapes,
@@ -154,9 +154,9 @@ def run(
         passed = not budget_failures(checked, measured)
         if output is not None and (passed or keep_failed):
             written = _move_into_place(staged, Path(output))
-    finally:
-        if written is None and compiled is not None:  # its data file goes with the stage: read it now
+        if written is None:  # the staged data file goes with the stage: read the tensors back first
             compiled.output.inline(external_data_path(staged))
+    finally:
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(compiled.before, after, compiled.stats, compiled.pass_seconds, checked,
                                     manager.lossless)
