@@ -95,3 +95,26 @@ def scratch_pass():
     yield add
     for name in added:
         REGISTRY.pop(name, None)
+
+
+@pytest.fixture
+def raising_pass(scratch_pass):
+    """Register a throw-away lossless pass `name` that raises `error` (after reading the first
+    weight, with `reads_first`), for tests of how a failing pass is reported."""
+    from graphpass.manager import Pass
+
+    def make(name: str, error: BaseException, *, reads_first: bool = False):
+        class Raising(Pass):
+            summary = "test"
+            lossless = True
+
+            def call(self, ctx):
+                if reads_first:
+                    ctx.model.weights()[0].read()
+                raise error
+
+        Raising.name = name
+        return scratch_pass(Raising)
+
+    return make
+

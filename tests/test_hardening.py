@@ -281,17 +281,8 @@ def test_no_verify_never_writes_an_unloadable_output_from_an_unloadable_input(tm
 # -- exit 3 is for real bugs, and says so -----------------------------------------------
 
 
-def test_a_failing_pass_names_the_weight_and_asks_for_a_report(scratch_pass, tmp_path):
-    @scratch_pass
-    class ReadsThenFails(Pass):
-        name = "reads_then_fails"
-        summary = "test"
-        lossless = True
-
-        def call(self, ctx):
-            ctx.model.weights()[0].read()
-            raise RuntimeError("boom")
-
+def test_a_failing_pass_names_the_weight_and_asks_for_a_report(raising_pass, tmp_path):
+    raising_pass("reads_then_fails", RuntimeError("boom"), reads_first=True)
     with pytest.raises(PassFailed) as caught:
         graphpass.run(generate.build("mlp"), "reads_then_fails")
     message = str(caught.value)
@@ -445,16 +436,8 @@ def test_a_pass_failing_on_an_input_onnxruntime_cannot_load_is_bad_input(tmp_pat
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_a_pass_failing_on_a_loadable_input_is_still_exit_3(scratch_pass, tmp_path):
-    @scratch_pass
-    class Fails(Pass):
-        name = "fails"
-        summary = "test"
-        lossless = True
-
-        def call(self, ctx):
-            raise KeyError("x")
-
+def test_a_pass_failing_on_a_loadable_input_is_still_exit_3(raising_pass, tmp_path):
+    raising_pass("fails", KeyError("x"))
     code, stderr = _cli("run", _write(generate.build("mlp"), tmp_path / "m.onnx"), "--passes", "fails",
                         "-o", tmp_path / "o.onnx")
     assert "pass 'fails' failed" in _one_error_line(code, stderr, expected_code=3)

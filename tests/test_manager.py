@@ -71,16 +71,8 @@ def test_bad_option_values_are_usage_errors(scratch_pass):
             parse_spec(spec)
 
 
-def test_a_raising_pass_is_named_and_nothing_is_written(scratch_pass, fixture_dir, tmp_path):
-    @scratch_pass
-    class Broken(Pass):
-        name = "broken"
-        summary = "test"
-        lossless = True
-
-        def call(self, ctx):
-            raise ZeroDivisionError("boom")
-
+def test_a_raising_pass_is_named_and_nothing_is_written(raising_pass, fixture_dir, tmp_path):
+    raising_pass("broken", ZeroDivisionError("boom"))
     with pytest.raises(PassFailed, match="pass 'broken' failed: ZeroDivisionError: boom"):
         graphpass.run(fixture_dir / "mlp.onnx", "tie,broken", output=tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []
