@@ -137,9 +137,12 @@ def run(
                 chosen = verification.lossless_budget(compiled.output.proto).overridden_by(budget)
             else:
                 chosen = budget or verification.Budget()
+            levels = verification.levels_for(compiled.before["file_bytes"])
+            if levels != verification.DEFAULT_LEVELS:
+                compiled.notes.append(_unfolded_note())
             try:
                 checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
-                                              runtimes=deployment.targets,
+                                              levels=levels, runtimes=deployment.targets,
                                               budget_given=manager.lossless or _holds_accuracy(budget))
             except verification.ModelLoadError as exc:
                 if exc.role == "candidate":  # the reference loaded at the same level just before
@@ -238,6 +241,13 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
 def _add_download_size(summary: dict[str, Any], size: DownloadSize) -> None:
     summary["zip_bytes"] = size.zip_bytes
     summary["zip_sample_bytes"] = size.sample_bytes  # None: exact
+
+
+def _unfolded_note() -> str:
+    return (f"the input is above {verification.FOLDED_VERIFICATION_MAX_BYTES >> 20} MiB, so onnxruntime's default "
+            "level was verified without constant folding (level 'unfolded': the same kernels and values, without a "
+            "dense copy of every lookup in memory); a deployed session folds them when it opens, as the cost step "
+            "measures")
 
 
 def _holds_accuracy(budget: verification.Budget | None) -> bool:

@@ -166,6 +166,10 @@ def lossless_budget(model: onnx.ModelProto) -> Budget:
 
 ONNXRUNTIME = "onnxruntime"
 DEFAULT_LEVELS: tuple[str, ...] = ("default", "disable_all")
+# Models above this many bytes verify at "unfolded" instead of "default": opening them folded
+# would cost verification more memory than the whole compile (graphpass.runtimes.onnxruntime).
+FOLDED_VERIFICATION_MAX_BYTES = 256 * 2**20
+LARGE_MODEL_LEVELS: tuple[str, ...] = ("unfolded", "disable_all")
 
 # Floor for the max_rel_error denominator, as a fraction of the output's max |ref|.
 REL_ERROR_FLOOR_FRACTION = 1e-3
@@ -810,6 +814,13 @@ def budget_output_names(proto: onnx.ModelProto, names: Sequence[str] | None) -> 
     if unknown:
         raise VerifyInputError(f"unknown budget output(s) {', '.join(unknown)}; the model's outputs: {', '.join(available)}")
     return list(dict.fromkeys(names))
+
+
+def levels_for(model_bytes: int | None) -> tuple[str, ...]:
+    """The onnxruntime levels to verify a model of `model_bytes` (file and external data) at."""
+    if model_bytes is not None and model_bytes > FOLDED_VERIFICATION_MAX_BYTES:
+        return LARGE_MODEL_LEVELS
+    return DEFAULT_LEVELS
 
 
 def _checked_levels(levels: Sequence[str]) -> tuple[str, ...]:
