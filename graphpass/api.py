@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from graphpass.edit import Model
 from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageError
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
+from graphpass.memory import release_freed_memory
 from graphpass.download import DownloadSize, download_size
 from graphpass.model import (LoadedModel, WrittenModel, check_output_path, external_data_path, load_model,
                              save_compacted, serialized_bytes)
@@ -125,7 +125,7 @@ def run(
                             progress=progress, deployment=deployment, external_data=external_data,
                             jobs=jobs, scheduler=scheduler)
         # Model and its weight handles refer to each other: the input's protobuf goes at a collection.
-        gc.collect()
+        release_freed_memory()
         reference, feeds, budget_outputs, after = (compiled.reference, compiled.feeds, compiled.budget_outputs,
                                                    compiled.after)
         written_files = [p for p in (staged, external_data_path(staged)) if p.exists()]

@@ -73,6 +73,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphpass.memory import release_freed_memory
 from graphpass.runtimes import Runtime, RuntimeFailure, usable_adapters
 from graphpass.runtimes.onnxruntime import OPTIMIZATION_LEVELS, OnnxRuntime
 
@@ -722,6 +723,7 @@ def verify(
             for runtime in others:
                 outcomes[runtime.name] = _verify_in(runtime, reference_path, candidate_path, same_model,
                                                     inputs, comparison)
+                release_freed_memory()
     compared = [level for outcome in outcomes.values() for level in outcome.levels]
     outputs = {name: _summarise_output(per_level, outcomes) for name, per_level in per_output.items()}
     return VerifyResult(
@@ -874,6 +876,8 @@ def _run_in_onnxruntime(source: str | bytes, role: str, level: str,
         if failure.stage == "load":
             raise ModelLoadError(message, role) from failure
         raise VerifyInputError(message) from failure
+    finally:
+        release_freed_memory()  # the session is gone: its pages go back before the next one opens
 
 
 def _onnxruntime_message(failure: RuntimeFailure, role: str, level: str) -> str:

@@ -60,6 +60,9 @@ class OnnxRuntime(Runtime):
             raise RuntimeFailure(self.name, "load", f"model not found: {model_path}")
         options = ort.SessionOptions()
         options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
+        # A session here runs a few times and goes: the arena would only keep each run's
+        # intermediates for a next run (the folded 1.1 B decoder's peak: 4.44 GB with it, 3.24 without).
+        options.enable_cpu_mem_arena = False
         # Fatal only: ORT's own error lines would duplicate the one-line error we raise.
         options.log_severity_level = 4
         try:
