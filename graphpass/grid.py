@@ -43,14 +43,17 @@ class Setting:
         return f"{self.method}({','.join(f'{k}={v}' for k, v in self.options)})"
 
     def plan(self, ctx: PassContext, weight: WeightRef, value_weight: np.ndarray | None,
-             hessian: np.ndarray | None = None) -> Plan | str:
-        """`value_weight` and `hessian` (the weight's input second moment) reach codecs that
-        declare they use them (`supports_value_weight`, `supports_hessian`)."""
+             hessian: np.ndarray | None = None, row_counts: np.ndarray | None = None) -> Plan | str:
+        """`value_weight`, `hessian` (the weight's input second moment) and `row_counts` (how often
+        the inputs read each row of an embedding table) reach codecs that declare they use them
+        (`supports_value_weight`, `supports_hessian`, `supports_row_counts`)."""
         extra = {}
         if value_weight is not None and getattr(self.codec, "supports_value_weight", False):
             extra["value_weight"] = value_weight
         if hessian is not None and getattr(self.codec, "supports_hessian", False) and self.codec.uses_feedback():
             extra["hessian"] = hessian
+        if row_counts is not None and getattr(self.codec, "supports_row_counts", False):
+            extra["row_counts"] = row_counts
         return self.codec.plan(ctx, weight, **extra)
 
     def expected_bytes(self, weight: WeightRef, model: Model) -> int:
@@ -119,17 +122,23 @@ def binning_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[
 CODEBOOK_MAX_BITS = 4
 # Tables beyond 256 vectors fit slowly and cost more than they save on weights of this size.
 CODEBOOK_MAX_K = 256
+# The embedding rows the fitting inputs read at least twice are corrected to exact (codebook's
+# hot_rows): rows read once stand for the unseen ones, so the fit's measure stays honest.
+HOT_ROWS = 2
 
 
 def codebook_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[dict[str, Any]]:
     """Vector codebooks at each rate of `bits` up to CODEBOOK_MAX_BITS bits per weight: the
     longest sub-vectors whose k = 2**(bits*dim) stays within CODEBOOK_MAX_K, one scale per
-    output channel (channels of different magnitude then share the vectors well)."""
+    output channel (channels of different magnitude then share the vectors well); each again
+    with HOT_ROWS (on an embedding table only: elsewhere it is the same setting, and auto
+    measures it once)."""
     grid = []
     for bits in _bits(config):
         dims = [dim for dim in (8, 4, 2) if 2 ** (bits * dim) <= CODEBOOK_MAX_K]
         if bits <= CODEBOOK_MAX_BITS and dims:
-            grid.append({"dim": dims[0], "k": 2 ** (bits * dims[0]), "scale": "channel"})
+            options = {"dim": dims[0], "k": 2 ** (bits * dims[0]), "scale": "channel"}
+            grid += [options, {**options, "hot_rows": HOT_ROWS}]
     return grid
 
 

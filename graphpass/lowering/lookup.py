@@ -35,7 +35,8 @@ is never rebuilt: the core lets each Gather decode the rows it picks (`RowGather
 
 Entry points: `emit_lookup` (scalar codebooks), `emit_row_lookup` (shared rows, Gather),
 `emit_dequantize` (affine codebooks as DequantizeLinear), `emit_outliers` (exact values patched
-in), `emit_indices` (packed integers for any other gather), `cost_of` (stored bytes by part).
+in), `emit_row_corrections` (whole rows brought back to their exact values), `emit_indices`
+(packed integers for any other gather), `cost_of` (stored bytes by part).
 Every tensor stored here has a role starting with `LUT_ROLE_PREFIX`, so that later runs
 recognise lookup tables and leave them alone (`is_lookup_table`).
 """
@@ -64,6 +65,7 @@ from graphpass.lowering.packing import (
     pack_indices,
     unpack_indices,
 )
+from graphpass.lowering.row_corrections import RowCorrections, emit_row_corrections
 from graphpass.lowering.row_storage import (
     RowDigits,
     RowGather,
@@ -90,6 +92,7 @@ __all__ = [
     "Outliers",
     "Packing",
     "RowDigits",
+    "RowCorrections",
     "RowGather",
     "choose_packing",
     "compact",
@@ -100,6 +103,7 @@ __all__ = [
     "emit_indices",
     "emit_lookup",
     "emit_outliers",
+    "emit_row_corrections",
     "emit_row_lookup",
     "is_lookup_table",
     "np_dtype",

@@ -161,7 +161,7 @@ class RowDigits:
     def decode(self, r: Replacement, indices: str) -> str:
         """Nodes computing Gather(weight, indices, axis=0) from the stored rows."""
         words = r.node("Gather", [self.words, indices], f"{LUT_ROLE_PREFIX}gathered_words", axis=0)
-        index = self.unpack(r, words, _gathered_shape(r, indices, (self.padded_length,)))
+        index = self.unpack(r, words, gathered_shape(r, indices, (self.padded_length,)))
         table = r.node("Gather", [self.table, indices], f"{LUT_ROLE_PREFIX}gathered_codebooks", axis=0)
         return r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=-1)
 
@@ -213,7 +213,7 @@ def emit_row_aligned(r: Replacement, codebook: np.ndarray, labels: np.ndarray, s
     return reshape(r, values, gathered, shape)
 
 
-def _gathered_shape(r: Replacement, indices: str, tail) -> str:
+def gathered_shape(r: Replacement, indices: str, tail) -> str:
     """[*indices.shape, *tail], the indices' own dimensions read at run time, so that any
     index shape (a scalar included) works."""
     index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
@@ -240,7 +240,7 @@ class RowGather:
         values = r.node("Gather", [self.table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=0)
         if self.per_word > 1:
             # [*indices, *shape[1:-1], last/m, m] -> [*indices, *shape[1:]]
-            target = _gathered_shape(r, indices, self.shape[1:])
+            target = gathered_shape(r, indices, self.shape[1:])
             values = r.node("Reshape", [values, target], f"{LUT_ROLE_PREFIX}gathered_rows")
         if self.row_scale is None:
             return values
