@@ -116,6 +116,10 @@ _ONE_THREAD = Workers(1)
 # Distance-matrix entries per chunk: 1 MB of float32 stays in cache between the matmul and the
 # argmin (measured 2-3x faster than 16 MB chunks), with BLAS itself held to one thread per chunk.
 _DISTANCE_CELLS = 1 << 18
+# Indices packed in whole words per row (so that rows decode alone after a Gather) may cost up
+# to this factor more than packed flat: a row's last word is padded (1% for the BERT's rows of
+# 128 sub-vectors in words of 3), and the runtime then never rebuilds the table.
+_ROW_PADDING_ALLOWANCE = 1.02
 _KDTREE_MIN_K = 4096  # above this a k-d tree is faster than the distance matrix
 _KMEANS_PP_MAX_K = 1024  # init=auto seeds with k-means++ up to here, random rows beyond
 _MIN_SAMPLE, _SAMPLE_PER_CENTROID = 65536, 16
@@ -459,16 +463,21 @@ def emit_vector_lookup(r: Replacement, member: Member, stages: list[Stage], stag
                        opset: int, ir_version: int) -> str:
     """The nodes that rebuild the member's weight; returns the value standing in for it."""
     layout, weight_type = member.layout, member.weight.dtype
-    summed, words, table = None, None, None
-    row_words = _row_words_dtype(member, stages, opset, ir_version)
+    summed, words, table, digits = None, None, None, None
+    row_packing = _row_packing(member, stages, opset, ir_version)
     for number, (stage, labels) in enumerate(zip(stages, stage_labels), start=1):
         suffix = "" if number == 1 else f"_stage{number}"
         table = stage.shared_name or r.stored(f"{LUT_ROLE_PREFIX}codebook{suffix}", stage.entries)
         if stage.entries.dtype != stage.values.dtype:  # cast k entries, not every weight
             table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast{suffix}", to=weight_type)
-        if row_words is not None:  # a byte (or two) per sub-vector, keeping the weight's rows
-            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}", labels.reshape(layout.index_shape).astype(row_words))
+        if row_packing is not None and row_packing.native:  # a byte (or two) per sub-vector
+            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}", labels.reshape(layout.index_shape).astype(row_packing.dtype))
             index = r.node("Cast", [words], f"{LUT_ROLE_PREFIX}index{suffix}", to=TensorProto.INT32)
+        elif row_packing is not None:  # base-k digits, each row's in whole words of its own
+            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}",
+                             lookup.pack_row_digits(labels.reshape(layout.index_shape), row_packing))
+            digits = lookup.RowDigits(words, table, row_packing, layout.blocks)
+            index = digits.unpack(r, words, _stored_shape(r, (layout.outer, digits.padded_length)))
         else:
             index = lookup.emit_indices(r, labels.reshape(layout.index_shape), stage.k, opset, ir_version)
         part = r.node("Gather", [table, index], f"{LUT_ROLE_PREFIX}vectors{suffix}", axis=0)
@@ -480,22 +489,33 @@ def emit_vector_lookup(r: Replacement, member: Member, stages: list[Stage], stag
         if member.scale_entries.dtype != member.scale.dtype:
             scale = r.node("Cast", [scale], f"{LUT_ROLE_PREFIX}scale_cast", to=weight_type)
         out = r.node("Mul", [out, scale], f"{LUT_ROLE_PREFIX}scaled")
-    if row_words is not None:
+    if digits is not None:
+        r.row_gather = lookup.RowVectorDigits(digits, layout.shape, row_scale=scale)
+    elif row_packing is not None:
         r.row_gather = lookup.RowGather(words, table, layout.dim, layout.shape, row_scale=scale)
     return out
 
 
-def _row_words_dtype(member: Member, stages: list[Stage], opset: int, ir_version: int) -> np.dtype | None:
-    """The word type that lets a row Gather pick a member's packed rows (then only those rows
-    are decoded), or None: more than one stage, sub-vectors not along whole rows, a scale
-    other than per row, or indices that pack tighter than a byte."""
+def _row_packing(member: Member, stages: list[Stage], opset: int, ir_version: int) -> lookup.Packing | None:
+    """How to pack a member's indices so that a row Gather can pick its packed rows (then only
+    those rows are decoded): a byte or two per sub-vector, or base-k digits in whole words per
+    row; None where that does not apply: more than one stage, sub-vectors not along whole rows,
+    a scale other than per row, or whole words per row packing looser than the flat packing."""
     layout = member.layout
     if len(stages) != 1 or len(layout.shape) != 2 or layout.start != 1 or layout.padding:
         return None
     if member.scale is not None and member.scale_axis != 0:
         return None
-    packing = lookup.choose_packing(stages[0].k, opset, ir_version)
-    return packing.dtype if packing.native and packing.dtype in (np.uint8, np.uint16) else None
+    flat = lookup.choose_packing(stages[0].k, opset, ir_version)
+    rows = lookup.choose_packing(stages[0].k, opset, ir_version, whole_bytes=True)
+    if rows.native and rows.dtype not in (np.uint8, np.uint16):
+        return None
+    padded = -(-layout.blocks // rows.per_word) * rows.per_word
+    return rows if rows.bits_per_index * padded <= flat.bits_per_index * layout.blocks * _ROW_PADDING_ALLOWANCE else None
+
+
+def _stored_shape(r: Replacement, shape: tuple[int, ...]) -> str:
+    return r.stored(f"{LUT_ROLE_PREFIX}shape", np.array(shape, dtype=np.int64))
 
 
 def _to_weight_shape(r: Replacement, gathered: str, layout: VectorLayout) -> str:
