@@ -16,7 +16,9 @@ budget against the model it receives, so it goes before any other lossy pass.
    are stored as float16, whose rounding is far below the index error and whose tables are a
    real share of the bytes there; per-tensor tables stay float32. With feedback=true every
    setting of a codec that has error feedback comes again with it, tried on MatMul and Gemm
-   weights with their inputs' second moment on the fitting share.
+   weights with their inputs' second moment on the fitting share. Codebook settings come again
+   with hot_rows (an embedding's rows the fitting share reads twice corrected to exact), and
+   embedding tables get two more rates (grid.TABLE_RUNGS).
 2. Sensitivity (graphpass.sensitivity). Each candidate weight's settings are tried in order of
    expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
    in the probe model on the calibration inputs. A weight stops at the first setting whose
