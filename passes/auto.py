@@ -71,8 +71,8 @@ from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
 from graphpass.scopes import all_value_and_node_names
 from graphpass.sensitivity import (
-    ErrorMeter, Measurement, Probe, gathered_row_counts, hoist_reason, input_channel_energy, input_covariance, row_subset,
-    verified_units, with_outputs,
+    ErrorMeter, Measurement, Probe, gathered_row_counts, hoist_reason, input_channel_energy, input_covariance,
+    row_subset, verified_units, with_outputs,
 )
 from graphpass.weights import WeightRef
 
@@ -428,7 +428,8 @@ class AutoPass(Pass):
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
         return Calibration(probe, meter, self._value_weights(ctx, weights, inputs),
-                           gathered_row_counts(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians, unseen)
+                           gathered_row_counts(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians,
+                           unseen)
 
     @staticmethod
     def _meter(ctx: PassContext, probe: Probe) -> ErrorMeter:

@@ -472,7 +472,8 @@ def emit_vector_lookup(r: Replacement, member: Member, stages: list[Stage], stag
         if stage.entries.dtype != stage.values.dtype:  # cast k entries, not every weight
             table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast{suffix}", to=weight_type)
         if row_packing is not None and row_packing.native:  # a byte (or two) per sub-vector
-            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}", labels.reshape(layout.index_shape).astype(row_packing.dtype))
+            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}",
+                             labels.reshape(layout.index_shape).astype(row_packing.dtype))
             index = r.node("Cast", [words], f"{LUT_ROLE_PREFIX}index{suffix}", to=TensorProto.INT32)
         elif row_packing is not None:  # base-k digits, each row's in whole words of its own
             words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}",
@@ -512,7 +513,8 @@ def _row_packing(member: Member, stages: list[Stage], opset: int, ir_version: in
     if rows.native and rows.dtype not in (np.uint8, np.uint16):
         return None
     padded = -(-layout.blocks // rows.per_word) * rows.per_word
-    return rows if rows.bits_per_index * padded <= flat.bits_per_index * layout.blocks * _ROW_PADDING_ALLOWANCE else None
+    row_bits, flat_bits = rows.bits_per_index * padded, flat.bits_per_index * layout.blocks
+    return rows if row_bits <= flat_bits * _ROW_PADDING_ALLOWANCE else None
 
 
 def _stored_shape(r: Replacement, shape: tuple[int, ...]) -> str:
