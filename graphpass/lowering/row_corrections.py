@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from graphpass.lowering.nodes import LUT_ROLE_PREFIX, np_dtype
+from graphpass.lowering.nodes import LUT_ROLE_PREFIX, int64s, np_dtype
 from graphpass.lowering.row_storage import gathered_shape
 from graphpass.weights import Replacement
 
@@ -59,19 +59,16 @@ def emit_row_corrections(r: Replacement, values: str, corrections: RowCorrection
     ids = r.stored(f"{LUT_ROLE_PREFIX}outlier_row_ids", corrections.ids)
     if r.row_gather is not None:
         r.row_gather = CorrectedRowGather(r.row_gather, ids, differences, r.weight.dtype, r.weight.shape[0])
-    column = r.node("Reshape", [ids, _int64(r, "outlier_row_column", [-1, 1])], f"{LUT_ROLE_PREFIX}outlier_row_index")
+    column = r.node("Reshape", [ids, int64s(r, "outlier_row_column", [-1, 1])], f"{LUT_ROLE_PREFIX}outlier_row_index")
     rebuilt = r.node("Gather", [values, ids], f"{LUT_ROLE_PREFIX}outlier_rows_rebuilt", axis=0)
     fixed = r.node("Add", [rebuilt, differences], f"{LUT_ROLE_PREFIX}outlier_rows_fixed")
     return r.node("ScatterND", [values, column, fixed], f"{LUT_ROLE_PREFIX}rows_corrected")
 
 
-def _int64(r: Replacement, role: str, values: list[int]) -> str:
-    return r.stored(f"{LUT_ROLE_PREFIX}{role}", np.array(values, dtype=np.int64))
-
-
 @dataclass(frozen=True)
 class CorrectedRowGather:
-    """A row decoder (see row_storage.RowGather) whose decoded rows get their corrections."""
+    """A row decoder (see row_storage.RowGather) of a 2-D table whose decoded rows get their
+    corrections: the one-hot [.., r] of each index among the ids, times the differences [r, d]."""
 
     inner: object  # has decode(r, indices) -> rows
     ids: str  # stored [r] int64
@@ -83,8 +80,8 @@ class CorrectedRowGather:
         rows = self.inner.decode(r, indices)
         index = r.node("Cast", [indices], f"{LUT_ROLE_PREFIX}corrected_index", to=TensorProto.INT64)
         # Gather reads index -1 as the last row; the ids are non-negative.
-        negative = r.node("Less", [index, _int64(r, "zero", [0])], f"{LUT_ROLE_PREFIX}corrected_negative")
-        wrapped = r.node("Add", [index, _int64(r, "table_rows", [self.rows])], f"{LUT_ROLE_PREFIX}corrected_wrapped")
+        negative = r.node("Less", [index, int64s(r, "zero", [0])], f"{LUT_ROLE_PREFIX}corrected_negative")
+        wrapped = r.node("Add", [index, int64s(r, "table_rows", [self.rows])], f"{LUT_ROLE_PREFIX}corrected_wrapped")
         index = r.node("Where", [negative, wrapped, index], f"{LUT_ROLE_PREFIX}corrected_row")
         column = r.node("Reshape", [index, gathered_shape(r, indices, (1,))], f"{LUT_ROLE_PREFIX}corrected_column")
         hits = r.node("Equal", [column, self.ids], f"{LUT_ROLE_PREFIX}corrected_hits")  # [.., r]
