@@ -331,3 +331,15 @@ class InputHessians(Analysis):
         model, weights, inputs = ctx.model, ctx.model.weights(), ctx.calibration_inputs
         hessians = {**input_covariance(model, weights, inputs), **conv_input_covariance(model, weights, inputs)}
         return FeedbackStatistics(hessians, gathered_row_counts(model, weights, inputs))
+
+
+class RowCounts(Analysis):
+    """Embedding table name -> how often the run's calibration inputs read each row (empty
+    without calibration inputs): for codecs that treat often-read rows apart (codebook's
+    hot_rows), without InputHessians' second moments."""
+
+    @classmethod
+    def compute(cls, ctx: PassContext) -> dict[str, np.ndarray]:
+        if not ctx.calibration_inputs:
+            return {}
+        return gathered_row_counts(ctx.model, ctx.model.weights(), ctx.calibration_inputs)

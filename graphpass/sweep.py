@@ -106,7 +106,8 @@ def sweep(model, methods: Sequence[str], bits: Sequence[int], granularities: Seq
     fitting = feeds if calibration is None else _feeds(loaded.proto, calibration, shapes, seed)
     measured = verification.budget_output_names(loaded.proto, outputs)
     config = {"methods": "|".join(methods), "bits": "|".join(map(str, bits)), "granularities": "|".join(granularities),
-              "group_size": group_size, "min_size": 1024, "include": "", "exclude": "", "feedback": feedback}
+              "group_size": group_size, "min_size": 1024, "include": "", "exclude": "", "feedback": feedback,
+              "table_settings": False}  # auto's refinements for embedding tables: no setting for a whole model
     settings = candidate_settings(config, Model(loaded.proto))
     references = available_baselines() if baselines else ()
     rows = []

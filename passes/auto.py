@@ -16,7 +16,9 @@ budget against the model it receives, so it goes before any other lossy pass.
    are stored as float16, whose rounding is far below the index error and whose tables are a
    real share of the bytes there; per-tensor tables stay float32. With feedback=true every
    setting of a codec that has error feedback comes again with it, tried on MatMul and Gemm
-   weights with their inputs' second moment on the fitting share.
+   weights with their inputs' second moment on the fitting share. Codebook settings come again
+   with hot_rows (an embedding's rows the fitting share reads twice corrected to exact), and
+   embedding tables get two more rates (grid.TABLE_RUNGS).
 2. Sensitivity (graphpass.sensitivity). Each candidate weight's settings are tried in order of
    expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
    in the probe model on the calibration inputs. A weight stops at the first setting whose
@@ -69,8 +71,8 @@ from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
 from graphpass.scopes import all_value_and_node_names
 from graphpass.sensitivity import (
-    ErrorMeter, Measurement, Probe, gathered_rows, hoist_reason, input_channel_energy, input_covariance, row_subset,
-    verified_units, with_outputs,
+    ErrorMeter, Measurement, Probe, gathered_row_counts, hoist_reason, input_channel_energy, input_covariance,
+    row_subset, verified_units, with_outputs,
 )
 from graphpass.weights import WeightRef
 
@@ -304,7 +306,7 @@ class Calibration:
     probe: Probe
     meter: ErrorMeter
     value_weights: dict[str, np.ndarray]  # activation energy per value, for aware k-means
-    rows: dict[str, np.ndarray]  # rows of each embedding table that the inputs read
+    row_counts: dict[str, np.ndarray]  # how often the fitting inputs read each row of each embedding table
     floor: float  # error units below which a weight needs no more bytes
     hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul inputs' second moments, for feedback
     # The probe and meter on the held-out share, for settings that learn from the fitting one.
@@ -322,14 +324,21 @@ class Calibration:
             found = other if other.units > found.units else found
         return found
 
-    def fit_inputs(self, setting: Setting, weight: WeightRef) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(value weight, Hessian) a setting's plan gets, all from the fitting share: a feedback
-        setting weighs its fit by the Hessian's diagonal, as the codec would on its own inputs."""
+    def rows(self, weight: WeightRef) -> np.ndarray | None:
+        """The rows of an embedding table that the fitting inputs read (None: not a table)."""
+        counts = self.row_counts.get(weight.name)
+        return None if counts is None else np.flatnonzero(counts)
+
+    def fit_inputs(self, setting: Setting, weight: WeightRef,
+                   ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(value weight, Hessian, row counts) a setting's plan gets, all from the fitting share: a
+        feedback setting weighs its fit by the Hessian's diagonal, as the codec would on its own
+        inputs."""
         value_weight, hessian = self.value_weights.get(weight.name), self.hessians.get(weight.name)
         if value_weight is None and hessian is not None and uses_feedback(setting):
             value_weight = relative_energy(np.diag(hessian))
             value_weight = value_weight[:, None] if input_axis(weight) == 0 else value_weight[None, :]
-        return value_weight, hessian
+        return value_weight, hessian, self.row_counts.get(weight.name)
 
 
 @register
@@ -419,7 +428,8 @@ class AutoPass(Pass):
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
         return Calibration(probe, meter, self._value_weights(ctx, weights, inputs),
-                           gathered_rows(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians, unseen)
+                           gathered_row_counts(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians,
+                           unseen)
 
     @staticmethod
     def _meter(ctx: PassContext, probe: Probe) -> ErrorMeter:
@@ -484,7 +494,7 @@ class AutoPass(Pass):
         if uses_feedback(setting) and weight.name not in calibration.hessians:
             # Elsewhere feedback would weight embedding rows by the calibration's own tokens.
             return "error feedback is tried on MatMul and Gemm weights only"
-        rows = calibration.rows.get(weight.name)
+        rows = calibration.rows(weight)
         if rows is not None and setting.row_local(weight):
             subset, rows_weight = row_subset(ctx.model, weight, rows)
             plan = setting.plan(PassContext(subset, deployment=ctx.deployment, workers=ctx.workers), rows_weight, None)

@@ -365,3 +365,19 @@ def weights_as_computed(proto: onnx.ModelProto, names: list[str], level) -> dict
     options.graph_optimization_level = level
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return dict(zip(names, session.run(names, synthesize_inputs(probe))))
+
+
+def test_hot_row_settings_are_tried_on_embedding_tables_only(fixture_dir):
+    """Codebook settings come again with hot_rows; on a weight other than an embedding table
+    that is the same setting and is measured once. The rungs between the grid's rates for
+    tables are tried on the embedding table alone."""
+    rng = np.random.default_rng(5)
+    inputs = {"input_ids": rng.integers(0, 64, (8, 12)).astype(np.int64)}  # few tokens: most repeat
+    result = graphpass.run(fixture_dir / "transformer_untied.onnx", "auto(methods=codebook,bits=3|4)",
+                           inputs=inputs, budget=Budget(min_cosine=0.99))
+    assert result.passed
+    for tensor in auto_stats(result)["details"]["tensors"]:
+        hot = [t for t in tensor["tried"] if "hot_rows" in t["setting"]]
+        assert bool(hot) == (tensor["name"] == "embed_tokens.weight"), tensor["name"]
+        rungs = [t for t in tensor["tried"] if "k=1024" in t["setting"]]  # grid.TABLE_RUNGS, on tables only
+        assert bool(rungs) == (tensor["name"] == "embed_tokens.weight"), tensor["name"]

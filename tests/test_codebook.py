@@ -384,15 +384,17 @@ def test_options_are_checked():
 
 
 @pytest.mark.parametrize("scale", ["none", "channel"])
-def test_embedding_rows_decode_after_the_gather(scale):
-    """An embedding table read only by row Gathers keeps its packed rows; each reader decodes
-    the rows it picks (scaled per row), exactly as the whole-table rebuild would."""
+@pytest.mark.parametrize("k,columns", [(256, 64), (64, 60), (1024, 60)])  # a byte per index; base-k digits
+def test_embedding_rows_decode_after_the_gather(scale, k, columns):
+    """An embedding table read only by row Gathers keeps its packed rows (a byte per index, or
+    base-k digits in whole words per row); each reader decodes the rows it picks (scaled per
+    row), exactly as the whole-table rebuild would."""
     from test_lookup import embedding_model
 
     rng = np.random.default_rng(5)
     ids_shapes = [(2, 9), ()]
-    source = embedding_model(rng.normal(size=(600, 64)).astype(np.float32), ids_shapes)
-    spec = f"codebook(dim=2,k=256,scale={scale})"
+    source = embedding_model(rng.normal(size=(600, columns)).astype(np.float32), ids_shapes)
+    spec = f"codebook(dim=2,k={k},scale={scale})"
     gathered = graphpass.run(source, spec, verify=False).model
     # The same codebook, also read by a MatMul: the table is rebuilt whole and serves both.
     dense_source = embedding_model(numpy_helper.to_array(source.graph.initializer[0]), ids_shapes, also_matmul=True)
@@ -402,10 +404,81 @@ def test_embedding_rows_decode_after_the_gather(scale):
 
     feeds = {f"ids{i}": rng.integers(0, 600, size=s).astype(np.int64) for i, s in enumerate(ids_shapes)}
     dense_rows = ort_session(dense).run([f"rows{i}" for i in range(len(ids_shapes))],
-                                        {**feeds, "x": np.zeros((2, 64), np.float32)})
+                                        {**feeds, "x": np.zeros((2, columns), np.float32)})
     for got, want in zip(ort_session(gathered).run(None, feeds), dense_rows):
         np.testing.assert_array_equal(got, want)
 
 
 def ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# -- hot rows -----------------------------------------------------------------------------------
+
+
+HOT, ONCE = [3, 17, 599], [40, 41]  # read twice and once by the calibration ids below
+
+
+def hot_rows_calibration() -> dict[str, np.ndarray]:
+    return {"ids0": np.array([[3, 17, 599, 40, 5, 6, 7, 8, 9], [3, 17, 599, 41, 10, 11, 12, 13, 14]], dtype=np.int64)}
+
+
+@pytest.mark.parametrize("stages,ops", [(1, {"Equal", "MatMul"}), (2, {"ScatterND"})])
+def test_hot_rows_come_back_exact_after_either_lowering(stages, ops):
+    """Rows the calibration inputs read at least hot_rows times come back to their exact values
+    (up to their float16 difference), whether each Gather decodes its own rows (a one-hot MatMul
+    picks the differences) or the table is rebuilt whole (two stages: ScatterND); every other
+    row, those read once included, is the plain codebook's bit for bit, at both levels."""
+    from test_lookup import embedding_model
+
+    rng = np.random.default_rng(7)
+    table = rng.normal(size=(600, 64)).astype(np.float32)
+    source = embedding_model(table, [(2, 9)])
+    plain = graphpass.run(source, f"codebook(dim=2,k=16,stages={stages})", inputs=hot_rows_calibration(), verify=False)
+    hot = graphpass.run(source, f"codebook(dim=2,k=16,stages={stages},hot_rows=2)", inputs=hot_rows_calibration(),
+                        verify=False)
+    (tensor,) = pass_stats(hot)["details"]["tensors"]
+    assert tensor["corrected_rows"] == len(HOT)
+    assert {n.op_type for n in hot.model.graph.node} >= ops
+
+    ids = np.array([[3, 17, 599, 40, 41, 0, 100, 598, -1]] * 2, dtype=np.int64)  # -1 is row 599
+    feeds = {"ids0": ids}
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        got, want = (ort.InferenceSession(run.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                     .run(["rows0"], feeds)[0] for run in (hot, plain))
+        corrected = np.isin(ids % 600, HOT)
+        np.testing.assert_array_equal(got[~corrected], want[~corrected])
+        np.testing.assert_allclose(got[corrected], table[ids[corrected]], atol=1e-3)
+        assert np.abs(want[corrected] - table[ids[corrected]]).max() > 1e-2  # the codebook alone is far
+
+
+def test_hot_rows_cost_their_differences_and_apply_to_embedding_tables_only():
+    """A corrected row costs its float16 difference (and its id); a MatMul weight is the same
+    setting with or without hot_rows, so auto measures it once."""
+    from test_lookup import embedding_model
+
+    table = np.random.default_rng(7).normal(size=(600, 64)).astype(np.float32)
+    source = embedding_model(table, [(2, 9)])
+    calibration = hot_rows_calibration()
+    plain, hot = (pass_stats(graphpass.run(source, spec, inputs=calibration, verify=False))["details"]["tensors"][0]
+                  for spec in ("codebook(dim=2,k=256)", "codebook(dim=2,k=256,hot_rows=2)"))
+    assert hot["bytes_after"] - plain["bytes_after"] >= len(HOT) * (64 * 2 + 8)
+    assert hot["index_bytes"] == plain["index_bytes"]
+
+    model = Model(shapes_model())
+    weights = {w.name: w for w in model.weights()}
+    with_hot, without = CodebookPass(hot_rows=2), CodebookPass()
+    assert with_hot.effect_key(weights["W_in"]) == without.effect_key(weights["W_in"])
+    assert with_hot.effect_key(weights["E"]) != without.effect_key(weights["E"])
+
+
+def test_hot_rows_without_calibration_inputs_change_nothing():
+    """Without calibration inputs nothing counts as hot: the same bytes as without the option."""
+    from test_lookup import embedding_model
+
+    source = embedding_model(np.random.default_rng(7).normal(size=(600, 64)).astype(np.float32), [(2, 9)])
+    plain, hot = (serialized_bytes(graphpass.run(source, spec, verify=False).model)
+                  for spec in ("codebook(dim=2,k=256)", "codebook(dim=2,k=256,hot_rows=2)"))
+    assert plain == hot

@@ -35,7 +35,8 @@ is never rebuilt: the core lets each Gather decode the rows it picks (`RowGather
 
 Entry points: `emit_lookup` (scalar codebooks), `emit_row_lookup` (shared rows, Gather),
 `emit_dequantize` (affine codebooks as DequantizeLinear), `emit_outliers` (exact values patched
-in), `emit_indices` (packed integers for any other gather), `cost_of` (stored bytes by part).
+in), `emit_row_corrections` (whole rows brought back to their exact values), `emit_indices`
+(packed integers for any other gather), `cost_of` (stored bytes by part).
 Every tensor stored here has a role starting with `LUT_ROLE_PREFIX`, so that later runs
 recognise lookup tables and leave them alone (`is_lookup_table`).
 """
@@ -64,11 +65,14 @@ from graphpass.lowering.packing import (
     pack_indices,
     unpack_indices,
 )
+from graphpass.lowering.row_corrections import RowCorrections, emit_row_corrections
 from graphpass.lowering.row_storage import (
     RowDigits,
     RowGather,
+    RowVectorDigits,
     emit_row_aligned,
     emit_row_digits,
+    pack_row_digits,
     per_row_codebooks,
     row_digits_bytes,
     row_storage,
@@ -90,7 +94,9 @@ __all__ = [
     "Outliers",
     "Packing",
     "RowDigits",
+    "RowCorrections",
     "RowGather",
+    "RowVectorDigits",
     "choose_packing",
     "compact",
     "cost_of",
@@ -100,10 +106,12 @@ __all__ = [
     "emit_indices",
     "emit_lookup",
     "emit_outliers",
+    "emit_row_corrections",
     "emit_row_lookup",
     "is_lookup_table",
     "np_dtype",
     "pack_indices",
+    "pack_row_digits",
     "per_row_codebooks",
     "row_digits_bytes",
     "row_storage",

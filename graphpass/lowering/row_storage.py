@@ -161,9 +161,33 @@ class RowDigits:
     def decode(self, r: Replacement, indices: str) -> str:
         """Nodes computing Gather(weight, indices, axis=0) from the stored rows."""
         words = r.node("Gather", [self.words, indices], f"{LUT_ROLE_PREFIX}gathered_words", axis=0)
-        index = self.unpack(r, words, _gathered_shape(r, indices, (self.padded_length,)))
+        index = self.unpack(r, words, gathered_shape(r, indices, (self.padded_length,)))
         table = r.node("Gather", [self.table, indices], f"{LUT_ROLE_PREFIX}gathered_codebooks", axis=0)
         return r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=-1)
+
+
+@dataclass(frozen=True)
+class RowVectorDigits:
+    """Sub-vector indices packed as base-k digits within each row, into one table of vectors
+    [k, dim] (the codebook pass): a row Gather picks the rows' words, and only those are unpacked
+    and looked up, then multiplied by the rows' own scale where there is one ([rows, 1])."""
+
+    digits: RowDigits  # words, the vector table, packing, and indices per row
+    shape: tuple[int, ...]
+    row_scale: str | None = None
+
+    def decode(self, r: Replacement, indices: str) -> str:
+        """Nodes computing Gather(weight, indices, axis=0) from the stored rows."""
+        digits = self.digits
+        words = r.node("Gather", [digits.words, indices], f"{LUT_ROLE_PREFIX}gathered_words", axis=0)
+        index = digits.unpack(r, words, gathered_shape(r, indices, (digits.padded_length,)))
+        vectors = r.node("Gather", [digits.table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=0)
+        values = r.node("Reshape", [vectors, gathered_shape(r, indices, self.shape[1:])],
+                        f"{LUT_ROLE_PREFIX}gathered_rows")
+        if self.row_scale is None:
+            return values
+        scale = r.node("Gather", [self.row_scale, indices], f"{LUT_ROLE_PREFIX}gathered_scale", axis=0)
+        return r.node("Mul", [values, scale], f"{LUT_ROLE_PREFIX}gathered_scaled")
 
 
 def _tuple_table_bytes(base: int, per_word: int, itemsize: int) -> int:
@@ -213,7 +237,7 @@ def emit_row_aligned(r: Replacement, codebook: np.ndarray, labels: np.ndarray, s
     return reshape(r, values, gathered, shape)
 
 
-def _gathered_shape(r: Replacement, indices: str, tail) -> str:
+def gathered_shape(r: Replacement, indices: str, tail) -> str:
     """[*indices.shape, *tail], the indices' own dimensions read at run time, so that any
     index shape (a scalar included) works."""
     index_shape = r.node("Shape", [indices], f"{LUT_ROLE_PREFIX}gathered_index_shape")
@@ -240,7 +264,7 @@ class RowGather:
         values = r.node("Gather", [self.table, index], f"{LUT_ROLE_PREFIX}gathered_values", axis=0)
         if self.per_word > 1:
             # [*indices, *shape[1:-1], last/m, m] -> [*indices, *shape[1:]]
-            target = _gathered_shape(r, indices, self.shape[1:])
+            target = gathered_shape(r, indices, self.shape[1:])
             values = r.node("Reshape", [values, target], f"{LUT_ROLE_PREFIX}gathered_rows")
         if self.row_scale is None:
             return values

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""The BERT's word embedding alone: bytes against the worst test sentence, per codec setting.
+
+    python bench/bench_embedding.py [--specs "codebook(dim=2,k=256,scale=channel);..."]
+
+paraphrase-MiniLM-L3-v2's 30522 x 384 word embedding is two thirds of what auto writes at
+--min-cosine 0.99. Each setting here compresses that table alone (every other weight exact),
+planned by the codec as auto plans it, with hot rows counted on the 32 calibration sentences;
+the figures are the worst of the 32 test (and calibration) sentences' embedding cosine in
+onnxruntime, and the table's stored bytes. Prints a table; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+import graphpass  # noqa: F401  (registers the passes)
+from graphpass.edit import Model
+from graphpass.manager import PassContext, parse_spec
+from graphpass.sensitivity import gathered_row_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpass wins
+sys.path.append(str(ROOT / "bench"))
+from bench_auto import CALIBRATION_SENTENCES, EMBEDDING, TEST_SENTENCES, WordPiece  # noqa: E402
+from fixtures import real_models  # noqa: E402
+
+TABLE = "model.0.auto_model.embeddings.word_embeddings.weight"
+CODEBOOKS = ((4, 256), (2, 64), (3, 1024), (2, 256), (2, 1024))  # (dim, k): 2.1 to 5.4 bits per weight
+SPECS = [f"codebook(dim={d},k={k},scale=channel{hot})" for d, k in CODEBOOKS for hot in ("", ",hot_rows=2")] \
+    + [f"kmeans(bits={b},granularity=channel,codebook_dtype=float16)" for b in (4, 5)]
+
+
+def worst_cosine(session: ort.InferenceSession, reference: np.ndarray, feeds) -> float:
+    got = session.run([EMBEDDING], feeds)[0]
+    cosine = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+    return float(cosine.min())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--specs", default=";".join(SPECS))
+    args = parser.parse_args(argv)
+    proto = onnx.load(real_models.fetch("paraphrase_minilm_l3"))
+    tokenizer = WordPiece(Path(real_models.fetch("bert_uncased_tokenizer")))
+    calibration, test = tokenizer.encode_batch(CALIBRATION_SENTENCES), tokenizer.encode_batch(TEST_SENTENCES)
+    model = Model(proto)
+    table = next(w for w in model.weights() if w.name == TABLE)
+    counts = gathered_row_counts(model, [table], calibration)[TABLE]
+    initializer = next(t for t in proto.graph.initializer if t.name == TABLE)
+    original = numpy_helper.to_array(initializer)
+
+    def session(values: np.ndarray) -> ort.InferenceSession:
+        """A session with the table replaced; the model the codecs plan on keeps the original."""
+        initializer.CopyFrom(numpy_helper.from_array(values.astype(original.dtype), TABLE))
+        try:
+            return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        finally:
+            initializer.CopyFrom(numpy_helper.from_array(original, TABLE))
+
+    reference = session(original)
+    references = [reference.run([EMBEDDING], feeds)[0] for feeds in (test, calibration)]
+    print(f"{'setting (word embedding only)':<64} {'table':>9} {'bits/w':>6} {'test':>8} {'calib':>8}")
+    for spec in args.specs.split(";"):
+        (codec,) = parse_spec(spec)
+        plan = codec.plan(PassContext(model), table, **({"row_counts": counts} if "hot_rows" in spec else {}))
+        candidate = session(plan.reconstruction)
+        test_cos, calib_cos = (worst_cosine(candidate, r, f) for r, f in zip(references, (test, calibration)))
+        print(f"{spec:<64} {plan.stored_bytes / 1e6:>7.2f}MB {8 * plan.stored_bytes / original.size:>6.2f} "
+              f"{test_cos:>8.5f} {calib_cos:>8.5f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
