@@ -1,6 +1,7 @@
-"""Verification inputs: --shape specs, an .npz of real inputs, or values synthesized from the
-model's declared inputs so that the model makes sense of them (token ids inside the table they
-index, masks of ones, lengths that fit the padded axis)."""
+"""The inputs models run on, for verification and for the passes that calibrate on them: --shape
+specs, an .npz of real inputs, or values synthesized from the model's declared inputs so that the
+model makes sense of them (token ids inside the table they index, masks of ones, lengths that fit
+the padded axis)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import onnx
 from onnx import helper
 
 from graphpass.errors import VerifyInputError
-from graphpass.metrics import _is_float_dtype
+from graphpass.metrics import is_float_dtype
 
 # Input synthesis defaults.
 BATCH_DIM = 1
@@ -277,7 +278,7 @@ def _synthesize_value(name, dtype, shape, rng, index_bound, length_fill) -> np.n
         return np.ones(shape, dtype=dtype)
     if dtype == np.bool_:
         return rng.random(shape) < 0.5
-    if _is_float_dtype(dtype):
+    if is_float_dtype(dtype):
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind in "iu":
         return _synthesize_integer(name, dtype, shape, rng, index_bound, length_fill)

@@ -82,8 +82,8 @@ class Figures:
     whole_tensor: dict[str, float] | None = None
 
     def figures_dict(self) -> dict:
-        figures = {name: _json_float(getattr(self, name)) for name in _WORST_OF}
-        whole = None if self.whole_tensor is None else {k: _json_float(v) for k, v in self.whole_tensor.items()}
+        figures = {name: json_float(getattr(self, name)) for name in _WORST_OF}
+        whole = None if self.whole_tensor is None else {k: json_float(v) for k, v in self.whole_tensor.items()}
         return {**figures, "samples": self.samples, "whole_tensor": whole}
 
 
@@ -126,13 +126,15 @@ class OutputMetrics(Figures):
         }
 
 
-def _json_float(value):
+def json_float(value):
+    """`value` for strict JSON: a non-finite float becomes None (null)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
-def _is_float_dtype(dtype: np.dtype) -> bool:
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """Float outputs are compared within a budget, float inputs synthesized from N(0, 1)."""
     # ml_dtypes floats (bfloat16, float8*) have kind "V", so match them by name.
     return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float4"))
 
@@ -154,7 +156,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray | Non
     if reference.dtype != candidate.dtype:
         return LevelMetrics(passed=False, failure=(
             f"dtype mismatch: reference {reference.dtype} vs candidate {candidate.dtype}"))
-    if _is_float_dtype(reference.dtype):
+    if is_float_dtype(reference.dtype):
         return _compare_float(name, reference, candidate, budget, batch_axis)
     return _compare_exact(reference, candidate)
 
@@ -318,7 +320,7 @@ def _snr_db(ref: np.ndarray, diff: np.ndarray) -> float:
 
 def looks_like_class_scores(name: str, array: np.ndarray) -> bool:
     """Float, rank >= 2, last axis >= 2, and not named like an embedding or state."""
-    return (_is_float_dtype(array.dtype) and array.ndim >= 2 and array.shape[-1] >= 2
+    return (is_float_dtype(array.dtype) and array.ndim >= 2 and array.shape[-1] >= 2
             and not any(hint in name.lower() for hint in NON_CLASS_NAME_HINTS))
 
 
@@ -333,7 +335,7 @@ def _argmax_agreement(name: str, ref: np.ndarray, cand: np.ndarray) -> float | N
     return float(np.mean(ref_top == cand_top))
 
 
-def _summarise_levels(per_level: dict[str, LevelMetrics]) -> OutputMetrics:
+def summarise_levels(per_level: dict[str, LevelMetrics]) -> OutputMetrics:
     worst = {}
     for figure, pick in _WORST_OF.items():
         values = [getattr(m, figure) for m in per_level.values() if getattr(m, figure) is not None]

@@ -11,6 +11,9 @@ candidate is compared with the reference run in that runtime. A reference that d
 in a runtime leaves that runtime out with a note; a candidate that does not run where its
 reference does fails. Each output reports the worst figure across levels, each level's
 figures, and each runtime's worst.
+
+What one output's figures mean and how it is checked is graphpass.metrics; the inputs both
+models run on, graphpass.inputs; the budget, graphpass.budget.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from graphpass.inputs import (
 )
 from graphpass.metrics import (
     NON_CLASS_NAME_HINTS, REL_ERROR_FLOOR_FRACTION, TINY, Figures, LevelMetrics, OutputMetrics,
-    _json_float, _summarise_levels, compare_arrays, looks_like_class_scores, sample_rows,
+    compare_arrays, json_float, looks_like_class_scores, sample_rows, summarise_levels,
     worst_sample_figures,
 )
 from graphpass.runtimes import Runtime, RuntimeFailure, usable_adapters
@@ -137,7 +140,7 @@ class VerifyResult:
         """Strict-JSON-safe dict (non-finite floats become None)."""
         return {
             "passed": self.passed,
-            "budget": {k: _json_float(v) for k, v in self.budget.items()},
+            "budget": {k: json_float(v) for k, v in self.budget.items()},
             "budget_given": self.budget_given,
             "levels": list(self.levels),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
@@ -240,11 +243,11 @@ def _verify_in(runtime: Runtime, reference: str, candidate: str, same_model: boo
 
 def _summarise_output(per_level: dict[str, LevelMetrics], outcomes: Mapping[str, RuntimeOutcome]) -> OutputMetrics:
     """The worst figures over every level of every runtime, and each runtime's own worst."""
-    summary = _summarise_levels(per_level)
+    summary = summarise_levels(per_level)
     for name, outcome in outcomes.items():
         own = {level: per_level[level] for level in outcome.levels if level in per_level}
         if own:
-            summary.per_runtime[name] = _summarise_levels(own)
+            summary.per_runtime[name] = summarise_levels(own)
     return summary
 
 
