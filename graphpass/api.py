@@ -17,9 +17,11 @@ import onnx
 
 from graphpass import report as reporting
 from graphpass import verify as verification
+from graphpass.budget import Budget, lossless_budget
 from graphpass.deployment import Deployment
 from graphpass.edit import Model
-from graphpass.errors import InputError, OutputUnloadable, PassFailed, UsageError
+from graphpass.errors import InputError, ModelLoadError, OutputUnloadable, PassFailed, UsageError
+from graphpass.inputs import load_inputs, synthesize_inputs
 from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.memory import release_freed_memory
@@ -76,7 +78,7 @@ def run(
     output: str | os.PathLike | None = None,
     inputs: dict[str, np.ndarray] | str | os.PathLike | None = None,
     shapes: dict[str, tuple[int, ...]] | None = None,
-    budget: verification.Budget | None = None,
+    budget: Budget | None = None,
     budget_outputs: Sequence[str] | None = None,
     verify: bool = True,
     external_data: bool = False,
@@ -134,9 +136,9 @@ def run(
         if verify:
             # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
             if manager.lossless:
-                chosen = verification.lossless_budget(compiled.output.proto).overridden_by(budget)
+                chosen = lossless_budget(compiled.output.proto).overridden_by(budget)
             else:
-                chosen = budget or verification.Budget()
+                chosen = budget or Budget()
             levels = verification.levels_for(compiled.before["file_bytes"])
             if levels != verification.DEFAULT_LEVELS:
                 compiled.notes.append(_unfolded_note())
@@ -144,7 +146,7 @@ def run(
                 checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
                                               levels=levels, runtimes=deployment.targets,
                                               budget_given=manager.lossless or _holds_accuracy(budget))
-            except verification.ModelLoadError as exc:
+            except ModelLoadError as exc:
                 if exc.role == "candidate":  # the reference loaded at the same level just before
                     raise OutputUnloadable(_describe(pipeline), str(exc)) from None
                 raise
@@ -250,7 +252,7 @@ def _unfolded_note() -> str:
             "measures")
 
 
-def _holds_accuracy(budget: verification.Budget | None) -> bool:
+def _holds_accuracy(budget: Budget | None) -> bool:
     return budget is not None and (budget.has_elementwise or budget.min_cosine is not None)
 
 
@@ -293,10 +295,10 @@ def _private_copy(model):
 
 def _verification_inputs(loaded: LoadedModel, inputs, shapes, seed) -> dict[str, np.ndarray]:
     if inputs is None:
-        return verification.synthesize_inputs(loaded.proto, shapes=shapes, seed=seed)
+        return synthesize_inputs(loaded.proto, shapes=shapes, seed=seed)
     if isinstance(inputs, dict):
         return inputs
-    return verification.load_inputs(inputs)
+    return load_inputs(inputs)
 
 
 def _move_into_place(staged: Path, output: Path) -> Path:

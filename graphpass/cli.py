@@ -18,9 +18,11 @@ from graphpass import __version__
 from graphpass import sweep as sweeping
 from graphpass import verify as verification
 from graphpass.api import run as run_pipeline
+from graphpass.budget import Budget
 from graphpass.deployment import ANY_TARGET, OBJECTIVES, RUNTIMES, Deployment
 from graphpass.edit import Model
-from graphpass.errors import GraphpassError, UsageError
+from graphpass.errors import GraphpassError, UsageError, VerifyInputError
+from graphpass.inputs import load_inputs, parse_shapes, synthesize_inputs
 from graphpass.inspect import inspect_model, render_inspection
 from graphpass.manager import PassContext, registered_passes
 from graphpass.model import load_model
@@ -72,20 +74,20 @@ class GraphpassGroup(click.Group):
             return super().invoke(ctx)
         except GraphpassError as exc:
             _fail(str(exc), exc.exit_code)
-        except verification.VerifyInputError as exc:
+        except VerifyInputError as exc:
             _fail(str(exc), 2)
         except MemoryError:
             _fail("out of memory", 2)
 
 
-def _budget(atol, rtol, min_cosine) -> verification.Budget | None:
+def _budget(atol, rtol, min_cosine) -> Budget | None:
     if atol is None and rtol is None and min_cosine is None:
         return None
-    return verification.Budget(atol=atol, rtol=rtol, min_cosine=min_cosine)
+    return Budget(atol=atol, rtol=rtol, min_cosine=min_cosine)
 
 
 def _shapes(specs) -> dict | None:
-    return verification.parse_shapes(specs) if specs else None
+    return parse_shapes(specs) if specs else None
 
 
 TARGET_HELP = (f"Comma-separated runtimes the output must run in: {', '.join(RUNTIMES)}, or {ANY_TARGET}. "
@@ -237,12 +239,12 @@ def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, r
     loaded = load_model(reference)
     load_model(candidate)  # a clear input error beats an onnxruntime one
     if inputs:
-        feeds = verification.load_inputs(inputs)
+        feeds = load_inputs(inputs)
     else:
-        feeds = verification.synthesize_inputs(loaded.proto, shapes=_shapes(shapes), seed=seed)
+        feeds = synthesize_inputs(loaded.proto, shapes=_shapes(shapes), seed=seed)
     given = _budget(atol, rtol, min_cosine)
     # Two models without a budget: the figures are shown, but held to nothing, so no PASS.
-    result = verification.verify(reference, candidate, feeds, given or verification.Budget(), runtimes=runtimes,
+    result = verification.verify(reference, candidate, feeds, given or Budget(), runtimes=runtimes,
                                  budget_given=given is not None)
     click.echo(verification.render_table(result))
     cost = None

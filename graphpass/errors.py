@@ -52,3 +52,16 @@ class OutputUnloadable(GraphpassError):
 
 class ConditionError(Exception):
     """A pass broke a pre- or post-condition of the model (internal; wrapped in PassFailed)."""
+
+
+class VerifyInputError(Exception):
+    """Verification cannot start: a model does not load or run, inputs are missing, or a
+    --shape is malformed. The message is one line, ready to show to a user."""
+
+
+class ModelLoadError(VerifyInputError):
+    """onnxruntime cannot load one of the models; `role` says which ("reference", "candidate")."""
+
+    def __init__(self, message: str, role: str):
+        super().__init__(message)
+        self.role = role

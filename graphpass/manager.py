@@ -98,7 +98,7 @@ class PassStats:
 class PassContext:
     """What a pass sees: the model, shared analyses (computed once), and a progress hook.
 
-    `budget` (a graphpass.verify.Budget), `budget_outputs` (the outputs it applies to; None: all)
+    `budget` (a graphpass.budget.Budget), `budget_outputs` (the outputs it applies to; None: all)
     and `calibration_inputs` (name -> array) are what the run will be verified against; passes
     that search for the smallest model within a budget (auto) read them. None when not known.
     `deployment` says which runtimes the output is for and what it should save there.

@@ -39,10 +39,12 @@ import onnx.numpy_helper
 import onnxruntime as ort
 from onnx import helper
 
-from graphpass import verify as verification
+from graphpass.budget import Budget
 from graphpass.edit import Model
 from graphpass.errors import UsageError
+from graphpass.metrics import LevelMetrics, OutputMetrics, compare_arrays
 from graphpass.scopes import build_scope_tree
+from graphpass.verify import VerifyResult
 from graphpass.weights import WeightRef
 
 # Below this, 1 - cosine is float64 rounding of a dot product over normalised vectors.
@@ -54,12 +56,12 @@ _COSINE_NOISE = 1e-12
 # ---------------------------------------------------------------------------------------------
 
 
-def error_units(name: str, reference: np.ndarray, candidate: np.ndarray, budget: verification.Budget,
-                batch_axis: int = 0) -> tuple[float, verification.LevelMetrics]:
+def error_units(name: str, reference: np.ndarray, candidate: np.ndarray, budget: Budget,
+                batch_axis: int = 0) -> tuple[float, LevelMetrics]:
     """The share of `budget` that one output's deviation uses (see the module docstring), with
     verify's own figures for it. Structural failures (shape, dtype, non-finite values, a changed
     integer output) use more than any budget: infinity."""
-    metrics = verification.compare_arrays(name, reference, candidate, verification.Budget(), batch_axis)
+    metrics = compare_arrays(name, reference, candidate, Budget(), batch_axis)
     if not metrics.passed:
         return math.inf, metrics
     if metrics.cosine is None:  # an integer or bool output, and it matched exactly
@@ -77,7 +79,7 @@ def _cosine_units(cosine: float, min_cosine: float | None) -> float:
     return _ratio(gap if gap > _COSINE_NOISE else 0.0, 1.0 - min_cosine)
 
 
-def _elementwise_units(ref: np.ndarray, cand: np.ndarray, budget: verification.Budget) -> float:
+def _elementwise_units(ref: np.ndarray, cand: np.ndarray, budget: Budget) -> float:
     if not budget.has_elementwise or ref.size == 0:
         return 0.0
     allowed = (budget.atol or 0.0) + (budget.rtol or 0.0) * np.abs(ref)
@@ -95,7 +97,7 @@ def _ratio(used: float, allowed: float) -> float:
     return used / allowed if allowed > 0 else math.inf
 
 
-def verified_units(result: verification.VerifyResult, budget: verification.Budget,
+def verified_units(result: VerifyResult, budget: Budget,
                    outputs: Sequence[str] | None = None) -> float:
     """Error units of a verification result, from its figures (worst output, worst level).
 
@@ -114,7 +116,7 @@ def verified_units(result: verification.VerifyResult, budget: verification.Budge
     return worst
 
 
-def _elementwise_units_of(metrics: verification.OutputMetrics, budget: verification.Budget) -> float:
+def _elementwise_units_of(metrics: OutputMetrics, budget: Budget) -> float:
     if budget.atol:
         return (metrics.max_abs_error or 0.0) ** 2 / budget.atol**2
     if budget.rtol:
@@ -148,7 +150,7 @@ def _finite(value: float) -> float | None:
 class ErrorMeter:
     """Compares probe outputs with the reference outputs, in error units of a budget."""
 
-    def __init__(self, reference: Mapping[str, np.ndarray], budget: verification.Budget,
+    def __init__(self, reference: Mapping[str, np.ndarray], budget: Budget,
                  batch_axes: Mapping[str, int] | None = None):
         self.reference = dict(reference)
         self.budget = budget

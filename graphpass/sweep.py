@@ -41,13 +41,15 @@ from onnx import version_converter
 
 from graphpass import verify as verification
 from graphpass.api import run as run_pipeline
+from graphpass.budget import Budget
 from graphpass.edit import Model
 from graphpass.errors import UsageError
 from graphpass.grid import candidate_settings, index_bits, uses_feedback
+from graphpass.inputs import load_inputs, synthesize_inputs
 from graphpass.manager import progress_of
 from graphpass.model import load_model, serialized_bytes
 
-STRUCTURAL = verification.Budget()  # the table reports the error; it does not judge it
+STRUCTURAL = Budget()  # the table reports the error; it does not judge it
 
 
 @dataclass
@@ -123,8 +125,8 @@ def sweep(model, methods: Sequence[str], bits: Sequence[int], granularities: Seq
 
 def _feeds(proto: onnx.ModelProto, inputs, shapes, seed) -> dict[str, np.ndarray]:
     if inputs is None:
-        return verification.synthesize_inputs(proto, shapes=shapes, seed=seed)
-    return inputs if isinstance(inputs, dict) else verification.load_inputs(inputs)
+        return synthesize_inputs(proto, shapes=shapes, seed=seed)
+    return inputs if isinstance(inputs, dict) else load_inputs(inputs)
 
 
 def _setting_row(loaded, reference, setting, feeds, fitting, outputs: list[str]) -> SweepRow:

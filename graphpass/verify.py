@@ -12,47 +12,8 @@ in a runtime leaves that runtime out with a note; a candidate that does not run 
 reference does fails. Each output reports the worst figure across levels, each level's
 figures, and each runtime's worst.
 
-Metric definitions. Float outputs are compared in float64, over the positions
-where both reference and candidate are finite. d = candidate - reference.
-
-Samples. A user who budgets an embedding or a classifier means every sample: a batch whose
-whole cosine looks high can hide one sentence far below it. So the figures below are
-computed per sample, a sample being one slice along the batch axis of an output of rank >= 2
-(an output of rank 0 or 1 is one sample). The batch axis is the one the model declares with
-a symbol naming a batch (recurrent state such as [2, batch, 128] holds h and c on axis 0),
-else axis 0, and each figure reported is the worst sample's (largest error, smallest cosine and
-SNR). `whole_tensor` keeps the same figures over the whole output, `samples` says how many
-there were. The elementwise atol/rtol check is per element, so it covers every sample as is.
-
-* max_abs_error   max |d|
-* max_rel_error   max |d| / max(|ref|, floor), where floor = REL_ERROR_FLOOR_FRACTION *
-                  max|ref| of that output (at least TINY). Without a floor, an element
-                  where ref is exactly 0 gives an infinite or meaningless value. With
-                  it, elements below 0.1% of the output's scale are measured against
-                  that 0.1%.
-* mean_abs_error  mean |d|
-* cosine          cos(ref, cand) of one flattened sample; 1.0 when both are all-zero,
-                  0.0 when exactly one is.
-* snr_db          10*log10(sum(ref^2) / sum(d^2)) over one sample. +inf when d == 0
-                  everywhere, -inf when the reference is all-zero and d is not. to_dict() writes both
-                  infinities as null so the JSON stays valid (tell them apart by
-                  max_abs_error == 0).
-* argmax_agreement  Only for outputs that look like class scores (see
-                  looks_like_class_scores). It is the fraction of rows (all axes but
-                  the last) whose argmax along the last axis agrees. It is reported,
-                  not checked: Budget has no threshold for it.
-* mismatch_fraction  The fraction of elements that fail the elementwise check: exact
-                  inequality for integer, bool and string outputs; outside atol/rtol
-                  (or a non-finite mismatch) for float outputs. None for float outputs
-                  when the budget has neither atol nor rtol.
-
-Checks: missing output, shape mismatch and dtype mismatch stop the comparison. Float
-outputs then get the non-finite check (NaN/Inf in one model where the other is
-finite or differs; it applies whatever the budget), the elementwise
-|d| <= atol + rtol*|ref| check, and cosine >= min_cosine. Each failing check adds a
-clause to `failure`, separated by "; ". An output's `failure` is the first failing
-level's message followed by "[failed at: <levels>]". Integer, bool and string outputs
-must match exactly.
+What one output's figures mean and how it is checked is graphpass.metrics; the inputs both
+models run on, graphpass.inputs; the budget, graphpass.budget.
 """
 
 from __future__ import annotations
@@ -60,106 +21,54 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 import tempfile
-import zlib
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from graphpass.budget import HALF_TYPES, LOSSLESS_BUDGET, LOSSLESS_HALF_BUDGET, Budget, lossless_budget
+from graphpass.errors import ModelLoadError, VerifyInputError
+from graphpass.inputs import (
+    BATCH_DIM, DEFAULT_DYNAMIC_DIM, FALLBACK_TABLE_ROWS, INDEX_PASSTHROUGH_OPS, MAX_INPUT_DIM,
+    MAX_SYNTHESIZED_ELEMENTS, SAMPLE_RATE, SAMPLE_RATE_NAMES, SHAPE_PRESERVING_OPS, SMALL_INT_HIGH,
+    load_inputs, parse_shapes, synthesize_inputs,
+)
+from graphpass.metrics import (
+    NON_CLASS_NAME_HINTS, REL_ERROR_FLOOR_FRACTION, TINY, Figures, LevelMetrics, OutputMetrics,
+    compare_arrays, json_float, looks_like_class_scores, sample_rows, summarise_levels,
+    worst_sample_figures,
+)
 from graphpass.memory import release_freed_memory
 from graphpass.runtimes import Runtime, RuntimeFailure, usable_adapters
 from graphpass.runtimes.onnxruntime import OPTIMIZATION_LEVELS, OnnxRuntime
 
+# The names callers have imported from here since before budget, inputs and metrics were split
+# out (other branches still do). To patch a constant in a test, patch the module that reads it.
+__all__ = [
+    # graphpass.budget
+    "Budget", "HALF_TYPES", "LOSSLESS_BUDGET", "LOSSLESS_HALF_BUDGET", "lossless_budget",
+    # graphpass.errors
+    "ModelLoadError", "VerifyInputError",
+    # graphpass.inputs
+    "BATCH_DIM", "DEFAULT_DYNAMIC_DIM", "FALLBACK_TABLE_ROWS", "INDEX_PASSTHROUGH_OPS", "MAX_INPUT_DIM",
+    "MAX_SYNTHESIZED_ELEMENTS", "SAMPLE_RATE", "SAMPLE_RATE_NAMES", "SHAPE_PRESERVING_OPS", "SMALL_INT_HIGH",
+    "load_inputs", "parse_shapes", "synthesize_inputs",
+    # graphpass.metrics
+    "NON_CLASS_NAME_HINTS", "REL_ERROR_FLOOR_FRACTION", "TINY", "Figures", "LevelMetrics", "OutputMetrics",
+    "compare_arrays", "looks_like_class_scores", "sample_rows", "worst_sample_figures",
+    # this module
+    "COMPARED", "DEFAULT_LEVELS", "FOLDED_VERIFICATION_MAX_BYTES", "INPUT_DOES_NOT_RUN", "LARGE_MODEL_LEVELS",
+    "ONNXRUNTIME", "OUTPUT_DOES_NOT_RUN", "ModelSource", "RuntimeOutcome", "VerifyResult", "budget_output_names",
+    "declared_batch_axes", "levels_for", "render_table", "verify",
+]
+
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
-
-class VerifyInputError(Exception):
-    """Verification cannot start: a model does not load or run, inputs are missing, or a
-    --shape is malformed. The message is one line, ready to show to a user."""
-
-
-class ModelLoadError(VerifyInputError):
-    """onnxruntime cannot load one of the models; `role` says which ("reference", "candidate")."""
-
-    def __init__(self, message: str, role: str):
-        super().__init__(message)
-        self.role = role
-
-
-# ---------------------------------------------------------------------------
-# Budget
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How far candidate outputs may drift from the reference.
-
-    Elementwise: |cand - ref| <= atol + rtol * |ref|, with a missing atol or rtol
-    counted as 0. When both are None, no elementwise check runs.
-    Cosine: for each float output, cosine(ref, cand) >= min_cosine (when it is set).
-    """
-
-    atol: float | None = None
-    rtol: float | None = None
-    min_cosine: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise VerifyInputError(f"budget {name} must be a finite number >= 0, got {value}")
-        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
-            raise VerifyInputError(f"budget min_cosine must lie in [-1, 1], got {self.min_cosine}")
-
-    @property
-    def has_elementwise(self) -> bool:
-        return self.atol is not None or self.rtol is not None
-
-    def describe_elementwise(self) -> str:
-        return ", ".join(f"{name}={value:g}" for name, value in
-                         (("atol", self.atol), ("rtol", self.rtol)) if value is not None)
-
-    def describe(self) -> str:
-        parts = [self.describe_elementwise()]
-        if self.min_cosine is not None:
-            parts.append(f"min_cosine={self.min_cosine:g}")
-        return ", ".join(part for part in parts if part) or "structural checks only"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def overridden_by(self, given: Budget | None) -> Budget:
-        """This budget with what the caller gave in its place: their atol/rtol replace these
-        elementwise bounds (they said what drift they accept), their min_cosine is added."""
-        if given is None:
-            return self
-        atol, rtol = (given.atol, given.rtol) if given.has_elementwise else (self.atol, self.rtol)
-        cosines = [c for c in (self.min_cosine, given.min_cosine) if c is not None]
-        return Budget(atol=atol, rtol=rtol, min_cosine=max(cosines) if cosines else None)
-
-
-# Lossless pipelines: tie is bit-exact, but fold may reorder float operations, so
-# allow a few float32 ulps of drift.
-LOSSLESS_BUDGET = Budget(atol=1e-5, rtol=1e-4)
-# ... or a few float16 ulps (eps 9.8e-4) when a float output is half precision: each
-# reordered sum rounds to it, and a decoder's layers compound that (measured 2-4 ulps at
-# the logits of the 4-layer fixtures.llm decoder).
-LOSSLESS_HALF_BUDGET = Budget(atol=1e-2, rtol=1e-2)
-HALF_TYPES = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
-
-
-def lossless_budget(model: onnx.ModelProto) -> Budget:
-    """The budget a lossless pipeline is held to, for the precision of the model's outputs."""
-    outputs = {v.type.tensor_type.elem_type for v in model.graph.output}
-    return LOSSLESS_HALF_BUDGET if outputs & HALF_TYPES else LOSSLESS_BUDGET
 
 # ---------------------------------------------------------------------------
 # Constants (documented choices)
@@ -172,98 +81,10 @@ DEFAULT_LEVELS: tuple[str, ...] = ("default", "disable_all")
 FOLDED_VERIFICATION_MAX_BYTES = 256 * 2**20
 LARGE_MODEL_LEVELS: tuple[str, ...] = ("unfolded", "disable_all")
 
-# Floor for the max_rel_error denominator, as a fraction of the output's max |ref|.
-REL_ERROR_FLOOR_FRACTION = 1e-3
-TINY = float(np.finfo(np.float32).tiny)
-
-# Substrings of output names that mark hidden states, embeddings or recurrent and
-# KV-cache state. Their last axis is features, not classes, so argmax means nothing.
-NON_CLASS_NAME_HINTS = ("embed", "hidden", "pool", "feature", "state", "present", "past", "cache")
-
-# Input synthesis defaults.
-BATCH_DIM = 1
-DEFAULT_DYNAMIC_DIM = 16
-# Largest declared input size taken at face value; a bigger one is a corrupt or placeholder dim.
-MAX_INPUT_DIM = 2**31 - 1
-# Largest input generated for verification (1 GiB of float32).
-MAX_SYNTHESIZED_ELEMENTS = 2**28
-SMALL_INT_HIGH = 4          # other integer inputs take values in [0, SMALL_INT_HIGH)
-FALLBACK_TABLE_ROWS = 2     # Gather indices when the table size cannot be resolved
-SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate"})
-SAMPLE_RATE = 16000
-# Ops that carry index values through unchanged, so that an input reaching a
-# Gather's indices through them still has to stay inside the table.
-INDEX_PASSTHROUGH_OPS = frozenset(
-    {"Cast", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Expand"})
-# Ops whose output has the same shape as input 0. Used to find a Gather table's
-# size when the table is, e.g., a dequantised or cast initializer.
-SHAPE_PRESERVING_OPS = frozenset({"Cast", "Identity", "DequantizeLinear"})
-_LENGTH_NAME = re.compile(r"length|(?:^|[_.])(?:seq_?)?lens?(?:[_.]|$)")
-
 
 # ---------------------------------------------------------------------------
 # Result types
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class Figures:
-    """The figures measured for one output (see the module docstring)."""
-
-    max_abs_error: float | None = None
-    max_rel_error: float | None = None
-    mean_abs_error: float | None = None
-    cosine: float | None = None
-    snr_db: float | None = None
-    argmax_agreement: float | None = None
-    mismatch_fraction: float | None = None
-    samples: int | None = None
-    # The same figures over the whole output (flattened), next to the worst sample's.
-    whole_tensor: dict[str, float] | None = None
-
-    def figures_dict(self) -> dict:
-        figures = {name: _json_float(getattr(self, name)) for name in _WORST_OF}
-        whole = None if self.whole_tensor is None else {k: _json_float(v) for k, v in self.whole_tensor.items()}
-        return {**figures, "samples": self.samples, "whole_tensor": whole}
-
-
-# For each figure, the function that picks the worst value across levels.
-_WORST_OF = {
-    "max_abs_error": max, "max_rel_error": max, "mean_abs_error": max,
-    "mismatch_fraction": max, "cosine": min, "snr_db": min, "argmax_agreement": min,
-}
-
-
-@dataclass
-class LevelMetrics(Figures):
-    """One output compared at one optimisation level."""
-
-    passed: bool = True
-    failure: str | None = None
-
-    def to_dict(self) -> dict:
-        return {**self.figures_dict(), "passed": self.passed, "failure": self.failure}
-
-
-@dataclass
-class OutputMetrics(Figures):
-    """One output: the worst figures across levels (and runtimes), each level's figures, and
-    each runtime's worst (onnxruntime: the worse of its levels)."""
-
-    passed: bool = True
-    failure: str | None = None
-    per_level: dict[str, LevelMetrics] = field(default_factory=dict)
-    per_runtime: dict[str, OutputMetrics] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            **self.figures_dict(),
-            "passed": self.passed,
-            "failure": self.failure,
-            "per_level": {level: m.to_dict() for level, m in self.per_level.items()},
-            "per_runtime": {name: {**m.figures_dict(), "passed": m.passed, "failure": m.failure}
-                            for name, m in self.per_runtime.items()},
-        }
 
 
 COMPARED = "compared"
@@ -320,363 +141,12 @@ class VerifyResult:
         """Strict-JSON-safe dict (non-finite floats become None)."""
         return {
             "passed": self.passed,
-            "budget": {k: _json_float(v) for k, v in self.budget.items()},
+            "budget": {k: json_float(v) for k, v in self.budget.items()},
             "budget_given": self.budget_given,
             "levels": list(self.levels),
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
             "runtimes": {name: outcome.to_dict() for name, outcome in self.runtimes.items()},
         }
-
-
-def _json_float(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-# ---------------------------------------------------------------------------
-# Shapes and inputs
-# ---------------------------------------------------------------------------
-
-
-def parse_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse --shape specs such as "input_ids=1x128" (commas are also accepted between
-    dims). Zero-sized dims are allowed, e.g. an empty KV cache "past=1x8x0x64"."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
-        name, dims = _split_shape_spec(spec)
-        if name in shapes:
-            raise VerifyInputError(f"bad --shape {spec!r}: input {name!r} given twice")
-        shapes[name] = dims
-    return shapes
-
-
-def _split_shape_spec(spec: str) -> tuple[str, tuple[int, ...]]:
-    # rpartition: input names may contain '=' in theory, dims never do.
-    name, sep, dims_text = spec.rpartition("=")
-    name = name.strip()
-    parts = [part.strip() for part in re.split(r"[xX,]", dims_text)]
-    if not sep or not name or not all(part.isdigit() for part in parts):
-        raise VerifyInputError(
-            f"bad --shape {spec!r}: expected NAME=DIMxDIM..., e.g. input_ids=1x128")
-    return name, tuple(int(part) for part in parts)
-
-
-def load_inputs(npz_path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read an .npz file whose keys are input names."""
-    try:
-        with np.load(npz_path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError) as exc:
-        raise VerifyInputError(f"cannot read inputs from {npz_path}: {_one_line(exc)}") from exc
-
-
-def synthesize_inputs(
-    model: onnx.ModelProto,
-    *,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    seed: int = 0,
-    default_dim: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Make deterministic values for every graph input that is not an initializer.
-
-    Shapes: a `shapes` entry gives an input's whole shape. Symbolic dims named in an
-    override apply to every input that shares the symbol. A remaining dynamic dim is
-    batch-like, and gets BATCH_DIM, when its symbol contains "batch" or sits on axis 0
-    of an input of rank >= 2. Every other dynamic dim gets `default_dim` (16). A symbol
-    gets one value across all inputs.
-
-    Values. Each input has its own generator, seeded from (seed, crc32(name)), so
-    adding an input changes no other input's values. Rules, first match wins:
-      1. name contains "mask"                   -> ones
-      2. bool                                   -> random True/False
-      3. float (incl. float16/bfloat16)         -> N(0, 1) cast to the dtype
-      4. integer reaching a Gather's indices    -> [0, table rows along the axis)
-         (directly or through INDEX_PASSTHROUGH_OPS; FALLBACK_TABLE_ROWS if unknown)
-      5. 0-d integer named sr / sample_rate     -> 16000
-      6. integer whose name says length/len/lens -> the smallest non-batch dynamic dim
-         chosen above (default_dim if none), so a length never exceeds a padded axis
-      7. other 0-d integer                      -> 1
-      8. other integer                          -> [0, SMALL_INT_HIGH)
-    """
-    default_dim = DEFAULT_DYNAMIC_DIM if default_dim is None else int(default_dim)
-    if default_dim < 1:
-        raise VerifyInputError(f"default_dim must be >= 1, got {default_dim}")
-    feeds = _feedable_inputs(model.graph)
-    overrides = {name: tuple(int(d) for d in dims) for name, dims in (shapes or {}).items()}
-    unknown = sorted(set(overrides) - {vi.name for vi in feeds})
-    if unknown:
-        raise VerifyInputError(f"--shape names unknown input(s): {', '.join(unknown)}; "
-                               f"model inputs: {', '.join(vi.name for vi in feeds) or 'none'}")
-    resolved, sequence_dims = _resolve_shapes(feeds, overrides, default_dim)
-    index_bounds = _gather_index_bounds(model.graph, [vi.name for vi in feeds])
-    length_fill = min(sequence_dims, default=default_dim)
-    return {
-        vi.name: _synthesize_value(
-            vi.name, _input_dtype(vi), resolved[vi.name],
-            np.random.default_rng([seed, zlib.crc32(vi.name.encode())]),
-            index_bounds.get(vi.name), length_fill)
-        for vi in feeds
-    }
-
-
-def _feedable_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
-    # Inputs that are also initializers have default values, so they need no data.
-    initialized = {t.name for t in graph.initializer} | {
-        t.values.name for t in graph.sparse_initializer}
-    return [vi for vi in graph.input if vi.name not in initialized]
-
-
-def _input_dtype(value_info: onnx.ValueInfoProto) -> np.dtype:
-    kind = value_info.type.WhichOneof("value")
-    elem_type = value_info.type.tensor_type.elem_type if kind == "tensor_type" else 0
-    if not elem_type:
-        raise VerifyInputError(f"cannot synthesize input {value_info.name!r} "
-                               f"(type {kind or 'unknown'}); pass --inputs")
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-    except (KeyError, TypeError, ValueError):
-        raise VerifyInputError(f"input {value_info.name!r} declares element type {elem_type}, "
-                               "which onnx does not know; pass --inputs") from None
-
-
-def _declared_dims(value_info: onnx.ValueInfoProto) -> list[int | str | None] | None:
-    """Dims as int (static), str (symbol) or None (anonymous dynamic); None if rank unknown.
-
-    Older exporters write -1 for a dynamic size: it is read as one. Any other negative size,
-    or one no input could have, is refused with the input's name."""
-    tensor_type = value_info.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    dims: list[int | str | None] = []
-    for axis, dim in enumerate(tensor_type.shape.dim):
-        which = dim.WhichOneof("value")
-        if which != "dim_value":
-            dims.append(dim.dim_param or None)
-        elif dim.dim_value == -1:
-            dims.append(None)
-        elif not 0 <= dim.dim_value <= MAX_INPUT_DIM:
-            raise VerifyInputError(
-                f"input {value_info.name!r} declares size {dim.dim_value} on axis {axis}, which no input can have; "
-                f"pass --shape {value_info.name}=... (or real data with --inputs)")
-        else:
-            dims.append(dim.dim_value)
-    return dims
-
-
-def _checked_size(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A synthesized input must fit in memory: refuse one that would not, naming it."""
-    count = int(np.prod(shape, dtype=object)) if shape else 1
-    if count > MAX_SYNTHESIZED_ELEMENTS:
-        raise VerifyInputError(
-            f"input {name!r} of shape {list(shape)} would hold {count} values, too many to generate; "
-            f"pass --shape {name}=... with smaller sizes (or real data with --inputs)")
-    return shape
-
-
-def _resolve_shapes(feeds, overrides, default_dim):
-    """Return ({input: shape}, [sizes chosen for non-batch dynamic dims])."""
-    declared = {vi.name: _declared_dims(vi) for vi in feeds}
-    symbols = _symbols_from_overrides(declared, overrides)
-    batch_symbols = _batch_like_symbols(declared.values())
-    shapes: dict[str, tuple[int, ...]] = {}
-    sequence_dims: list[int] = []
-    for name, dims in declared.items():
-        if name in overrides:
-            shapes[name] = _checked_override(name, dims, overrides[name])
-        elif dims is None:
-            raise VerifyInputError(f"input {name!r} has no declared shape; pass --shape {name}=...")
-        else:
-            shapes[name] = tuple(_default_size(dim, axis, len(dims), symbols, batch_symbols, default_dim)
-                                 for axis, dim in enumerate(dims))
-        shapes[name] = _checked_size(name, shapes[name])
-        sequence_dims += _non_batch_dynamic_sizes(dims, shapes[name], batch_symbols)
-    return shapes, sequence_dims
-
-
-def _symbols_from_overrides(declared, overrides) -> dict[str, int]:
-    symbols: dict[str, int] = {}
-    for name, shape in overrides.items():
-        dims = declared.get(name) or []
-        if len(dims) == len(shape):
-            for dim, size in zip(dims, shape):
-                if isinstance(dim, str):
-                    symbols.setdefault(dim, size)
-    return symbols
-
-
-def _batch_like_symbols(all_dims: Iterable[list | None]) -> set[str]:
-    batch = set()
-    for dims in all_dims:
-        for axis, dim in enumerate(dims or []):
-            if isinstance(dim, str) and ("batch" in dim.lower() or (axis == 0 and len(dims) >= 2)):
-                batch.add(dim)
-    return batch
-
-
-# A dim named as a sum of symbols and numbers, e.g. "past_sequence_length + 1".
-_SUM_OF_DIMS = re.compile(r"\s*(?:[A-Za-z_][\w.]*|\d+)(?:\s*\+\s*(?:[A-Za-z_][\w.]*|\d+))+\s*")
-
-
-def _is_batch_like(dim, axis: int, rank: int, batch_symbols: set[str]) -> bool:
-    if isinstance(dim, str):
-        return dim in batch_symbols
-    return axis == 0 and rank >= 2
-
-
-def _default_size(dim, axis, rank, symbols, batch_symbols, default_dim) -> int:
-    if isinstance(dim, int):
-        return dim
-    if isinstance(dim, str) and dim in symbols:
-        return symbols[dim]
-    if isinstance(dim, str) and _SUM_OF_DIMS.fullmatch(dim):
-        # Exporters name a KV-cache model's total length "past_sequence_length + sequence_length"
-        # (optimum): it must equal the sum of its parts wherever those appear.
-        parts = [p.strip() for p in dim.split("+")]
-        size = sum(int(p) if p.isdigit() else _default_size(p, axis, rank, symbols, batch_symbols, default_dim)
-                   for p in parts)
-        symbols[dim] = size
-        return size
-    size = BATCH_DIM if _is_batch_like(dim, axis, rank, batch_symbols) else default_dim
-    if isinstance(dim, str):
-        symbols[dim] = size  # every later use of this symbol gets the same size
-    return size
-
-
-def _non_batch_dynamic_sizes(dims, shape, batch_symbols) -> list[int]:
-    if dims is None or len(dims) != len(shape):
-        return []
-    # Zero-sized axes (an empty KV cache) say nothing about sequence lengths.
-    return [size for axis, (dim, size) in enumerate(zip(dims, shape))
-            if size > 0 and not isinstance(dim, int)
-            and not _is_batch_like(dim, axis, len(dims), batch_symbols)]
-
-
-def _checked_override(name, dims, shape) -> tuple[int, ...]:
-    if dims is None:
-        return shape
-    if len(dims) != len(shape):
-        raise VerifyInputError(f"--shape {name}: model input has rank {len(dims)}, got {len(shape)} dims")
-    for axis, (dim, size) in enumerate(zip(dims, shape)):
-        if isinstance(dim, int) and dim != size:
-            raise VerifyInputError(f"--shape {name}: axis {axis} is fixed at {dim} in the model, got {size}")
-    return shape
-
-
-def _synthesize_value(name, dtype, shape, rng, index_bound, length_fill) -> np.ndarray:
-    if "mask" in name.lower():
-        return np.ones(shape, dtype=dtype)
-    if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    if _is_float_dtype(dtype):
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind in "iu":
-        return _synthesize_integer(name, dtype, shape, rng, index_bound, length_fill)
-    raise VerifyInputError(f"cannot synthesize input {name!r} of dtype {dtype}; pass --inputs")
-
-
-def _synthesize_integer(name, dtype, shape, rng, index_bound, length_fill) -> np.ndarray:
-    lowered = name.lower()
-    if index_bound is not None:
-        values = rng.integers(0, index_bound, size=shape)
-    elif len(shape) == 0 and lowered in SAMPLE_RATE_NAMES:
-        values = np.array(SAMPLE_RATE)
-    elif _LENGTH_NAME.search(lowered):
-        values = np.full(shape, length_fill)
-    elif len(shape) == 0:
-        values = np.array(1)
-    else:
-        values = rng.integers(0, SMALL_INT_HIGH, size=shape)
-    return np.asarray(values).astype(dtype)
-
-
-def _is_float_dtype(dtype: np.dtype) -> bool:
-    # ml_dtypes floats (bfloat16, float8*) have kind "V", so match them by name.
-    return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float4"))
-
-
-# ---------------------------------------------------------------------------
-# Gather index bounds
-# ---------------------------------------------------------------------------
-
-
-def _gather_index_bounds(graph: onnx.GraphProto, input_names: Sequence[str]) -> dict[str, int]:
-    """For each input whose values reach a Gather's indices, the exclusive upper bound
-    that keeps every index inside the table (the smallest table if there are several)."""
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in graph.node:
-        for position, tensor in enumerate(node.input):
-            if tensor:
-                consumers[tensor].append((node, position))
-    shapes = _StaticShapes(graph)
-    bounds = {}
-    for name in input_names:
-        tables = [_gather_rows(node, shapes) for node in _gathers_indexed_by(name, consumers)]
-        if tables:
-            bounds[name] = max(1, min(tables))
-    return bounds
-
-
-def _gathers_indexed_by(source: str, consumers) -> list[onnx.NodeProto]:
-    gathers, frontier, seen = [], [source], {source}
-    while frontier:
-        tensor = frontier.pop()
-        for node, position in consumers.get(tensor, ()):
-            if node.op_type == "Gather" and position == 1:
-                gathers.append(node)
-            elif node.op_type in INDEX_PASSTHROUGH_OPS and position == 0:
-                for output in node.output:
-                    if output not in seen:
-                        seen.add(output)
-                        frontier.append(output)
-    return gathers
-
-
-def _gather_rows(node: onnx.NodeProto, shapes: _StaticShapes) -> int:
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    shape = shapes.of(node.input[0])
-    if shape is None or not -len(shape) <= axis < len(shape):
-        return FALLBACK_TABLE_ROWS
-    rows = shape[axis]
-    return rows if isinstance(rows, int) and rows > 0 else FALLBACK_TABLE_ROWS
-
-
-class _StaticShapes:
-    """Static shapes of graph tensors, from initializers, Constant nodes and value_info,
-    following SHAPE_PRESERVING_OPS back to their source."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self._known: dict[str, tuple] = {}
-        for vi in [*graph.value_info, *graph.input, *graph.output]:
-            dims = _declared_dims(vi)
-            if dims is not None:
-                self._known[vi.name] = tuple(dims)
-        for tensor in graph.initializer:
-            self._known[tensor.name] = tuple(tensor.dims)
-        self._producers = {}
-        for node in graph.node:
-            constant_dims = _constant_dims(node)
-            if constant_dims is not None:
-                self._known[node.output[0]] = constant_dims
-            for output in node.output:
-                self._producers[output] = node
-
-    def of(self, tensor: str, depth: int = 0) -> tuple | None:
-        if tensor in self._known:
-            return self._known[tensor]
-        producer = self._producers.get(tensor)
-        if producer is None or producer.op_type not in SHAPE_PRESERVING_OPS or depth > 32:
-            return None
-        return self.of(producer.input[0], depth + 1)
-
-
-def _constant_dims(node: onnx.NodeProto) -> tuple[int, ...] | None:
-    if node.op_type != "Constant":
-        return None
-    for attribute in node.attribute:
-        if attribute.name == "value":
-            return tuple(attribute.t.dims)
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -775,11 +245,11 @@ def _verify_in(runtime: Runtime, reference: str, candidate: str, same_model: boo
 
 def _summarise_output(per_level: dict[str, LevelMetrics], outcomes: Mapping[str, RuntimeOutcome]) -> OutputMetrics:
     """The worst figures over every level of every runtime, and each runtime's own worst."""
-    summary = _summarise_levels(per_level)
+    summary = summarise_levels(per_level)
     for name, outcome in outcomes.items():
         own = {level: per_level[level] for level in outcome.levels if level in per_level}
         if own:
-            summary.per_runtime[name] = _summarise_levels(own)
+            summary.per_runtime[name] = summarise_levels(own)
     return summary
 
 
@@ -888,225 +358,6 @@ def _onnxruntime_message(failure: RuntimeFailure, role: str, level: str) -> str:
     return (f"onnxruntime failed to run the {role} model at level {level}: {failure.detail} "
             "(give real inputs with --inputs, or sizes of dynamic dims with --shape)")
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-# ---------------------------------------------------------------------------
-# Comparing outputs
-# ---------------------------------------------------------------------------
-
-
-def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray | None,
-                   budget: Budget, batch_axis: int = 0) -> LevelMetrics:
-    """Compare one output at one level (public so other passes can reuse the metrics);
-    `batch_axis` is where its samples lie (see declared_batch_axes)."""
-    if candidate is None:
-        return LevelMetrics(passed=False, failure="output missing from candidate")
-    if reference.shape != candidate.shape:
-        return LevelMetrics(passed=False, failure=(
-            f"shape mismatch: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}"))
-    if reference.dtype != candidate.dtype:
-        return LevelMetrics(passed=False, failure=(
-            f"dtype mismatch: reference {reference.dtype} vs candidate {candidate.dtype}"))
-    if _is_float_dtype(reference.dtype):
-        return _compare_float(name, reference, candidate, budget, batch_axis)
-    return _compare_exact(reference, candidate)
-
-
-def _compare_exact(reference: np.ndarray, candidate: np.ndarray) -> LevelMetrics:
-    differs = np.asarray(reference != candidate)
-    count, size = int(differs.sum()), reference.size
-    metrics = LevelMetrics(mismatch_fraction=count / size if size else 0.0)
-    if reference.dtype.kind in "iub":
-        gap = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-        metrics.max_abs_error = float(gap.max()) if size else 0.0
-    if count:
-        metrics.passed = False
-        metrics.failure = f"exact match required for {reference.dtype} output: {count}/{size} elements differ"
-    return metrics
-
-
-def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budget: Budget,
-                   batch_axis: int = 0) -> LevelMetrics:
-    ref = reference.astype(np.float64)
-    cand = candidate.astype(np.float64)
-    both_finite = np.isfinite(ref) & np.isfinite(cand)
-    nonfinite_mismatches = int((~both_finite & ~_same_nonfinite(ref, cand)).sum())
-    ref_f, diff = ref[both_finite], np.abs(cand[both_finite] - ref[both_finite])
-    metrics = LevelMetrics(**worst_sample_figures(ref, cand, both_finite, batch_axis),
-                           whole_tensor=_float_figures(ref_f, cand[both_finite], diff),
-                           argmax_agreement=_argmax_agreement(name, ref, cand))
-    failures = [_nonfinite_failure(ref, cand, nonfinite_mismatches)]
-    if budget.has_elementwise:
-        over = int((diff > (budget.atol or 0.0) + (budget.rtol or 0.0) * np.abs(ref_f)).sum())
-        metrics.mismatch_fraction = (over + nonfinite_mismatches) / ref.size if ref.size else 0.0
-        if over:
-            failures.append(f"elementwise: {over}/{ref.size} elements exceed {budget.describe_elementwise()} "
-                            f"(max abs error {metrics.max_abs_error:.3e})")
-    if budget.min_cosine is not None and metrics.cosine < budget.min_cosine:
-        failures.append(f"{_worst_cosine_words(metrics)} {metrics.cosine:.6f} < min_cosine {budget.min_cosine:g}")
-    metrics.failure = "; ".join(f for f in failures if f) or None
-    metrics.passed = metrics.failure is None
-    return metrics
-
-
-def _worst_cosine_words(metrics: LevelMetrics) -> str:
-    return "cosine" if metrics.samples == 1 else "worst-sample cosine"
-
-
-def sample_rows(ref: np.ndarray, cand: np.ndarray, batch_axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays as (samples, values): `batch_axis` holds the samples of an output of rank
-    >= 2 when both have the same shape; anything else is one sample."""
-    if ref.ndim >= 2 and ref.shape == cand.shape:
-        if not 0 <= batch_axis < ref.ndim:
-            batch_axis = 0
-        ref, cand = np.moveaxis(ref, batch_axis, 0), np.moveaxis(cand, batch_axis, 0)
-        rows = (ref.shape[0], math.prod(ref.shape[1:]))  # explicit: reshape(0, -1) is ambiguous
-        return ref.reshape(rows), cand.reshape(rows)
-    return ref.reshape(1, ref.size), cand.reshape(1, cand.size)
-
-
-def worst_sample_figures(ref: np.ndarray, cand: np.ndarray, finite: np.ndarray | None = None,
-                         batch_axis: int = 0) -> dict:
-    """The figures of the worst sample (see the module docstring), over the positions where
-    `finite` holds (all when None), and how many samples there were. The one definition of
-    the cosine a budget holds: verification and auto's measurements both come through here."""
-    ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
-    if finite is None:
-        finite = np.ones(ref.shape, dtype=bool)
-    ref_rows, cand_rows = sample_rows(np.where(finite, ref, 0.0), np.where(finite, cand, 0.0), batch_axis)
-    counted = sample_rows(finite, finite, batch_axis)[0]
-    samples = ref_rows.shape[0]
-    if not counted.any():
-        return dict(max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, cosine=1.0, snr_db=math.inf,
-                    samples=samples)
-    diff = np.abs(cand_rows - ref_rows)  # 0 where not finite, since both were zeroed there
-    # The floor is the whole output's, as in the module docstring: a sample of small values
-    # is measured against the output's scale, not its own.
-    floor = max(REL_ERROR_FLOOR_FRACTION * float(np.abs(ref_rows).max()), TINY)
-    per_sample_mean = diff.sum(axis=1) / np.maximum(counted.sum(axis=1), 1)
-    return dict(
-        max_abs_error=float(diff.max()),
-        max_rel_error=float((diff / np.maximum(np.abs(ref_rows), floor)).max()),
-        mean_abs_error=float(per_sample_mean.max()),
-        cosine=float(_row_cosines(ref_rows, cand_rows).min()),
-        snr_db=float(_row_snr_db(ref_rows, cand_rows - ref_rows).min()),
-        samples=samples,
-    )
-
-
-def _row_cosines(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """cos(ref[i], cand[i]) per row: 1.0 where both rows are all-zero, 0.0 where one is."""
-    # Scale each row by its common max first so the norms cannot overflow.
-    scale = np.maximum(np.abs(ref).max(axis=1, initial=0.0), np.abs(cand).max(axis=1, initial=0.0))
-    safe = np.where(scale == 0.0, 1.0, scale)[:, None]
-    a, b = ref / safe, cand / safe
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cosines = np.clip(np.einsum("ij,ij->i", a, b) / norms, -1.0, 1.0)
-    return np.where(scale == 0.0, 1.0, np.where(norms == 0.0, 0.0, cosines))
-
-
-def _row_snr_db(ref: np.ndarray, diff: np.ndarray) -> np.ndarray:
-    """10*log10(signal / noise) per row: +inf where the row has no error, -inf where its
-    reference is all-zero and it has some."""
-    scale = np.maximum(np.abs(ref).max(axis=1, initial=0.0), np.abs(diff).max(axis=1, initial=0.0))
-    safe = np.where(scale == 0.0, 1.0, scale)[:, None]
-    signal = np.square(ref / safe).sum(axis=1)
-    noise = np.square(diff / safe).sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = 10.0 * np.log10(signal / noise)
-    return np.where(noise == 0.0, np.inf, np.where(signal == 0.0, -np.inf, snr))
-
-
-def _same_nonfinite(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Where both are NaN, or both the same infinity: these positions agree."""
-    return (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
-
-
-def _nonfinite_failure(ref: np.ndarray, cand: np.ndarray, mismatches: int) -> str | None:
-    if not mismatches:
-        return None
-    introduced = int((np.isfinite(ref) & ~np.isfinite(cand)).sum())
-    if introduced:
-        return f"non-finite: candidate has NaN/Inf at {introduced} position(s) where the reference is finite"
-    return f"non-finite: {mismatches} position(s) where the reference is NaN/Inf and the candidate differs"
-
-
-def _float_figures(ref: np.ndarray, cand: np.ndarray, abs_diff: np.ndarray) -> dict:
-    if ref.size == 0:
-        return dict(max_abs_error=0.0, max_rel_error=0.0, mean_abs_error=0.0, cosine=1.0, snr_db=math.inf)
-    ref_scale = float(np.abs(ref).max())
-    floor = max(REL_ERROR_FLOOR_FRACTION * ref_scale, TINY)
-    return dict(
-        max_abs_error=float(abs_diff.max()),
-        max_rel_error=float((abs_diff / np.maximum(np.abs(ref), floor)).max()),
-        mean_abs_error=float(abs_diff.mean()),
-        cosine=_cosine(ref, cand),
-        snr_db=_snr_db(ref, cand - ref),
-    )
-
-
-def _cosine(ref: np.ndarray, cand: np.ndarray) -> float:
-    # Scale by the common max first so the norms cannot overflow.
-    scale = max(float(np.abs(ref).max()), float(np.abs(cand).max()))
-    if scale == 0.0:
-        return 1.0
-    a, b = ref.ravel() / scale, cand.ravel() / scale
-    norms = float(np.linalg.norm(a)) * float(np.linalg.norm(b))
-    if norms == 0.0:
-        return 0.0
-    return float(np.clip(np.dot(a, b) / norms, -1.0, 1.0))
-
-
-def _snr_db(ref: np.ndarray, diff: np.ndarray) -> float:
-    scale = max(float(np.abs(ref).max()), float(np.abs(diff).max()))
-    if scale == 0.0 or not np.any(diff):
-        return math.inf
-    signal = float(np.sum(np.square(ref / scale)))
-    noise = float(np.sum(np.square(diff / scale)))
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-def looks_like_class_scores(name: str, array: np.ndarray) -> bool:
-    """Float, rank >= 2, last axis >= 2, and not named like an embedding or state."""
-    return (_is_float_dtype(array.dtype) and array.ndim >= 2 and array.shape[-1] >= 2
-            and not any(hint in name.lower() for hint in NON_CLASS_NAME_HINTS))
-
-
-def _argmax_agreement(name: str, ref: np.ndarray, cand: np.ndarray) -> float | None:
-    if not looks_like_class_scores(name, ref):
-        return None
-    rows = ref.size // ref.shape[-1]
-    if rows == 0:
-        return None
-    ref_top = ref.reshape(rows, -1).argmax(axis=1)
-    cand_top = cand.reshape(rows, -1).argmax(axis=1)
-    return float(np.mean(ref_top == cand_top))
-
-
-def _summarise_levels(per_level: dict[str, LevelMetrics]) -> OutputMetrics:
-    worst = {}
-    for figure, pick in _WORST_OF.items():
-        values = [getattr(m, figure) for m in per_level.values() if getattr(m, figure) is not None]
-        worst[figure] = pick(values) if values else None
-    worst["samples"] = next((m.samples for m in per_level.values() if m.samples is not None), None)
-    worst["whole_tensor"] = _worst_whole_tensor([m.whole_tensor for m in per_level.values() if m.whole_tensor])
-    failing = [level for level, m in per_level.items() if not m.passed]
-    failure = None
-    if failing:
-        failure = f"{per_level[failing[0]].failure} [failed at: {', '.join(failing)}]"
-    return OutputMetrics(**worst, passed=not failing, failure=failure, per_level=dict(per_level))
-
-
-def _worst_whole_tensor(figures: list[dict]) -> dict | None:
-    if not figures:
-        return None
-    return {name: _WORST_OF[name](f[name] for f in figures) for name in figures[0]}
 
 
 # ---------------------------------------------------------------------------

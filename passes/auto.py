@@ -60,12 +60,14 @@ import numpy as np
 import onnx
 
 from graphpass import verify as verification
+from graphpass.budget import Budget
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
 from graphpass.feedback import input_axis
 from graphpass.grid import Setting, candidate_settings, uses_feedback
 from graphpass.holdout import Split, split_inputs
+from graphpass.inputs import synthesize_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
@@ -239,7 +241,7 @@ class Builder:
     against the reference in onnxruntime (both optimisation levels), on the fitting share of the
     calibration inputs and on the held-out share (graphpass.holdout)."""
 
-    def __init__(self, base: onnx.ModelProto, outputs: list[str], split: Split, budget: verification.Budget,
+    def __init__(self, base: onnx.ModelProto, outputs: list[str], split: Split, budget: Budget,
                  folder: Path):
         self.base = base
         self.split = split
@@ -274,11 +276,11 @@ class Builder:
         return Check(result.passed, verified_units(result, self.budget), figures)
 
 
-def _with_headroom(budget: verification.Budget, share: float) -> verification.Budget:
+def _with_headroom(budget: Budget, share: float) -> Budget:
     """The budget shrunk to `share` of its error: atol and rtol scale by sqrt(share) (error units
     are squared there), 1 - min_cosine by share."""
     scale = math.sqrt(share)
-    return verification.Budget(
+    return Budget(
         atol=None if budget.atol is None else budget.atol * scale,
         rtol=None if budget.rtol is None else budget.rtol * scale,
         min_cosine=None if budget.min_cosine is None else 1.0 - (1.0 - budget.min_cosine) * share)
@@ -374,7 +376,7 @@ class AutoPass(Pass):
     def call(self, ctx: PassContext) -> PassResult:
         started = time.perf_counter()
         result = PassResult()
-        inputs = ctx.calibration_inputs or verification.synthesize_inputs(ctx.model.proto)
+        inputs = ctx.calibration_inputs or synthesize_inputs(ctx.model.proto)
         split = split_inputs(ctx.model.proto, inputs)
         outputs = verification.budget_output_names(ctx.model.proto, ctx.budget_outputs)
         weights = self._candidates(ctx, result)
@@ -618,7 +620,7 @@ def _next_target(last: Round, target: float, passed_target: float, failed_target
 # ---------------------------------------------------------------------------------------------
 
 
-def _impossible(budget: verification.Budget, studies: list[Study]) -> str:
+def _impossible(budget: Budget, studies: list[Study]) -> str:
     least = min((p for s in studies for p in s.points if not p.kept),
                 key=lambda p: p.units, default=None)
     detail = ""
@@ -630,7 +632,7 @@ def _impossible(budget: verification.Budget, studies: list[Study]) -> str:
     return f"auto: no weight can be compressed within the budget ({budget.describe()}){detail}"
 
 
-def _not_converged(budget: verification.Budget, rounds: list[Round]) -> str:
+def _not_converged(budget: Budget, rounds: list[Round]) -> str:
     best = min(rounds, key=lambda r: r.measured)
     return (f"auto: no model met the budget ({budget.describe()}) in {len(rounds)} builds; the closest used "
             f"{best.measured:.2f} times it")
