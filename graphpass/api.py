@@ -204,7 +204,8 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
     with this function: the passes edit it in place and upb frees none of a message's memory
     until the whole message goes, so the input's weights would stay resident under the
     output's through verifying (see save_compacted)."""
-    loaded = load_model(_private_copy(model))
+    # Weights stay in the input's data file until read: the run holds none of them whole.
+    loaded = load_model(_private_copy(model), map_external=True)
     if output is not None:
         check_output_path(Path(output), loaded.path, in_place)
     # Once load has rewritten declared -1 sizes, the model to compare against is the rewritten one.

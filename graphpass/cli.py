@@ -206,7 +206,7 @@ def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes
 @click.option("--jobs", type=click.IntRange(min=1), help=JOBS_HELP)
 def inspect(model, as_json, tol, rows, jobs):
     """Show where MODEL's bytes are and what the passes could share."""
-    loaded = load_model(model)
+    loaded = load_model(model, map_external=True)
     found = inspect_model(PassContext(Model(loaded.proto), delayed_progress, workers=Workers(jobs)), tol, rows=rows)
     found["file_bytes"] = loaded.file_bytes
     click.echo(json.dumps(found, indent=2) if as_json else render_inspection(found))
@@ -236,8 +236,8 @@ def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, r
     runtimes = Deployment.parse(targets=targets).targets
     started = time.perf_counter()
     cost_budget = _cost_budget(no_cost, max_memory, max_peak_rss, max_start, max_latency)
-    loaded = load_model(reference)
-    load_model(candidate)  # a clear input error beats an onnxruntime one
+    loaded = load_model(reference, map_external=True)  # checked, its weights left where they are
+    load_model(candidate, map_external=True)  # a clear input error beats an onnxruntime one
     if inputs:
         feeds = load_inputs(inputs)
     else:

@@ -14,6 +14,8 @@ from onnx import TensorProto
 
 from graphpass.download import DownloadSize, bytes_download_size, download_size
 from graphpass.errors import InputError, UsageError
+from graphpass.external import (MAPPABLE, copy_range, initializer_ids, inlined, is_mapped, map_tensor,
+                                mapped_bytes, mapped_place)
 from graphpass.scopes import Scope, build_scope_tree, iter_tensors, subgraphs_of
 from graphpass.validate import TensorProblem, check_tensors, tensor_label
 from graphpass.weights import stored_bytes
@@ -31,7 +33,7 @@ class LoadedModel:
     proto: onnx.ModelProto
     path: Path | None
     file_bytes: int | None  # the model file plus its external data, as read from disk
-    data_files: tuple[Path, ...] = ()  # the external data files it read, in first-use order
+    data_files: tuple[Path, ...] = ()  # the external data files it read or maps, in first-use order
     dynamic_minus_one: int = 0  # declared sizes of -1 read as dynamic (cleared in `proto`)
 
     def download_size(self) -> DownloadSize:
@@ -41,8 +43,13 @@ class LoadedModel:
         return download_size([self.path, *self.data_files])
 
 
-def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedModel:
-    """Read a model and check it is whole; every problem becomes an InputError with one line."""
+def load_model(source: str | os.PathLike | bytes | onnx.ModelProto, *, map_external: bool = False) -> LoadedModel:
+    """Read a model and check it is whole; every problem becomes an InputError with one line.
+
+    With `map_external`, initializers of EXTERNAL_DATA_MIN_BYTES or more that a model file
+    keeps in external data stay there, mapped (graphpass.external): the protobuf holds none of
+    their bytes, and only graphpass.weights, the writers here and `inlined` read them. Without
+    it every tensor is read into the protobuf, for callers that hand it on as it is."""
     if isinstance(source, onnx.ModelProto):
         data = source.SerializeToString()
         _check_tensors(data, "model")
@@ -66,7 +73,7 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto) -> LoadedMod
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
     proto = _parse(data, str(path))
     _check_tensors(data, str(path))  # before external data is read: its keys and lengths are checked
-    external_bytes, data_files = _load_external_data(proto, path)
+    external_bytes, data_files = _load_external_data(proto, path, map_external)
     check_structure(proto, label=str(path))
     cleared = clear_minus_one_dims(proto, str(path))
     return LoadedModel(proto, path, len(data) + external_bytes, data_files, cleared)
@@ -119,10 +126,12 @@ def _check_tensors(data: bytes, label: str) -> None:
         raise InputError(f"{label}: {exc}") from None
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, tuple[Path, ...]]:
-    """Read external tensors from the model's own folder only; return the bytes and files read."""
+def _load_external_data(proto: onnx.ModelProto, path: Path, map_external: bool) -> tuple[int, tuple[Path, ...]]:
+    """Read (or map) external tensors from the model's own folder only; return the bytes and
+    files they take."""
     base = path.resolve().parent
     total, files = 0, {}
+    mappable, _held = initializer_ids(proto) if map_external else (set(), [])
     for tensor in iter_tensors(proto):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
@@ -142,14 +151,21 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, tuple[
                 f"{path}: tensor '{tensor.name}' declares {tensor_label(tensor)} ({needed} bytes) but its "
                 f"external data in {data_path.name} from offset {offset} holds {length} bytes"
             )
-        with open(data_path, "rb") as handle:
-            handle.seek(offset)
-            tensor.raw_data = handle.read(length)
-        tensor.ClearField("data_location")
-        del tensor.external_data[:]
+        if id(tensor) in mappable and tensor.data_type in MAPPABLE and length >= EXTERNAL_DATA_MIN_BYTES:
+            map_tensor(tensor, data_path, offset, length)  # small ones are read: the writer keeps them inline
+        else:
+            _read_into(tensor, data_path, offset, length)
         total += length
         files.setdefault(data_path, None)
     return total, tuple(files)
+
+
+def _read_into(tensor: TensorProto, data_path: Path, offset: int, length: int) -> None:
+    with open(data_path, "rb") as handle:
+        handle.seek(offset)
+        tensor.raw_data = handle.read(length)
+    tensor.ClearField("data_location")
+    del tensor.external_data[:]
 
 
 def _confined_data_path(base: Path, location: str, path: Path, tensor_name: str) -> Path:
@@ -266,12 +282,14 @@ def _scope_problem(scope: Scope, visible: set[str]) -> str | None:
 
 
 def serialized_bytes(proto: onnx.ModelProto) -> bytes:
-    """The deterministic encoding: same model, same bytes."""
-    return proto.SerializeToString(deterministic=True)
+    """The deterministic encoding, every tensor's bytes inside it (mapped ones read in): same
+    model, same bytes."""
+    return inlined(proto).SerializeToString(deterministic=True)
 
 
 def needs_external_data(proto: onnx.ModelProto) -> bool:
-    return proto.ByteSize() >= PROTOBUF_LIMIT
+    """Whether the model, every tensor inline, is too large for protobuf."""
+    return proto.ByteSize() + mapped_bytes(proto) >= PROTOBUF_LIMIT
 
 
 def check_output_path(output: Path, input_path: Path | None, in_place: bool) -> None:
@@ -315,7 +333,9 @@ def save_compacted(proto: onnx.ModelProto, output: str | os.PathLike, *,
     """
     output = _checked_output(output)
     if not (external_data or needs_external_data(proto)):
-        return _write_inline(proto, output), WrittenModel(_copied(proto), [])
+        compact = inlined(proto)  # a copy already when it read mapped tensors in
+        compact = _copied(proto) if compact is proto else compact
+        return _write_inline(compact, output), WrittenModel(compact, [])
     written = _ExternalWrite.start(proto, output)
     compact = _copied(proto)  # small: the large tensors' bytes are in the data file now
     return written.finish(output), WrittenModel(compact, written.moved)
@@ -360,11 +380,14 @@ def _write_inline(proto: onnx.ModelProto, output: Path) -> int:
 class _ExternalWrite:
     """A model whose large tensors were streamed into a temporary data file beside the output,
     each pointed at `<output>.data` as its bytes were written (one tensor's copy held at a
-    time), and serialised so. `moved` holds (place in iter_tensors order, offset, length)."""
+    time; a mapped tensor's bytes go file to file), and serialised so. `moved` holds (place in
+    iter_tensors order, offset, length); `origins` the external-data entries each mapped one
+    had, by place, to point it back."""
 
     data_file: Path
     model_bytes: bytes
     moved: list[tuple[int, int, int]]
+    origins: dict[int, list[tuple[str, str]]]
 
     @classmethod
     def start(cls, proto: onnx.ModelProto, output: Path) -> _ExternalWrite:
@@ -372,14 +395,19 @@ class _ExternalWrite:
         handle = tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{data_name}.", suffix=".tmp",
                                              delete=False)
         try:
+            origins: dict[int, list[tuple[str, str]]] = {}
             with handle:
-                moved = _move_to_external(proto, data_name, handle)
+                try:
+                    moved = _move_to_external(proto, data_name, handle, origins)
+                except BaseException:
+                    _point_back(origins, list(iter_tensors(proto)))
+                    raise
                 handle.flush()
                 os.fsync(handle.fileno())
             try:
-                return cls(Path(handle.name), serialized_bytes(proto), moved)
+                return cls(Path(handle.name), serialized_bytes(proto), moved, origins)
             except BaseException:  # the caller's model comes back as it was
-                _restore_inline(moved, list(iter_tensors(proto)), Path(handle.name))
+                _restore(moved, origins, list(iter_tensors(proto)), Path(handle.name))
                 raise
         except BaseException:
             Path(handle.name).unlink(missing_ok=True)
@@ -391,7 +419,7 @@ class _ExternalWrite:
         written."""
         try:
             if restore_into is not None:
-                _restore_inline(self.moved, list(iter_tensors(restore_into)), self.data_file)
+                _restore(self.moved, self.origins, list(iter_tensors(restore_into)), self.data_file)
             os.replace(self.data_file, external_data_path(output))
         except BaseException:
             self.data_file.unlink(missing_ok=True)
@@ -400,15 +428,23 @@ class _ExternalWrite:
         return len(self.model_bytes) + sum(length for _, _, length in self.moved)
 
 
-def _move_to_external(proto: onnx.ModelProto, data_name: str, sink) -> list[tuple[int, int, int]]:
-    """Point large tensors at the data file as their bytes are written to `sink`."""
+def _move_to_external(proto: onnx.ModelProto, data_name: str, sink,
+                      origins: dict[int, list[tuple[str, str]]]) -> list[tuple[int, int, int]]:
+    """Point large tensors at the data file as their bytes are written to `sink`; record in
+    `origins` where each mapped one pointed before."""
     moved = []
     offset = 0
     for index, tensor in enumerate(iter_tensors(proto)):
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_DATA_MIN_BYTES:
+        if is_mapped(tensor):
+            source, start, length = mapped_place(tensor)
+            copy_range(source, start, length, sink, tensor.name)
+            origins[index] = [(entry.key, entry.value) for entry in tensor.external_data]
+            del tensor.external_data[:]
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_MIN_BYTES:
+            length = sink.write(tensor.raw_data)
+            tensor.ClearField("raw_data")
+        else:
             continue
-        length = sink.write(tensor.raw_data)
-        tensor.ClearField("raw_data")
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
@@ -416,6 +452,24 @@ def _move_to_external(proto: onnx.ModelProto, data_name: str, sink) -> list[tupl
         moved.append((index, offset, length))
         offset += length
     return moved
+
+
+def _restore(moved: list[tuple[int, int, int]], origins: dict[int, list[tuple[str, str]]],
+             tensors: list[TensorProto], data_path: Path) -> None:
+    """The model as it was before _move_to_external: mapped tensors pointed back where they
+    were, the others read back inline from `data_path`."""
+    _point_back(origins, tensors)
+    _restore_inline([entry for entry in moved if entry[0] not in origins], tensors, data_path)
+
+
+def _point_back(origins: dict[int, list[tuple[str, str]]], tensors: list[TensorProto]) -> None:
+    for index, entries in origins.items():
+        tensor = tensors[index]
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in entries:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
 
 
 def _restore_inline(moved: list[tuple[int, int, int]], tensors: list[TensorProto], data_path: Path) -> None:

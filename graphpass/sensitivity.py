@@ -43,6 +43,7 @@ from graphpass.budget import Budget
 from graphpass.edit import Model
 from graphpass.errors import UsageError
 from graphpass.metrics import LevelMetrics, OutputMetrics, compare_arrays
+from graphpass.model import serialized_bytes
 from graphpass.scopes import build_scope_tree
 from graphpass.verify import VerifyResult
 from graphpass.weights import WeightRef
@@ -202,7 +203,7 @@ class Probe:
     def __init__(self, model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
                  outputs: Sequence[str], extra_outputs: Sequence[tuple[str, int]] = ()):
         self.outputs = list(outputs) + [name for name, _ in extra_outputs]
-        self._bytes = _probe_model(model.proto, weights, list(outputs), extra_outputs).SerializeToString()
+        self._bytes = serialized_bytes(_probe_model(model.proto, weights, list(outputs), extra_outputs))
         self.originals = {w.name: np.ascontiguousarray(w.read()) for w in weights}
         feeds = {**{name: np.asarray(value) for name, value in inputs.items()}, **self.originals}
         self._local = threading.local()

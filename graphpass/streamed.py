@@ -23,15 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from graphpass.external import MAPPABLE
 from graphpass.weights import WeightRef
-
-# Types whose stored bytes are plain little-endian elements numpy can map (not the packed
-# 4-bit ones, nor strings).
-_MAPPABLE = frozenset({
-    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16, TensorProto.INT8,
-    TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32,
-    TensorProto.INT64, TensorProto.UINT64,
-})
 
 
 @dataclass(frozen=True)
@@ -72,7 +65,7 @@ def stored_weights(model_path: str | os.PathLike | None) -> dict[str, StoredWeig
     proto = onnx.load(str(model_path), load_external_data=False)
     found = {}
     for tensor in proto.graph.initializer:
-        if tensor.data_location != TensorProto.EXTERNAL or tensor.data_type not in _MAPPABLE:
+        if tensor.data_location != TensorProto.EXTERNAL or tensor.data_type not in MAPPABLE:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         shape = tuple(int(d) for d in tensor.dims)

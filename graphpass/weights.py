@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from onnx import AttributeProto, NodeProto, TensorProto, helper, numpy_helper
 
+from graphpass.external import tensor_array
 from graphpass.scopes import Scope, iter_nodes
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ class WeightRef:
         To read many weights, a WeightReader finds them faster."""
         self.model.last_weight = self.name
         if self.source == "initializer":
-            return numpy_helper.to_array(self.model.find_initializer(self.scope, self.name))
+            return tensor_array(self.model.find_initializer(self.scope, self.name))
         return constant_value(self.model.find_constant_node(self.scope, self.name))
 
     def replace_with(self, replacement: Replacement, result: str) -> None:
@@ -133,8 +134,9 @@ class WeightReader:
     in one thread, for the weights a batch of reads will touch; it may then be read from
     several threads. It is valid only until the model is next edited.
 
-    Reads are numpy_helper.to_array, already a read-only view over raw_data's bytes (which upb
-    copies on every access): no cheaper read exists.
+    Reads are read-only: a memory map of the input's data file for a weight left there
+    (graphpass.external), else numpy_helper.to_array's view over raw_data's bytes (which upb
+    copies on every access, holding the GIL).
     """
 
     def __init__(self, weights: Sequence[WeightRef]):
@@ -149,7 +151,7 @@ class WeightReader:
         weight.model.last_weight = weight.name
         _, initializers, constants = self._definitions[id(weight.scope)]
         if weight.source == "initializer":
-            return numpy_helper.to_array(initializers[weight.name])
+            return tensor_array(initializers[weight.name])
         return constant_value(constants[weight.name])
 
 
