@@ -118,7 +118,7 @@ def project(spec: str, model: Path) -> None:
     if not hasattr(codec, "plan"):
         print(f"\n{codec.name} plans no single weight: no per-tensor throughput")
         return
-    ctx = PassContext(Model(load_model(model).proto), workers=Workers(1))
+    ctx = PassContext(Model(load_model(model, map_external=True).proto), workers=Workers(1))
     weights = ctx.model.weights()[:TIMED_TENSORS]
     started = time.thread_time()
     for weight in weights:
