@@ -70,6 +70,8 @@ def tensor_array(tensor: TensorProto) -> np.ndarray:
     if not is_mapped(tensor):
         return numpy_helper.to_array(tensor)
     path, offset, length = mapped_place(tensor)
+    if path.stat().st_size < offset + length:  # numpy would refuse to map it, naming no tensor
+        raise _changed(path, tensor)
     # Only tensors of EXTERNAL_DATA_MIN_BYTES or more are mapped: never an empty range, which numpy cannot map.
     # ONNX stores little-endian, as every machine numpy maps it on here.
     values = np.memmap(path, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), mode="r", offset=offset,
@@ -93,10 +95,14 @@ def inline_tensor(tensor: TensorProto) -> None:
         source.seek(offset)
         data = source.read(length)
     if len(data) != length:
-        raise InputError(f"{path}: external data changed while graphpass read it (tensor '{tensor.name}')")
+        raise _changed(path, tensor)
     del tensor.external_data[:]
     tensor.ClearField("data_location")  # absent in a loaded tensor, so absent here: same bytes
     tensor.raw_data = data
+
+
+def _changed(path: Path, tensor: TensorProto) -> InputError:
+    return InputError(f"{path}: external data changed while graphpass read it (tensor '{tensor.name}')")
 
 
 def inlined(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -94,6 +94,15 @@ def test_a_data_file_cut_short_after_load_is_an_input_error_and_writes_nothing(c
     assert list(out.iterdir()) == []
 
 
+def test_reading_a_weight_whose_data_file_was_cut_short_after_load_is_an_input_error(chain):
+    weight = Model(load_model(chain, map_external=True).proto).weights()[-1]
+    data = chain.with_name(chain.name + ".data")
+    with open(data, "r+b") as handle:
+        handle.truncate(data.stat().st_size - 1)
+    with pytest.raises(InputError, match=f"changed while graphpass read it \\(tensor '{weight.name}'\\)"):
+        weight.read()
+
+
 def test_small_external_tensors_are_read_in(tmp_path):
     weight = np.arange(16, dtype=np.float32).reshape(4, 4)  # 64 bytes: the writer keeps it inline
     (tmp_path / "w.bin").write_bytes(weight.tobytes())
