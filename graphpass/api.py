@@ -207,7 +207,7 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
     # Weights stay in the input's data file until read: the run holds none of them whole.
     loaded = load_model(_private_copy(model), map_external=True)
     if output is not None:
-        check_output_path(Path(output), loaded.path, in_place)
+        check_output_path(Path(output), loaded.path, in_place, loaded.data_files)
     # Once load has rewritten declared -1 sizes, the model to compare against is the rewritten one.
     repaired = loaded.dynamic_minus_one > 0
     reference = loaded.path if loaded.path is not None and not repaired else serialized_bytes(loaded.proto)

@@ -292,11 +292,20 @@ def needs_external_data(proto: onnx.ModelProto) -> bool:
     return proto.ByteSize() + mapped_bytes(proto) >= PROTOBUF_LIMIT
 
 
-def check_output_path(output: Path, input_path: Path | None, in_place: bool) -> None:
+def check_output_path(output: Path, input_path: Path | None, in_place: bool,
+                      input_data_files: tuple[Path, ...] = ()) -> None:
     if input_path is None or in_place:
         return
-    if output.resolve() == input_path.resolve() or (output.exists() and os.path.samefile(output, input_path)):
+    if _same_file(output, input_path):
         raise UsageError(f"{output}: output would overwrite the input; pass --in-place if you mean it")
+    output_data = external_data_path(output)
+    if any(_same_file(output_data, data) for data in input_data_files):
+        raise UsageError(f"{output}: its data file {output_data.name} would overwrite the input's external data; "
+                         "choose another output name")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def external_data_path(model_file: Path) -> Path:

@@ -17,7 +17,7 @@ import graphpass.external as external
 from fixtures.generate import one_matmul
 from fixtures.synthetic import write_tanh_chain
 from graphpass.edit import Model
-from graphpass.errors import InputError
+from graphpass.errors import InputError, UsageError
 from graphpass.model import load_model, save_compacted, save_model, serialized_bytes
 
 
@@ -133,3 +133,14 @@ def test_a_run_only_reads_its_input(chain, tmp_path, in_place):
     session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": x})[0].shape == (2, 64)
     assert all(not external.is_mapped(t) for t in result.model.graph.initializer)
+
+
+def test_an_output_whose_data_file_is_the_inputs_is_refused_before_anything_is_written(chain):
+    """A model file renamed away from its data file: writing the old name would replace the data
+    the input still reads."""
+    renamed = chain.with_name("model.onnx")
+    chain.rename(renamed)
+    before = _digests(chain.parent)
+    with pytest.raises(UsageError, match="would overwrite the input's external data"):
+        graphpass.run(renamed, "kmeans(bits=4)", output=chain, external_data=True)
+    assert _digests(chain.parent) == before
