@@ -15,8 +15,9 @@ budget against the model it receives, so it goes before any other lossy pass.
    kmeans and codebook by default), index bits and granularity. Per-channel and per-group codebooks
    are stored as float16, whose rounding is far below the index error and whose tables are a
    real share of the bytes there; per-tensor tables stay float32. With feedback=true every
-   setting of a codec that has error feedback comes again with it, tried on MatMul and Gemm
-   weights with their inputs' second moment on the fitting share.
+   setting of a codec that has error feedback comes again with it, tried on MatMul, Gemm and
+   Conv (group 1) weights with their inputs' second moment on the fitting share (for a Conv, of
+   its unfolded inputs, as graphpass.feedback takes it).
 2. Sensitivity (graphpass.sensitivity). Each candidate weight's settings are tried in order of
    expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
    in the probe model on the calibration inputs. A weight stops at the first setting whose
@@ -61,7 +62,7 @@ from graphpass import verify as verification
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
-from graphpass.feedback import input_axis
+from graphpass.feedback import input_energy_weight
 from graphpass.grid import Setting, candidate_settings, uses_feedback
 from graphpass.holdout import Split, split_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
@@ -69,8 +70,8 @@ from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
 from graphpass.scopes import all_value_and_node_names
 from graphpass.sensitivity import (
-    ErrorMeter, Measurement, Probe, gathered_rows, hoist_reason, input_channel_energy, input_covariance, row_subset,
-    verified_units, with_outputs,
+    ErrorMeter, Measurement, Probe, conv_input_covariance, gathered_rows, hoist_reason, input_channel_energy,
+    input_covariance, row_subset, verified_units, with_outputs,
 )
 from graphpass.weights import WeightRef
 
@@ -306,7 +307,8 @@ class Calibration:
     value_weights: dict[str, np.ndarray]  # activation energy per value, for aware k-means
     rows: dict[str, np.ndarray]  # rows of each embedding table that the inputs read
     floor: float  # error units below which a weight needs no more bytes
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # MatMul inputs' second moments, for feedback
+    # Second moments of MatMul, Gemm and (unfolded) Conv inputs, for feedback.
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
     # The probe and meter on the held-out share, for settings that learn from the fitting one.
     unseen: tuple[Probe, ErrorMeter] | None = None
 
@@ -327,8 +329,7 @@ class Calibration:
         setting weighs its fit by the Hessian's diagonal, as the codec would on its own inputs."""
         value_weight, hessian = self.value_weights.get(weight.name), self.hessians.get(weight.name)
         if value_weight is None and hessian is not None and uses_feedback(setting):
-            value_weight = relative_energy(np.diag(hessian))
-            value_weight = value_weight[:, None] if input_axis(weight) == 0 else value_weight[None, :]
+            value_weight = input_energy_weight(hessian, weight)
         return value_weight, hessian
 
 
@@ -346,8 +347,8 @@ class AutoPass(Pass):
         Option("aware", bool, True, "weight k-means by the activation energy of each input channel "
                "(MatMul and Gemm weights, measured on the calibration inputs)"),
         Option("feedback", bool, False, "also try every setting of codecs that have it with error feedback "
-               "(GPTQ/GPTVQ, graphpass.feedback; GPTQ on the kernels' blocks under --objective memory) on MatMul "
-               "and Gemm weights, the inputs' second moment taken on "
+               "(GPTQ/GPTVQ, graphpass.feedback; GPTQ on the kernels' blocks under --objective memory) on MatMul, "
+               "Gemm and Conv (group 1) weights, the inputs' second moment taken on "
                "the fitting share of the calibration inputs; on the BERT (24 fitting sentences) it took 3 times "
                "as long for 0.4% fewer bytes and a worse test sentence, so it is off by default"),
         Option("gptq", bool, False, "the same as feedback=true (its earlier name, for the memory objective's kernels)"),
@@ -412,7 +413,10 @@ class AutoPass(Pass):
         inputs = split.fitting
         probe = Probe(ctx.model, weights, inputs, outputs)
         needs_hessians = self.config["gptq"] or self.config["feedback"]
-        hessians = input_covariance(ctx.model, weights, inputs) if needs_hessians else {}
+        hessians = {}
+        if needs_hessians:
+            hessians = {**input_covariance(ctx.model, weights, inputs),
+                        **conv_input_covariance(ctx.model, weights, inputs)}
         meter = self._meter(ctx, probe)
         unseen = None
         if needs_hessians and split.held_out is not None:
@@ -483,7 +487,7 @@ class AutoPass(Pass):
     def _trial(self, ctx, setting: Setting, weight: WeightRef, calibration: Calibration) -> Trial | str:
         if uses_feedback(setting) and weight.name not in calibration.hessians:
             # Elsewhere feedback would weight embedding rows by the calibration's own tokens.
-            return "error feedback is tried on MatMul and Gemm weights only"
+            return "error feedback is tried on MatMul, Gemm and Conv (group 1) weights only"
         rows = calibration.rows.get(weight.name)
         if rows is not None and setting.row_local(weight):
             subset, rows_weight = row_subset(ctx.model, weight, rows)
