@@ -3,7 +3,7 @@
 
     python bench/bench_auto.py                 # BERT and magika
     python bench/bench_auto.py --bert          # the 3-layer BERT only
-    python bench/bench_auto.py --magika [--files 600]
+    python bench/bench_auto.py --magika [--files 600] [--magika-specs "tie,auto(feedback=true),fold"]
     python bench/bench_auto.py --sweep docs   # the BERT's rate-distortion table and plot (README)
 
 BERT (paraphrase_minilm_l3): 32 English sentences calibrate, 32 others test. The budget applies

@@ -350,7 +350,9 @@ class AutoPass(Pass):
                "(GPTQ/GPTVQ, graphpass.feedback; GPTQ on the kernels' blocks under --objective memory) on MatMul, "
                "Gemm and Conv (group 1) weights, the inputs' second moment taken on "
                "the fitting share of the calibration inputs; on the BERT (24 fitting sentences) it took 3 times "
-               "as long for 0.4% fewer bytes and a worse test sentence, so it is off by default"),
+               "as long for 0.4% fewer bytes and a worse test sentence, so it is off by default; on magika "
+               "(its Conv at 6 bits) it kept 99.5% top-1 agreement at 24.0% of the file, against 98.8% at 25.0% "
+               "without (README)"),
         Option("gptq", bool, False, "the same as feedback=true (its earlier name, for the memory objective's kernels)"),
         *WEIGHT_FILTER_OPTIONS,
     )
