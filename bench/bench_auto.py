@@ -3,7 +3,7 @@
 
     python bench/bench_auto.py                 # BERT and magika
     python bench/bench_auto.py --bert          # the 3-layer BERT only
-    python bench/bench_auto.py --magika [--files 600]
+    python bench/bench_auto.py --magika [--files 600] [--magika-specs "tie,auto(feedback=true),fold"]
     python bench/bench_auto.py --sweep docs   # the BERT's rate-distortion table and plot (README)
 
 BERT (paraphrase_minilm_l3): 32 English sentences calibrate, 32 others test. The budget applies
@@ -379,7 +379,7 @@ def parse_budget(text: str) -> Budget:
     return Budget(atol=float(value)) if name == "atol" else Budget(min_cosine=float(value))
 
 
-def bench_magika(files: int, spec: str, budgets: list[Budget]) -> str:
+def bench_magika(files: int, specs: list[str], budgets: list[Budget]) -> str:
     path = Path(real_models.fetch("magika"))
     found = machine_files(files + 256)
     features = np.stack([f for _, f in found])
@@ -389,14 +389,15 @@ def bench_magika(files: int, spec: str, budgets: list[Budget]) -> str:
     rows = [Row(f"(input) magika standard_v3_3, {len(test)} test files", input_bytes, 1.0, 1.0)]
     details = []
     for budget in budgets:
-        data, result, seconds = run_auto(path, spec, {"bytes": calibration}, budget, None)
-        label = f"{spec} @ {budget.describe()}"
-        if data is None:
-            rows.append(Row(label + " (failed)", 0, None, None, seconds))
-            continue
-        rows.append(Row(label, len(data), float(np.mean(top1(data, test) == reference_test)),
-                        float(np.mean(top1(data, calibration) == reference_calibration)), seconds))
-        details.append((label, auto_passes(result)["details"]))
+        for spec in specs:
+            data, result, seconds = run_auto(path, spec, {"bytes": calibration}, budget, None)
+            label = f"{spec} @ {budget.describe()}"
+            if data is None:
+                rows.append(Row(label + " (failed)", 0, None, None, seconds))
+                continue
+            rows.append(Row(label, len(data), float(np.mean(top1(data, test) == reference_test)),
+                            float(np.mean(top1(data, calibration) == reference_calibration)), seconds))
+            details.append((label, auto_passes(result)["details"]))
     good = [r for r in rows[1:] if r.test is not None and r.test >= 0.995]
     verdict = (f"smallest with >= 99.5% top-1 agreement on the test files: {min(good, key=lambda r: r.file_bytes).label}"
                if good else "no auto model kept >= 99.5% top-1 agreement")
@@ -429,6 +430,7 @@ def main(argv=None) -> int:
     parser.add_argument("--specs", default="tie,auto,fold;tie,auto(feedback=true),fold",
                         help="BERT pass specs, ;-separated")
     parser.add_argument("--budgets", default="0.99,0.999")
+    parser.add_argument("--magika-specs", default="tie,auto,fold", help="magika pass specs, ;-separated")
     parser.add_argument("--magika-budgets", default="0.999,0.9999,atol=0.05,atol=0.02,atol=0.01",
                         help="min cosines, or atol=X on the output probabilities")
     parser.add_argument("--sweep", type=Path, metavar="DIR",
@@ -447,7 +449,7 @@ def main(argv=None) -> int:
         print(bench_bert(args.specs.split(";"), [float(b) for b in args.budgets.split(",")]), flush=True)
         print()
     if args.magika or both:
-        print(bench_magika(args.files, "tie,auto,fold", [parse_budget(b) for b in args.magika_budgets.split(",")]))
+        print(bench_magika(args.files, args.magika_specs.split(";"), [parse_budget(b) for b in args.magika_budgets.split(",")]))
     return 0
 
 

@@ -309,12 +309,19 @@ class FeedbackStatistics:
         little (other inputs use them). None for other weights."""
         hessian = self.hessians.get(weight.name)
         if hessian is not None:
-            energy = _relative(np.diag(hessian))
-            return energy[:, None] if input_axis(weight) == 0 else energy.reshape((1, *weight.shape[1:]))
+            return input_energy_weight(hessian, weight)
         counts = self.row_counts.get(weight.name)
         if counts is None or counts.sum() == 0:
             return None
         return _relative(counts.astype(np.float64))[:, None]
+
+
+def input_energy_weight(hessian: np.ndarray, weight: WeightRef) -> np.ndarray:
+    """diag(H) relative to its mean (at least ENERGY_FLOOR), shaped to broadcast against the
+    weight: [K, 1] for MatMul's B, [1, K] for Gemm's transposed B, [1, C_in, *kernel] for Conv
+    filters. What each value's squared error counts in a codebook's fit."""
+    energy = _relative(np.diag(hessian))
+    return energy[:, None] if input_axis(weight) == 0 else energy.reshape((1, *weight.shape[1:]))
 
 
 def _relative(values: np.ndarray) -> np.ndarray:

@@ -104,21 +104,29 @@ def test_the_budget_can_target_one_output(fixture_dir, tmp_path):
     assert any("applies to output(s) logits" in note for note in result.report["notes"])
 
 
-def test_feedback_settings_join_the_candidates_on_matmul_weights_only(fixture_dir):
-    """With feedback=true each setting is also tried with error feedback, on the MatMul
-    weights, whose second moments come from the fitting share; the model meets the budget."""
+def _fed_inputs(name: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(5)
-    inputs = {"input_ids": rng.integers(0, 512, (8, 12)).astype(np.int64)}
-    result = graphpass.run(fixture_dir / "transformer.onnx", "auto(methods=kmeans,bits=3|5,granularities=channel,feedback=true)",
-                           inputs=inputs, budget=Budget(min_cosine=0.999))
+    if name == "cnn":
+        return {"image": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}
+    return {"input_ids": rng.integers(0, 512, (8, 12)).astype(np.int64)}
+
+
+@pytest.mark.parametrize("name,readers", [("transformer", {"MatMul"}), ("cnn", {"Conv", "Gemm"})])
+def test_feedback_settings_join_the_candidates_on_weights_with_input_second_moments(fixture_dir, name, readers):
+    """With feedback=true each setting is also tried with error feedback on the weights whose
+    inputs' second moment the fitting share gives: MatMul's and Gemm's, and Conv filters (of the
+    unfolded inputs); the model meets the budget in onnxruntime."""
+    result = graphpass.run(fixture_dir / f"{name}.onnx",
+                           "auto(methods=kmeans,bits=3|5,granularities=channel,feedback=true,min_size=256)",
+                           inputs=_fed_inputs(name), budget=Budget(min_cosine=0.999))
     assert result.passed
     tensors = auto_stats(result)["details"]["tensors"]
-    model = Model(fixture(fixture_dir, "transformer"))
-    matmul_weights = {w.name for w in model.weights()
-                      if any(node.op_type == "MatMul" and index == 1 for node, index in w.reader_nodes())}
+    model = Model(fixture(fixture_dir, name))
+    fed = {w.name for w in model.weights() if any(node.op_type in readers and index == 1
+                                                  for node, index in w.reader_nodes())}
     for tensor in tensors:
         fed_back = [t for t in tensor["tried"] if "feedback=True" in t["setting"]]
-        assert bool(fed_back) == (tensor["name"] in matmul_weights), tensor["name"]
+        assert bool(fed_back) == (tensor["name"] in fed), tensor["name"]
     assert any("feedback=True" in t["setting"] for t in tensors)  # it pays on some weight
 
 
