@@ -2,7 +2,7 @@
 
 A run frees gigabytes at a time (the input's protobuf after the passes, each onnxruntime
 session after verifying), but glibc keeps freed pages of its heap mapped for reuse: after the
-1.1 B-parameter decoder's passes, 3.2 GB stayed resident with nothing in it, and the next
+1.1 B-parameter decoder's passes, 3.3 GB stayed resident with nothing in it, and the next
 onnxruntime session peaked on top of it. malloc_trim hands those pages back.
 """
 
