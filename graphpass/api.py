@@ -44,9 +44,9 @@ class RunResult:
 
     @property
     def model(self) -> onnx.ModelProto:
-        """The output model, every tensor inside it. Tensors written to external data are read
-        back from the written file on first access: a run never holds them itself."""
-        return self.output.inline(external_data_path(self.written)) if self.written else self.output.proto
+        """The output model, every tensor inside it. Large tensors are read back from the
+        written file(s) on first access: a run never holds them itself."""
+        return self.output.inline(self.written) if self.written else self.output.proto
 
     @property
     def passed(self) -> bool:
@@ -159,8 +159,8 @@ def run(
         passed = not budget_failures(checked, measured)
         if output is not None and (passed or keep_failed):
             written = _move_into_place(staged, Path(output))
-        if written is None:  # the staged data file goes with the stage: read the tensors back first
-            compiled.output.inline(external_data_path(staged))
+        if written is None:  # the staged files go with the stage: read the tensors back first
+            compiled.output.inline(staged)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report = reporting.build_report(compiled.before, after, compiled.stats, compiled.pass_seconds, checked,

@@ -344,7 +344,7 @@ def save_compacted(proto: onnx.ModelProto, output: str | os.PathLike, *,
     if not (external_data or needs_external_data(proto)):
         compact = inlined(proto)  # a copy already when it read mapped tensors in
         compact = _copied(proto) if compact is proto else compact
-        return _write_inline(compact, output), WrittenModel(compact, [])
+        return _write_inline(compact, output), WrittenModel.skeleton_of(compact)
     written = _ExternalWrite.start(proto, output)
     compact = _copied(proto)  # small: the large tensors' bytes are in the data file now
     return written.finish(output), WrittenModel(compact, written.moved)
@@ -352,16 +352,30 @@ def save_compacted(proto: onnx.ModelProto, output: str | os.PathLike, *,
 
 @dataclass
 class WrittenModel:
-    """A written model in memory whose `moved` tensors (place in iter_tensors order, offset,
-    length) still point at the data file it was written with."""
+    """A written model in memory without its large tensors' bytes, which stay in what was
+    written until `inline` reads them: the `moved` tensors (place in iter_tensors order, offset,
+    length) still point at the data file, and with `reread` the model file holds them all."""
 
     proto: onnx.ModelProto
     moved: list[tuple[int, int, int]]
+    reread: bool = False
 
-    def inline(self, data_file: Path) -> onnx.ModelProto:
-        """The model with every tensor's bytes inside it, read from `data_file` the first time."""
-        if self.moved:
-            _restore_inline(self.moved, list(iter_tensors(self.proto)), data_file)
+    @classmethod
+    def skeleton_of(cls, written: onnx.ModelProto) -> WrittenModel:
+        """`written`, just saved inline, without its large tensors' bytes (`written` goes with them):
+        the 1.1 B decoder's 0.52 GB output was otherwise held through verification."""
+        for tensor in iter_tensors(written):
+            if len(tensor.raw_data) >= EXTERNAL_DATA_MIN_BYTES:
+                tensor.ClearField("raw_data")
+        return cls(_copied(written), [], reread=True)  # a copy: upb frees nothing of `written` until it goes
+
+    def inline(self, model_file: Path) -> onnx.ModelProto:
+        """The model with every tensor's bytes inside it, read from `model_file` (and its data
+        file) the first time."""
+        if self.reread:
+            self.proto, self.reread = _parse(Path(model_file).read_bytes(), str(model_file)), False
+        elif self.moved:
+            _restore_inline(self.moved, list(iter_tensors(self.proto)), external_data_path(model_file))
             self.moved = []
         return self.proto
 

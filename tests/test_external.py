@@ -68,7 +68,7 @@ def test_save_compacted_of_a_mapped_model_hands_back_every_tensor(chain, tmp_pat
     read_in = load_model(chain).proto
     written, output = save_compacted(load_model(chain, map_external=True).proto, tmp_path / "out.onnx",
                                      external_data=external_data)
-    compact = output.inline(tmp_path / "out.onnx.data")
+    compact = output.inline(tmp_path / "out.onnx")
     assert not any(external.is_mapped(t) for t in compact.graph.initializer)
     assert serialized_bytes(compact) == serialized_bytes(read_in)
 

@@ -199,9 +199,10 @@ def test_save_compacted_hands_back_the_model_it_wrote(tmp_path, external_data):
     model = one_matmul(weight)
     before = model.SerializeToString(deterministic=True)
     written, output = save_compacted(model, tmp_path / "out.onnx", external_data=external_data)
-    # Until read back, tensors written to external data point at the file, which holds their bytes.
-    assert bool(output.moved) == external_data
-    compact = output.inline(tmp_path / "out.onnx.data")
+    # Until read back, the large tensors' bytes are only in the written file(s).
+    assert bool(output.moved) == external_data and output.reread != external_data
+    assert output.proto.ByteSize() < weight.nbytes
+    compact = output.inline(tmp_path / "out.onnx")
     assert not output.moved and compact.SerializeToString(deterministic=True) == before
     assert load_model(tmp_path / "out.onnx").proto.SerializeToString(deterministic=True) == before
     files = [p for p in tmp_path.iterdir()]
