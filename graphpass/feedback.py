@@ -313,18 +313,20 @@ class FeedbackStatistics:
         counts = self.row_counts.get(weight.name)
         if counts is None or counts.sum() == 0:
             return None
-        return _relative(counts.astype(np.float64))[:, None]
+        return relative_energy(counts.astype(np.float64))[:, None]
 
 
 def input_energy_weight(hessian: np.ndarray, weight: WeightRef) -> np.ndarray:
     """diag(H) relative to its mean (at least ENERGY_FLOOR), shaped to broadcast against the
     weight: [K, 1] for MatMul's B, [1, K] for Gemm's transposed B, [1, C_in, *kernel] for Conv
     filters. What each value's squared error counts in a codebook's fit."""
-    energy = _relative(np.diag(hessian))
+    energy = relative_energy(np.diag(hessian))
     return energy[:, None] if input_axis(weight) == 0 else energy.reshape((1, *weight.shape[1:]))
 
 
-def _relative(values: np.ndarray) -> np.ndarray:
+def relative_energy(values: np.ndarray) -> np.ndarray:
+    """`values` relative to their mean, at least ENERGY_FLOOR: a channel or row silent on the
+    calibration inputs may not be silent on others, so it still counts a little."""
     return np.maximum(values / max(float(values.mean()), 1e-30), ENERGY_FLOOR)
 
 

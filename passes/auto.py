@@ -65,7 +65,7 @@ from graphpass.budget import Budget
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
-from graphpass.feedback import input_energy_weight
+from graphpass.feedback import input_energy_weight, relative_energy
 from graphpass.grid import Setting, candidate_settings, uses_feedback
 from graphpass.holdout import Split, split_inputs
 from graphpass.inputs import synthesize_inputs
@@ -89,13 +89,6 @@ MAX_ROUNDS = 6  # models built and verified
 MAX_STEPS = 4 * MAX_ROUNDS  # targets tried, counting allocations recalled from an earlier build
 # A passing model using less than this share of the budget is worth a bolder try.
 LOOSEN_BELOW = 0.7
-# Activation energy below this fraction of the mean still counts a little: a channel silent on
-# the calibration inputs may not be silent on others.
-ENERGY_FLOOR = 1e-2
-
-
-def relative_energy(energy: np.ndarray) -> np.ndarray:
-    return np.maximum(energy / max(float(energy.mean()), 1e-30), ENERGY_FLOOR)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
 from graphpass.errors import UsageError
 from graphpass.feedback import (
-    ENERGY_FLOOR, NO_INPUTS, FeedbackStatistics, InputHessians, feedback_note, input_axis, scalar_labels,
+    NO_INPUTS, FeedbackStatistics, InputHessians, feedback_note, input_axis, relative_energy, scalar_labels,
 )
 from graphpass.manager import Option, Pass, PassContext, PassResult, register, registered_passes
 from graphpass.scopes import NameAllocator
@@ -638,7 +638,7 @@ class UniformPass(BinningPass):
         names = {name for _, name in keys}
         weights = [w for w in ctx.model.weights() if w.name in names]
         energy = input_channel_energy(ctx.model, weights, ctx.calibration_inputs)
-        return {name: np.maximum(e / max(float(e.mean()), 1e-30), ENERGY_FLOOR) for name, e in energy.items()}
+        return {name: relative_energy(e) for name, e in energy.items()}
 
     def _input_covariance(self, ctx: PassContext, keys) -> dict[str, np.ndarray]:
         """With feedback: the second moment of each MatMul weight's inputs on the calibration inputs."""
