@@ -73,10 +73,16 @@ def tensor_array(tensor: TensorProto) -> np.ndarray:
     if path.stat().st_size < offset + length:  # numpy would refuse to map it, naming no tensor
         raise _changed(path, tensor)
     # Only tensors of EXTERNAL_DATA_MIN_BYTES or more are mapped: never an empty range, which numpy cannot map.
+    return mapped_array(path, offset, tensor.data_type, tuple(tensor.dims))
+
+
+def mapped_array(path: str | os.PathLike, offset: int, dtype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The `shape` values of ONNX type `dtype` stored at `offset` of `path`, read-only: a plain
+    ndarray over a memory map of just that range, which lives as long as the array does."""
+    count = int(np.prod(shape, dtype=np.int64))
     # ONNX stores little-endian, as every machine numpy maps it on here.
-    values = np.memmap(path, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), mode="r", offset=offset,
-                       shape=tuple(tensor.dims))
-    return np.asarray(values)  # a plain ndarray over the map; the map lives as long as it does
+    values = np.memmap(path, dtype=helper.tensor_dtype_to_np_dtype(dtype), mode="r", offset=offset, shape=(count,))
+    return np.asarray(values).reshape(shape)
 
 
 def mapped_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:

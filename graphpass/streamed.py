@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
-from graphpass.external import MAPPABLE
+from graphpass.external import MAPPABLE, mapped_array
 from graphpass.weights import WeightRef
 
 
@@ -37,11 +37,7 @@ class StoredWeight:
     shape: tuple[int, ...]
 
     def read(self) -> np.ndarray:
-        element = helper.tensor_dtype_to_np_dtype(self.dtype)
-        count = int(np.prod(self.shape, dtype=np.int64))
-        # ONNX stores little-endian, as every machine numpy maps it on here.
-        values = np.memmap(self.path, dtype=element, mode="r", offset=self.offset, shape=(count,))
-        return np.asarray(values).reshape(self.shape)
+        return mapped_array(self.path, self.offset, self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
