@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from graphpass.errors import GraphpassError, UsageError
+from graphpass.metrics import json_float
 from graphpass.model import external_data_path
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
@@ -168,7 +169,7 @@ class CostComparison:
         return {
             "reference": self.reference.figures(),
             "candidate": self.candidate.figures(),
-            "ratios": {name: _json_float(value) for name, value in self.ratios().items()},
+            "ratios": {name: json_float(value) for name, value in self.ratios().items()},
             "seconds": self.seconds,
             "rounds": min(self.reference.rounds, self.candidate.rounds),
             "runs": min(self.reference.runs, self.candidate.runs),
@@ -180,10 +181,6 @@ def _ratio(candidate: float, reference: float) -> float:
     if reference > 0:
         return candidate / reference
     return 1.0 if candidate <= 0 else math.inf
-
-
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def seconds_beside(spent_seconds: float) -> float:
