@@ -102,6 +102,11 @@ def inline_tensor(tensor: TensorProto) -> None:
         data = source.read(length)
     if len(data) != length:
         raise _changed(path, tensor)
+    hold_inline(tensor, data)
+
+
+def hold_inline(tensor: TensorProto, data: bytes) -> None:
+    """Make an external tensor hold `data` in raw_data, as one loaded inline does."""
     del tensor.external_data[:]
     tensor.ClearField("data_location")  # absent in a loaded tensor, so absent here: same bytes
     tensor.raw_data = data

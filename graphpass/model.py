@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from graphpass.download import DownloadSize, bytes_download_size, download_size
 from graphpass.errors import InputError, UsageError
-from graphpass.external import (MAPPABLE, copy_range, initializer_ids, inlined, is_mapped, map_tensor,
+from graphpass.external import (MAPPABLE, copy_range, hold_inline, initializer_ids, inlined, is_mapped, map_tensor,
                                 mapped_bytes, mapped_place)
 from graphpass.scopes import Scope, build_scope_tree, iter_tensors, subgraphs_of
 from graphpass.validate import TensorProblem, check_tensors, tensor_label
@@ -498,11 +498,8 @@ def _point_back(origins: dict[int, list[tuple[str, str]]], tensors: list[TensorP
 def _restore_inline(moved: list[tuple[int, int, int]], tensors: list[TensorProto], data_path: Path) -> None:
     with open(data_path, "rb") as source:
         for index, offset, length in moved:
-            tensor = tensors[index]
             source.seek(offset)
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")  # absent before, so absent again: same bytes
-            tensor.raw_data = source.read(length)
+            hold_inline(tensors[index], source.read(length))
 
 
 def _atomic_write(target: Path, chunks: list[bytes]) -> None:
