@@ -245,7 +245,7 @@ def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, r
     given = _budget(atol, rtol, min_cosine)
     # Two models without a budget: the figures are shown, but held to nothing, so no PASS.
     result = verification.verify(reference, candidate, feeds, given or Budget(), runtimes=runtimes,
-                                 budget_given=given is not None)
+                                 levels=verification.levels_for(loaded.file_bytes), budget_given=given is not None)
     click.echo(verification.render_table(result))
     cost = None
     if not no_cost:

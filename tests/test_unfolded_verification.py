@@ -8,9 +8,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 
 import graphpass
 import graphpass.verify as gv
+from graphpass.cli import main
 from graphpass.runtimes.onnxruntime import DISABLED_OPTIMIZERS, OPTIMIZATION_LEVELS, OnnxRuntime
 
 from tests.test_verify import matmul_model
@@ -62,3 +64,11 @@ def test_a_large_input_is_verified_unfolded_and_the_report_says_so(lookup_model,
     # The same outputs were compared: the figures match the folded verification's.
     for name, figures in small.report["verify"]["outputs"].items():
         assert large.report["verify"]["outputs"][name]["cosine"] == pytest.approx(figures["cosine"], abs=1e-6)
+
+
+def test_the_verify_command_checks_a_large_model_unfolded_too(lookup_model, monkeypatch):
+    source, output = lookup_model
+    monkeypatch.setattr(gv, "FOLDED_VERIFICATION_MAX_BYTES", 1024)
+    result = CliRunner().invoke(main, ["verify", str(source), str(output), "--min-cosine", "0.9", "--no-cost"])
+    assert result.exit_code == 0, result.output
+    assert "levels: unfolded, disable_all" in result.output
