@@ -185,3 +185,30 @@ def test_unfolded_conv_inputs_times_the_filters_are_the_conv(kernel, attributes)
     y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     patches = sensitivity.unfolded(x[0].astype(np.float64), kernel, attributes)
     assert np.allclose(patches @ w.reshape(5, -1).T, y[0].reshape(5, -1).T, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_second_moments_come_from_the_large_weights_read_in_place(dtype):
+    """The capture run feeds weights of a MiB and more as inputs (not serialized into its model,
+    where a large model would be copied twice more): the second moment of the second MatMul's
+    input must still be the one numpy computes."""
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((512, 1024)).astype(dtype) / 16  # 1 MiB in float16, 2 in float32
+    second = rng.standard_normal((1024, 8)).astype(dtype)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "first"], ["hidden"]), helper.make_node("MatMul", ["hidden", "second"], ["y"])],
+        "two", [helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [None, 512])],
+        [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)],
+        [numpy_helper.from_array(first, "first"), numpy_helper.from_array(second, "second")])
+    model = graphpass.edit.Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.standard_normal((16, 512)).astype(dtype)
+    assert sensitivity.FED_WEIGHT_BYTES <= first.nbytes
+    found = sensitivity.input_covariance(model, model.weights(), {"x": x})["second"]
+    session = ort.InferenceSession(helper.make_model(helper.make_graph(
+        graph.node[:1], "first", graph.input, [helper.make_tensor_value_info("hidden", graph.input[0].type.tensor_type.elem_type, None)],
+        graph.initializer[:1]), opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    hidden = session.run(None, {"x": x})[0].astype(np.float64)
+    expected = hidden.T @ hidden / len(hidden)
+    # A fed weight is not prepacked, so onnxruntime may sum in another order: rounding apart.
+    rounding = 1e-5 if dtype == np.float32 else 2e-3
+    np.testing.assert_allclose(found, expected, rtol=0, atol=rounding * np.abs(expected).max())
