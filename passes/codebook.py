@@ -410,6 +410,11 @@ class Member:
     vectors: np.ndarray  # [count, dim] float32, divided by the scale
     importance: np.ndarray | None  # per sub-vector: its squared scale, mean 1 over the tensor
 
+    def for_emit(self) -> Member:
+        """The member without its weight-sized arrays: all that emitting needs (layout and
+        scale), so that a plan waiting to be applied stays small."""
+        return dataclasses.replace(self, original=_NONE, vectors=_NONE, importance=None)
+
 
 @dataclass
 class Stage:
@@ -423,6 +428,14 @@ class Stage:
     @property
     def k(self) -> int:
         return len(self.entries)
+
+    def for_emit(self) -> Stage:
+        """The stage without the group's labels (each plan holds its own member's)."""
+        return dataclasses.replace(self, labels=_NONE)
+
+
+# Stands in for a weight-sized array that emitting never reads.
+_NONE = np.empty(0, dtype=np.float32)
 
 
 def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, table_type: int,
@@ -835,9 +848,13 @@ class CodebookPass(Pass):
         opset, ir_version = scope_opset(weight, model), model.proto.ir_version
         reconstruction = rebuild(member, labels, stages)
         corrections = self._corrections(member, reconstruction, row_counts)
+        # The emitter keeps tables, scales and labels in their narrowest type only: on an LLM,
+        # auto holds a plan per weight and setting until it chooses.
+        slim_member, slim_stages = member.for_emit(), [stage.for_emit() for stage in stages]
+        slim_labels = [np.asarray(found, dtype=np.min_scalar_type(stage.k - 1)) for found, stage in zip(labels, stages)]
 
         def emit(r: Replacement) -> str:
-            out = emit_vector_lookup(r, member, stages, labels, opset, ir_version)
+            out = emit_vector_lookup(r, slim_member, slim_stages, slim_labels, opset, ir_version)
             return out if corrections is None else lookup.emit_row_corrections(r, out, corrections)
 
         if corrections is not None:
