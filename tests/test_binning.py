@@ -317,3 +317,20 @@ def test_gmm_per_group_equals_one_by_one():
         np.testing.assert_array_equal(batch.codebook[g, :count], alone.codebook[0])
         np.testing.assert_array_equal(batch.labels[g], alone.labels[0])
         assert count <= width
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kmeans_fits_a_large_tensor_slice_by_slice_with_the_same_answer(weighted, monkeypatch):
+    """Groups are fitted a slice at a time to bound memory; every step is per group, so the
+    codebooks and labels must be those of one pass over all groups."""
+    import graphpass.binning.kmeans1d as kmeans1d
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, 96)).astype(np.float32)
+    x[5] = np.round(x[5])  # a group with fewer distinct values than entries
+    sample_weight = np.abs(rng.standard_normal((600, 1))) + 0.1 if weighted else None
+    whole = binning.kmeans(x, 8, sample_weight=sample_weight)
+    monkeypatch.setattr(kmeans1d, "_CHUNK_VALUES", 96 * 64)  # ten slices, the last one short
+    sliced = binning.kmeans(x, 8, sample_weight=sample_weight)
+    np.testing.assert_array_equal(sliced.codebook, whole.codebook)
+    np.testing.assert_array_equal(sliced.labels, whole.labels)

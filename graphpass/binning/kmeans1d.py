@@ -32,6 +32,23 @@ def kmeans(x: np.ndarray, k: int, *, sample_weight=None) -> Binning:
     ``sample_weight`` (shape of ``x``) weights each value's squared error.
     """
     data = _as_groups(x)
+    rows = max(1, _CHUNK_VALUES // data.shape[1])
+    if data.shape[0] <= rows:
+        return _kmeans_groups(data, k, sample_weight)
+    # Every step is per group, so a slice of groups at a time gives the same answer with the
+    # working set (sorted copies, prefix sums: ~45 bytes a value) of one slice.
+    weights = None if sample_weight is None else np.broadcast_to(sample_weight, data.shape)
+    parts = [_kmeans_groups(data[start:start + rows], k, None if weights is None else weights[start:start + rows])
+             for start in range(0, data.shape[0], rows)]
+    return Binning(np.concatenate([p.codebook for p in parts]), np.concatenate([p.labels for p in parts]))
+
+
+# Values per slice of groups that kmeans fits at once.
+_CHUNK_VALUES = 1 << 22
+
+
+def _kmeans_groups(data: np.ndarray, k: int, sample_weight) -> Binning:
+    """`kmeans` on `data` [groups, n] at once."""
     label_dtype = _label_dtype(k)
     sg = _sort_groups(data, sample_weight)
     codebook = np.empty((data.shape[0], k))
