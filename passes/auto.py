@@ -34,11 +34,13 @@ budget against the model it receives, so it goes before any other lossy pass.
    (the sum over weights: errors of independent weights add in these units) fits a target, by
    an exact knapsack over error steps (no greedy overshoot when one weight's steps are coarse).
 4. Check. The model with the chosen plans is built and verified with graphpass.verify at both
-   optimisation levels (above 256 MiB without constant folding, as the run verifies), against the budget less HEADROOM (later passes may reorder float
-   operations), on the fitting share and on the held-out share of the calibration inputs. A failure shrinks the target by the measured/predicted ratio (always by at least
-   one upgrade); a pass with room to spare grows it, to find a smaller model. The smallest
-   model that passed is kept. When none passes within MAX_ROUNDS builds, or when no weight can
-   be compressed within the budget at all, auto stops with BudgetError (exit 1).
+   optimisation levels (above 256 MiB without constant folding, as the run verifies), against
+   the budget less HEADROOM (later passes may reorder float operations), on the fitting share
+   and on the held-out share of the calibration inputs. A failure shrinks the target by the
+   measured/predicted ratio (always by at least one upgrade); a pass with room to spare grows
+   it, to find a smaller model. The smallest model that passed is kept. When none passes within
+   MAX_ROUNDS builds, or when no weight can be compressed within the budget at all, auto stops
+   with BudgetError (exit 1).
 
 Weights in model-local functions, and in subgraphs under names defined more than once, are
 left alone (the probe cannot feed them; see graphpass.sensitivity).
