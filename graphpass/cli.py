@@ -35,11 +35,17 @@ JOBS_HELP = ("Worker threads for the per-tensor work (fingerprints, fits, auto's
 
 # A bar appears only for steps that are still running after this long.
 PROGRESS_DELAY_SECONDS = 1.0
+# Where stderr is not a terminal (a log, CI), a line with the count at most this often.
+PROGRESS_LINE_SECONDS = 30.0
 
 
 @contextmanager
 def delayed_progress(label: str, total: int):
-    """click's progress bar on stderr, shown once a step has taken more than a second."""
+    """click's progress bar on stderr, shown once a step has taken more than a second; where
+    stderr is not a terminal, which click's bar leaves blank, a count line every half minute."""
+    if not sys.stderr.isatty():
+        yield _progress_lines(label, total)
+        return
     started = time.monotonic()
     bar = None
     done = 0
@@ -59,6 +65,22 @@ def delayed_progress(label: str, total: int):
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+
+
+def _progress_lines(label: str, total: int):
+    """An `advance` that prints `label: done/total` once the step has run PROGRESS_DELAY_SECONDS,
+    then every PROGRESS_LINE_SECONDS."""
+    next_line = time.monotonic() + PROGRESS_DELAY_SECONDS
+    done = 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal next_line, done
+        done += n
+        if time.monotonic() >= next_line:
+            next_line = time.monotonic() + PROGRESS_LINE_SECONDS
+            click.echo(f"{label}: {done}/{total}", err=True)
+
+    return advance
 
 
 def _fail(message: str, code: int) -> None:

@@ -159,3 +159,17 @@ def test_inputs_npz_and_shapes(fixture_dir, tmp_path):
     assert shaped.exit_code == 0
     bad_shape = invoke("run", fixture_dir / "transformer.onnx", "-o", out, "--shape", "input_ids=1xq")
     assert bad_shape.exit_code == 2
+
+
+def test_progress_in_a_log_is_a_count_line(fixture_dir, tmp_path, monkeypatch):
+    """Where stderr is not a terminal (CliRunner's is not), click's bar would show only its
+    label; a long step prints `label: done/total` lines instead."""
+    import graphpass.cli as cli
+
+    monkeypatch.setattr(cli, "PROGRESS_DELAY_SECONDS", 0.0)
+    monkeypatch.setattr(cli, "PROGRESS_LINE_SECONDS", 0.0)
+    result = invoke("run", fixture_dir / "albert.onnx", "-o", tmp_path / "out.onnx", "--passes", "kmeans(bits=4)")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("kmeans: sharing weight values: ")]
+    counts = [tuple(map(int, line.rsplit(" ", 1)[1].split("/"))) for line in lines]
+    assert counts and counts[-1][0] == counts[-1][1] and counts == sorted(counts)
