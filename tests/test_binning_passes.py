@@ -112,7 +112,7 @@ def test_rebuilt_weights_are_exactly_the_engines_codebook_values(fixture_dir, gr
     ("kmeans(bits=4,granularity=channel)", 21, 10, "uint4"),
     ("kmeans(bits=2,granularity=channel)", 21, 10, "base4x4/uint8"),
     ("kmeans(bits=2,granularity=channel)", 25, 11, "uint2"),
-    ("kmeans(bits=3,granularity=channel)", 17, 8, "base8x5/uint16"),
+    ("kmeans(bits=3,granularity=channel)", 17, 8, "planes(base4x4/uint8+base2x8/uint8)"),  # 3 bits, not 3.2
     ("kmeans(bits=8)", 13, 8, "uint8"),  # large ones as tuples/uint8: the same byte per index
     ("ternary(granularity=channel)", 21, 10, "base3x5/uint8"),
     ("binary(granularity=channel)", 25, 11, "base2x8/uint8"),

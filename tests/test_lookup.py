@@ -115,17 +115,27 @@ def test_layout_fallbacks():
     (4, 25, 11, "uint2", 2),
     (2, 25, 11, "base2x8/uint8", 1),
     (3, 13, 8, "base3x5/uint8", 1.6),
-    (8, 21, 10, "base8x5/uint16", 3.2),
+    (9, 21, 10, "base9x5/uint16", 3.2),
     (5, 13, 8, "base5x13/int32", 32 / 13),
-    (64, 13, 8, "base64x5/int32", 6.4),
+    # Where digits waste bits, bit planes of 1, 2, 4 and 8 bits store exactly log2(k).
+    (8, 13, 8, "planes(base4x4/uint8+base2x8/uint8)", 3),  # not 3.2 (base-8 digits in uint16)
+    (64, 13, 8, "planes(base16x2/uint8+base4x4/uint8)", 6),  # not 6.4 (base-64 digits in int32)
+    (32, 21, 10, "planes(uint4+base2x8/uint8)", 5),
+    (128, 13, 8, "planes(base16x2/uint8+base4x4/uint8+base2x8/uint8)", 7),  # not a byte
     (256, 13, 8, "uint8", 8),
-    (1000, 13, 8, "base1000x3/int32", 32 / 3),
+    (1000, 13, 8, "planes(uint8+base4x4/uint8)", 10),  # not 10.67 (base-1000 digits in int32)
     (40000, 13, 8, "uint16", 16),
 ])
 def test_choose_packing(k, opset, ir, name, bits):
     packing = lookup.choose_packing(k, opset, ir)
     assert packing.name == name
     assert packing.bits_per_index == pytest.approx(bits)
+
+
+@pytest.mark.parametrize("k", [8, 64, 1000])
+def test_whole_words_and_digits_only_leave_out_bit_planes(k):
+    assert lookup.choose_packing(k, 13, 8, planes=False).name.startswith(f"base{k}x")
+    assert isinstance(lookup.choose_packing(k, 13, 8, whole_bytes=True), lookup.Packing)
 
 
 def test_packing_needs_gather_elements():
@@ -141,7 +151,8 @@ def test_pack_unpack_roundtrip(k, opset, ir):
     packing = lookup.choose_packing(k, opset, ir)
     stored = lookup.pack_indices(indices, packing)
     assert np.array_equal(lookup.unpack_indices(stored, packing, indices.shape), indices)
-    assert numpy_helper.from_array(stored).ByteSize() < packing.stored_bytes(indices.size) + 32
+    arrays = stored if isinstance(stored, tuple) else (stored,)  # bit planes store one array each
+    assert sum(numpy_helper.from_array(a).ByteSize() for a in arrays) < packing.stored_bytes(indices.size) + 32 * len(arrays)
 
 
 # -- lookups in onnxruntime -----------------------------------------------------------------
@@ -153,10 +164,12 @@ PACKING_PATHS = [
     (4, 25, 11),  # native UINT2
     (2, 21, 10),  # bits in uint8
     (3, 13, 8),  # base-3 digits, 5 per byte
-    (8, 17, 8),  # base-8 digits, 5 per uint16
-    (64, 17, 8),  # base-64 digits, 5 per int32
+    (9, 17, 8),  # base-9 digits, 5 per uint16
+    (5, 13, 8),  # base-5 digits, 13 per int32
+    (64, 17, 8),  # bit planes of 4 and 2 bits, digits in uint8
+    (32, 21, 10),  # bit planes of 4 (native UINT4) and 1 bits
     (256, 13, 8),  # plain uint8
-    (300, 13, 8),  # base-300 digits, 3 per int32
+    (300, 13, 8),  # bit planes of 8 (uint8) and 1 bits
     (2000, 13, 8),  # plain uint16 (base-2000 digits would take 16 bits each too)
 ]
 
