@@ -729,7 +729,7 @@ class CodebookPass(Pass):
         """Indices, scales and (unless shared) tables, before fitting: k as asked, or fewer
         when the weight has fewer sub-vectors."""
         k = min(self.config["k"], layout.count)
-        index_bytes = lookup.choose_packing(k, opset, ir_version).stored_bytes(layout.count)
+        index_bytes = lookup.choose_packing(k, opset, ir_version, count=layout.count).stored_bytes(layout.count)
         table_bytes = stored_bytes(self._table_type(weight), (k, layout.dim)) if own_table else 0
         scale_bytes = 0
         if self.config["scale"] != "none":
@@ -845,7 +845,8 @@ class CodebookPass(Pass):
         if corrections is not None:
             reconstruction = corrections.corrected(reconstruction)
         cost = dry_run(weight, emit)
-        packing = "+".join(lookup.choose_packing(s.k, opset, ir_version).name for s in stages)
+        packing = "+".join(lookup.choose_packing(s.k, opset, ir_version, count=member.layout.count).name
+                           for s in stages)
         details = self._tensor_details(member, stages, labels, reconstruction, cost, packing)
         if corrections is not None:
             details["corrected_rows"] = len(corrections.ids)
