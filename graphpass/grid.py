@@ -89,10 +89,13 @@ def _bits(config: dict[str, Any]) -> list[int]:
 def densest_k(bits: int, opset: int, ir_version: int) -> int:
     """The most codebook entries whose indices pack as tightly as 2**bits entries: below opset 21
     indices are base-k digits in words, and k=21 costs the same 4.57 bits as k=16 (35 vs 32,
-    73 vs 64): extra levels for free."""
-    cost = lookup.choose_packing(2**bits, opset, ir_version).bits_per_index
+    73 vs 64): extra levels for free. Counted in digits: bit planes (exactly `bits` bits) pay
+    only on weights large enough, and a large per-tensor codebook stores tuples or bytes anyway
+    (graphpass.lowering.row_storage)."""
+    cost = lookup.choose_packing(2**bits, opset, ir_version, planes=False).bits_per_index
     k = 2**bits
-    while k < 2 ** (bits + 1) and lookup.choose_packing(k + 1, opset, ir_version).bits_per_index <= cost:
+    while k < 2 ** (bits + 1) and \
+            lookup.choose_packing(k + 1, opset, ir_version, planes=False).bits_per_index <= cost:
         k += 1
     return k
 

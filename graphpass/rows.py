@@ -98,7 +98,7 @@ def shared_row_tables(ctx: PassContext, tol: float) -> list[SharedRows]:
     candidates = [w for w in model.weights() if _may_repeat(w)]
     with ctx.progress("finding shared rows", sum(len(row_views(w)) for w in candidates)) as advance:
         return find_shared_rows(candidates, tol,
-                                lambda k, count: choose_packing(k, opset, ir_version).stored_bytes(count), advance)
+                                lambda k, count: choose_packing(k, opset, ir_version, count=count).stored_bytes(count), advance)
 
 
 def _may_repeat(weight: WeightRef) -> bool:

@@ -264,7 +264,7 @@ class BinningPass(Pass):
         table = itemsize * layout.groups * k
         if lookup.per_row_codebooks(layout):
             return lookup.row_digits_bytes(k, layout, opset, ir_version) + table
-        packing = lookup.choose_packing(k, opset, ir_version)
+        packing = lookup.choose_packing(k, opset, ir_version, count=weight.size)
         return packing.stored_bytes(weight.size) + itemsize * layout.groups * k
 
     def _table_type(self, weight: WeightRef) -> int:

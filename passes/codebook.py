@@ -521,7 +521,9 @@ def _row_packing(member: Member, stages: list[Stage], opset: int, ir_version: in
         return None
     if member.scale is not None and member.scale_axis != 0:
         return None
-    flat = lookup.choose_packing(stages[0].k, opset, ir_version)
+    # Against digits, as before bit planes: a table read by row Gathers keeps rows that decode
+    # alone (the runtime never rebuilds it) though planes would store its indices 6% tighter.
+    flat = lookup.choose_packing(stages[0].k, opset, ir_version, planes=False)
     rows = lookup.choose_packing(stages[0].k, opset, ir_version, whole_bytes=True)
     if rows.native and rows.dtype not in (np.uint8, np.uint16):
         return None
@@ -740,7 +742,7 @@ class CodebookPass(Pass):
         """Indices, scales and (unless shared) tables, before fitting: k as asked, or fewer
         when the weight has fewer sub-vectors."""
         k = min(self.config["k"], layout.count)
-        index_bytes = lookup.choose_packing(k, opset, ir_version).stored_bytes(layout.count)
+        index_bytes = lookup.choose_packing(k, opset, ir_version, count=layout.count).stored_bytes(layout.count)
         table_bytes = stored_bytes(self._table_type(weight), (k, layout.dim)) if own_table else 0
         scale_bytes = 0
         if self.config["scale"] != "none":
@@ -860,7 +862,8 @@ class CodebookPass(Pass):
         if corrections is not None:
             reconstruction = corrections.corrected(reconstruction)
         cost = dry_run(weight, emit)
-        packing = "+".join(lookup.choose_packing(s.k, opset, ir_version).name for s in stages)
+        packing = "+".join(lookup.choose_packing(s.k, opset, ir_version, count=member.layout.count).name
+                           for s in stages)
         details = self._tensor_details(member, stages, labels, reconstruction, cost, packing)
         if corrections is not None:
             details["corrected_rows"] = len(corrections.ids)

@@ -112,7 +112,9 @@ def test_rebuilt_weights_are_exactly_the_engines_codebook_values(fixture_dir, gr
     ("kmeans(bits=4,granularity=channel)", 21, 10, "uint4"),
     ("kmeans(bits=2,granularity=channel)", 21, 10, "base4x4/uint8"),
     ("kmeans(bits=2,granularity=channel)", 25, 11, "uint2"),
-    ("kmeans(bits=3,granularity=channel)", 17, 8, "base8x5/uint16"),
+    # The large weight's 3-bit indices as bit planes (3 bits), the small ones' as digits (3.2 bits):
+    # there planes would save less than their nodes cost.
+    ("kmeans(bits=3,granularity=channel)", 17, 8, ("planes(base4x4/uint8+base2x8/uint8)", "base8x5/uint16")),
     ("kmeans(bits=8)", 13, 8, "uint8"),  # large ones as tuples/uint8: the same byte per index
     ("ternary(granularity=channel)", 21, 10, "base3x5/uint8"),
     ("binary(granularity=channel)", 25, 11, "base2x8/uint8"),
@@ -123,7 +125,7 @@ def test_packing_follows_the_opset_and_never_raises_it(fixture_dir, pass_spec, o
     assert result.passed
     packings = pass_stats(result)["details"]["packings"]
     assert sum(packings.values()) == 3
-    assert set(packings) - {"tuples/uint8"} == {packing}
+    assert set(packings) - {"tuples/uint8"} == ({packing} if isinstance(packing, str) else set(packing))
     assert result.model.opset_import[0].version == opset and result.model.ir_version == ir
 
 

@@ -115,17 +115,27 @@ def test_layout_fallbacks():
     (4, 25, 11, "uint2", 2),
     (2, 25, 11, "base2x8/uint8", 1),
     (3, 13, 8, "base3x5/uint8", 1.6),
-    (8, 21, 10, "base8x5/uint16", 3.2),
+    (9, 21, 10, "base9x5/uint16", 3.2),
     (5, 13, 8, "base5x13/int32", 32 / 13),
-    (64, 13, 8, "base64x5/int32", 6.4),
+    # Where digits waste bits, bit planes of 1, 2, 4 and 8 bits store exactly log2(k).
+    (8, 13, 8, "planes(base4x4/uint8+base2x8/uint8)", 3),  # not 3.2 (base-8 digits in uint16)
+    (64, 13, 8, "planes(base16x2/uint8+base4x4/uint8)", 6),  # not 6.4 (base-64 digits in int32)
+    (32, 21, 10, "planes(uint4+base2x8/uint8)", 5),
+    (128, 13, 8, "planes(base16x2/uint8+base4x4/uint8+base2x8/uint8)", 7),  # not a byte
     (256, 13, 8, "uint8", 8),
-    (1000, 13, 8, "base1000x3/int32", 32 / 3),
+    (1000, 13, 8, "planes(uint8+base4x4/uint8)", 10),  # not 10.67 (base-1000 digits in int32)
     (40000, 13, 8, "uint16", 16),
 ])
 def test_choose_packing(k, opset, ir, name, bits):
     packing = lookup.choose_packing(k, opset, ir)
     assert packing.name == name
     assert packing.bits_per_index == pytest.approx(bits)
+
+
+@pytest.mark.parametrize("k", [8, 64, 1000])
+def test_whole_words_and_digits_only_leave_out_bit_planes(k):
+    assert lookup.choose_packing(k, 13, 8, planes=False).name.startswith(f"base{k}x")
+    assert isinstance(lookup.choose_packing(k, 13, 8, whole_bytes=True), lookup.Packing)
 
 
 def test_packing_needs_gather_elements():
@@ -141,7 +151,8 @@ def test_pack_unpack_roundtrip(k, opset, ir):
     packing = lookup.choose_packing(k, opset, ir)
     stored = lookup.pack_indices(indices, packing)
     assert np.array_equal(lookup.unpack_indices(stored, packing, indices.shape), indices)
-    assert numpy_helper.from_array(stored).ByteSize() < packing.stored_bytes(indices.size) + 32
+    arrays = stored if isinstance(stored, tuple) else (stored,)  # bit planes store one array each
+    assert sum(numpy_helper.from_array(a).ByteSize() for a in arrays) < packing.stored_bytes(indices.size) + 32 * len(arrays)
 
 
 # -- lookups in onnxruntime -----------------------------------------------------------------
@@ -153,8 +164,9 @@ PACKING_PATHS = [
     (4, 25, 11),  # native UINT2
     (2, 21, 10),  # bits in uint8
     (3, 13, 8),  # base-3 digits, 5 per byte
-    (8, 17, 8),  # base-8 digits, 5 per uint16
-    (64, 17, 8),  # base-64 digits, 5 per int32
+    (9, 17, 8),  # base-9 digits, 5 per uint16
+    (5, 13, 8),  # base-5 digits, 13 per int32
+    (64, 17, 8),  # base-64 digits, 5 per int32 (on weights this small, bit planes save too little)
     (256, 13, 8),  # plain uint8
     (300, 13, 8),  # base-300 digits, 3 per int32
     (2000, 13, 8),  # plain uint16 (base-2000 digits would take 16 bits each too)
@@ -176,7 +188,38 @@ def test_lookup_rebuilds_codebook_values_exactly(k, opset, ir, granularity):
         if lookup.per_row_codebooks(layout):  # packed within rows, whole bytes, for row Gathers
             assert cost.index_bytes == lookup.row_digits_bytes(k, layout, opset, ir)
         else:
-            assert cost.index_bytes == lookup.choose_packing(k, opset, ir).stored_bytes(values.size)
+            assert cost.index_bytes == lookup.choose_packing(k, opset, ir, count=values.size).stored_bytes(values.size)
+
+
+# Bit planes on weights whose saving outweighs the planes' nodes: (k, opset, IR, planes).
+PLANE_PATHS = [
+    (64, 13, 8, 2),  # 4 + 2 bits, digits in uint8, Div/Mod on int32
+    (32, 21, 10, 2),  # 4 bits as native UINT4, + 1 bit
+    (128, 17, 8, 3),  # 4 + 2 + 1 bits
+    (1024, 13, 8, 2),  # 8 bits as plain uint8, + 2 bits
+]
+
+
+@pytest.mark.parametrize("k,opset,ir,planes", PLANE_PATHS)
+@pytest.mark.parametrize("granularity", ["channel", "group"])  # one large per-tensor codebook stores tuples
+def test_bit_planes_rebuild_exactly_in_log2_k_bits(k, opset, ir, planes, granularity):
+    rng = np.random.default_rng(k)
+    shape = (8, 128, 5, 5)  # a Conv filter: 25600 indices, where planes save 1.3 KB or more
+    layout = layout_of(shape, 0, granularity, group_size=640)
+    codebook, labels = random_binning(layout, k, rng)
+    model, cost = replaced(np.zeros(shape, np.float32), opset, ir, lambda r: lookup.emit_lookup(
+        r, codebook, labels, layout, opset=opset, ir_version=ir))
+    assert model.opset_import[0].version == opset  # never raised
+    assert_rebuilds(model, expected_weight(layout, codebook, labels))
+    packing = lookup.choose_packing(k, opset, ir, count=labels.size)
+    assert isinstance(packing, lookup.Planes) and len(packing.parts) == planes
+    assert cost.index_bytes == packing.stored_bytes(labels.size) == -(-labels.size * int(np.log2(k)) // 8)
+
+
+def test_bit_planes_only_where_they_save_more_than_their_nodes():
+    saving = 1024 * 8 / 0.4  # 6-bit indices: 0.4 bits per index less than base-64 digits
+    assert isinstance(lookup.choose_packing(64, 13, 8, count=int(saving * 1.1)), lookup.Planes)
+    assert not isinstance(lookup.choose_packing(64, 13, 8, count=int(saving * 0.9)), lookup.Planes)
 
 
 def test_opset_13_lookup_unpacks_with_integer_arithmetic():

@@ -86,7 +86,7 @@ def storage_name(k: int, layout: Layout, stored_dtype: int, opset: int, ir_versi
         return storage.name
     if per_row_codebooks(layout):
         return "rows/" + choose_packing(k, opset, ir_version, whole_bytes=True).name
-    return choose_packing(k, opset, ir_version).name
+    return choose_packing(k, opset, ir_version, count=element_count(layout.shape)).name
 
 
 def per_row_codebooks(layout: Layout) -> bool:
