@@ -219,14 +219,23 @@ def _nearest(points: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 def input_axis(weight: WeightRef) -> int:
     """Where a weight's inputs run: 0 for MatMul's B [K, N] and Gemm's B, 1 (every axis after the
-    first) for Gemm's B with transB=1 ([N, K]) and Conv's filters [C_out, C_in, *kernel]."""
-    for node, index in weight.reader_nodes():
+    first) for Gemm's B with transB=1 ([N, K]) and Conv's filters [C_out, C_in, *kernel]. An
+    embedding table [rows, K] that only Gathers read on axis 0 takes 1: its rows are the rows,
+    and its Hessian is over the row's columns (graphpass.table_sensitivity)."""
+    readers = list(weight.reader_nodes())
+    for node, index in readers:
         if node.op_type == "Conv" and index == 1:
             return 1
         if node.op_type == "Gemm" and index == 1:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             return 1 if attrs.get("transB", 0) else 0
+    if readers and all(node.op_type == "Gather" and index == 0 and _axis(node) == 0 for node, index in readers):
+        return 1
     return 0
+
+
+def _axis(node) -> int:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
 
 
 def as_rows(array: np.ndarray, axis: int) -> np.ndarray:

@@ -67,6 +67,19 @@ class Setting:
     def row_local(self, weight: WeightRef) -> bool:
         return self.codec.row_local(weight)
 
+    @property
+    def for_tables(self) -> bool:
+        """A refinement for embedding tables (hot rows, or a rung only Gather tables get)."""
+        options = dict(self.options)
+        return bool(options.get("hot_rows")) or options.get("include") == "Gather"
+
+    def with_feedback(self) -> Setting | None:
+        """The same setting with error feedback, or None when its codec has none (or it has it)."""
+        if "feedback" not in {o.name for o in self.codec.options} or dict(self.options).get("feedback"):
+            return None
+        options = (*self.options, ("feedback", True))
+        return Setting(self.method, options, type(self.codec)(**{**self.codec.config, "feedback": True}))
+
 
 def index_bits(config: dict[str, Any]) -> float:
     """Index bits per weight a codec's options imply: `bits`, or log2(k)/dim for vector codebooks

@@ -73,6 +73,7 @@ from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
 from graphpass.scopes import all_value_and_node_names
+from graphpass.table_sensitivity import table_sensitivity, wants_sensitivity
 from graphpass.sensitivity import (
     ErrorMeter, Measurement, Probe, conv_input_covariance, gathered_row_counts, hoist_reason,
     input_channel_energy, input_covariance, row_subset, verified_units, with_outputs,
@@ -308,6 +309,9 @@ class Calibration:
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
     # The probe and meter on the held-out share, for settings that learn from the fitting one.
     unseen: tuple[Probe, ErrorMeter] | None = None
+    # Embedding tables whose entry in `hessians` is their outputs' sensitivity (table_sensitivity):
+    # their table settings take error feedback through it.
+    sensed_tables: set[str] = field(default_factory=set)
 
     def measure(self, weight: WeightRef, values: np.ndarray, learnt: bool) -> Measurement:
         """The error of `weight` alone replaced by `values`, on the fitting share. A setting that
@@ -424,13 +428,32 @@ class AutoPass(Pass):
             hessians = {**input_covariance(ctx.model, weights, inputs),
                         **conv_input_covariance(ctx.model, weights, inputs)}
         meter = self._meter(ctx, probe)
+        row_counts = gathered_row_counts(ctx.model, weights, inputs)
+        tables = self._table_hessians(ctx, weights, probe, meter, row_counts)
+        hessians.update(tables)
         unseen = None
-        if needs_hessians and split.held_out is not None:
+        if (needs_hessians or tables) and split.held_out is not None:
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
-        return Calibration(probe, meter, self._value_weights(ctx, weights, inputs),
-                           gathered_row_counts(ctx.model, weights, inputs), FLOOR_SHARE / len(weights), hessians,
-                           unseen)
+        return Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
+                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables))
+
+    def _table_hessians(self, ctx: PassContext, weights: list[WeightRef], probe: Probe, meter: ErrorMeter,
+                        row_counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """G (graphpass.table_sensitivity) of each embedding table worth measuring, when the grid
+        has table settings that can use it: those settings then feed back through it."""
+        settings = candidate_settings(self.config, ctx.model, ctx.deployment)
+        if not any(s.for_tables and s.with_feedback() for s in settings):
+            return {}
+        tables = [w for w in weights if w.name in row_counts and row_counts[w.name].any() and wants_sensitivity(w)]
+        found = {}
+        with ctx.progress("auto: measuring embedding tables' sensitivity", len(tables)) as advance:
+            for table in tables:
+                found[table.name] = table_sensitivity(probe, table, np.flatnonzero(row_counts[table.name]),
+                                                      ctx.budget.min_cosine is not None, meter.batch_axes,
+                                                      ctx.workers)
+                advance(1)
+        return found
 
     @staticmethod
     def _meter(ctx: PassContext, probe: Probe) -> ErrorMeter:
@@ -464,6 +487,8 @@ class AutoPass(Pass):
         """Settings from cheapest to dearest, each measured alone, until one is below the floor."""
         weight = study.weight
         study.points.append(Point(KEPT, weight.nbytes, None))
+        if weight.name in calibration.sensed_tables:  # table settings feed back through its G instead
+            settings = [(s.with_feedback() or s) if s.for_tables else s for s in settings]
         # At equal bytes feedback first: where it applies it is the likelier to reach the floor.
         ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), not uses_feedback(s), s.label))
         seen = set()
