@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphpass
 from graphpass.edit import Model
-from graphpass.feedback import input_axis
+from graphpass.feedback import SHRINK, TABLE_SHRINK, input_axis, shrink_for
 from graphpass.manager import PassContext, parse_spec
 from graphpass.parallel import Workers
 from graphpass.sensitivity import Probe
@@ -83,6 +83,8 @@ def test_a_table_read_only_by_gathers_takes_its_columns_as_inputs():
     assert input_axis(weights["E"]) == 1  # rows are the table's rows, G is over its columns
     assert input_axis(weights["M"]) == 0  # a MatMul's B as before
     assert wants_sensitivity(weights["E"]) and not wants_sensitivity(weights["M"])
+    # G is measured over every row and output feature: feedback takes it unshrunk.
+    assert shrink_for(weights["E"]) == TABLE_SHRINK != SHRINK == shrink_for(weights["M"])
 
 
 def output_error(proto: onnx.ModelProto, table: np.ndarray, ids: np.ndarray) -> float:
