@@ -142,3 +142,23 @@ def test_auto_feeds_back_through_a_tables_sensitivity_and_meets_the_budget(tmp_p
     got = ort.InferenceSession(str(target)).run(None, unseen)[0]
     cosine = np.sum(reference * got, axis=1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(got, axis=1)
     assert cosine.min() > 0.95  # unseen rows are coded like the seen ones: near the budget too
+
+
+def test_outputs_wider_than_the_sketch_keep_the_sensitivity():
+    """An output of 3000 features per sample is seen through PROJECTED_WIDTH buckets: G stays
+    near its closed form B M M^T (the sketch keeps inner products on average, so each entry is
+    off by about |m_i| |m_j| / sqrt(buckets))."""
+    rng = np.random.default_rng(4)
+    m = rng.standard_normal((WIDTH, 3000)) / 50
+    table = rng.standard_normal((ROWS, WIDTH)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["rows"], axis=0),
+                               helper.make_node("MatMul", ["rows", "M"], ["y3"]),
+                               helper.make_node("ReduceMean", ["y3"], ["y"], axes=[1], keepdims=0)], "wide",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3000])],
+                              [numpy_helper.from_array(table, "E"), numpy_helper.from_array(m.astype(np.float32), "M")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ids = np.arange(0, 30 * 11, 11, dtype=np.int64)[:, None]
+    found, expected = measured_g(proto, ids, cosine=False), len(ids) * m @ m.T
+    np.testing.assert_allclose(np.diag(found), np.diag(expected), rtol=0.1)
+    assert np.linalg.norm(found - expected) < 0.2 * np.linalg.norm(expected)
