@@ -7,7 +7,9 @@ paraphrase-MiniLM-L3-v2's 30522 x 384 word embedding is two thirds of what auto 
 --min-cosine 0.99. Each setting here compresses that table alone (every other weight exact),
 planned by the codec as auto plans it, with hot rows counted on the 32 calibration sentences;
 the figures are the worst of the 32 test (and calibration) sentences' embedding cosine in
-onnxruntime, and the table's stored bytes. Prints a table; asserts nothing.
+onnxruntime, and the table's stored bytes. Settings with feedback=true assign through the
+table's output sensitivity G (graphpass.table_sensitivity), measured once on the calibration
+sentences, as auto does on its fitting share. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from onnx import numpy_helper
 import graphpass  # noqa: F401  (registers the passes)
 from graphpass.edit import Model
 from graphpass.manager import PassContext, parse_spec
-from graphpass.sensitivity import gathered_row_counts
+from graphpass.parallel import Workers
+from graphpass.sensitivity import Probe, gathered_row_counts
+from graphpass.table_sensitivity import table_sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # for `fixtures`; appended, so the installed graphpass wins
@@ -34,7 +38,8 @@ from fixtures import real_models  # noqa: E402
 
 TABLE = "model.0.auto_model.embeddings.word_embeddings.weight"
 CODEBOOKS = ((4, 256), (2, 64), (3, 1024), (2, 256), (2, 1024))  # (dim, k): 2.1 to 5.4 bits per weight
-SPECS = [f"codebook(dim={d},k={k},scale=channel{hot})" for d, k in CODEBOOKS for hot in ("", ",hot_rows=2")] \
+SPECS = [f"codebook(dim={d},k={k},scale=channel{hot})" for d, k in CODEBOOKS
+         for hot in ("", ",hot_rows=2", ",hot_rows=2,feedback=true")] \
     + [f"kmeans(bits={b},granularity=channel,codebook_dtype=float16)" for b in (4, 5)]
 
 
@@ -65,12 +70,19 @@ def main(argv=None) -> int:
         finally:
             initializer.CopyFrom(numpy_helper.from_array(original, TABLE))
 
+    sensitivity = None
+    if "feedback=true" in args.specs:
+        probe = Probe(model, [table], calibration, [EMBEDDING])
+        sensitivity = table_sensitivity(probe, table, np.flatnonzero(counts), True, {EMBEDDING: 0}, Workers(2))
     reference = session(original)
     references = [reference.run([EMBEDDING], feeds)[0] for feeds in (test, calibration)]
     print(f"{'setting (word embedding only)':<64} {'table':>9} {'bits/w':>6} {'test':>8} {'calib':>8}")
     for spec in args.specs.split(";"):
         (codec,) = parse_spec(spec)
-        plan = codec.plan(PassContext(model), table, **({"row_counts": counts} if "hot_rows" in spec else {}))
+        extra = {"row_counts": counts} if "hot_rows" in spec else {}
+        if "feedback=true" in spec:
+            extra["hessian"] = sensitivity
+        plan = codec.plan(PassContext(model, calibration_inputs=calibration), table, **extra)
         candidate = session(plan.reconstruction)
         test_cos, calib_cos = (worst_cosine(candidate, r, f) for r, f in zip(references, (test, calibration)))
         print(f"{spec:<64} {plan.stored_bytes / 1e6:>7.2f}MB {8 * plan.stored_bytes / original.size:>6.2f} "

@@ -51,6 +51,7 @@ from graphpass.lowering.lookup import Layout, Outliers
 from graphpass.errors import UsageError
 from graphpass.feedback import (
     NO_INPUTS, FeedbackStatistics, InputHessians, feedback_note, input_axis, relative_energy, scalar_labels,
+    shrink_for,
 )
 from graphpass.manager import Option, Pass, PassContext, PassResult, register, registered_passes
 from graphpass.scopes import NameAllocator
@@ -344,7 +345,7 @@ class BinningPass(Pass):
         exact = None if job.outlier_mask is None else layout.merge(job.outlier_mask).reshape(shape)
         original = layout.merge(job.original).reshape(shape)
         labels, note = scalar_labels(original, groups, self._stored_values(job.weight, found.codebook), job.hessian,
-                                     input_axis(job.weight), exact)
+                                     input_axis(job.weight), exact, shrink_for(job.weight))
         labels = layout.split(labels).astype(found.labels.dtype)
         return binning.Binning(found.codebook, labels), note or "applied"
 

@@ -102,7 +102,7 @@ from graphpass.codec import (
 )
 from graphpass.feedback import (
     NO_INPUTS, FeedbackStatistics, InputHessians, RowCounts, as_rows, feedback_note, from_rows, input_axis,
-    vector_labels,
+    shrink_for, vector_labels,
 )
 from graphpass.lowering.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
@@ -837,7 +837,8 @@ class CodebookPass(Pass):
         scale = np.ones(weight.shape) if member.scale is None else np.broadcast_to(member.scale, weight.shape)
         per_row, note = vector_labels(as_rows(np.asarray(member.original, np.float64), axis),
                                       as_rows(scale.astype(np.float64), axis)[:, 0],
-                                      [s.values.astype(np.float64) for s in stages], hessian)
+                                      [s.values.astype(np.float64) for s in stages], hessian,
+                                      shrink_for(weight))
         labels = []
         for rows in per_row:  # [N, blocks] -> one label per value -> per sub-vector, in index order
             values = np.repeat(rows, layout.dim, axis=1)[:, : layout.length]
