@@ -79,11 +79,11 @@ from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
 from graphpass.scopes import all_value_and_node_names
-from graphpass.table_sensitivity import table_sensitivity, wants_sensitivity
 from graphpass.sensitivity import (
     ErrorMeter, Measurement, Probe, conv_input_covariance, gathered_row_counts, hoist_reason,
     input_channel_energy, input_covariance, row_subset, verified_units, with_outputs,
 )
+from graphpass.table_sensitivity import table_sensitivity, wants_sensitivity
 from graphpass.weights import WeightRef
 
 # A weight whose error alone is below this share of the budget, divided by the number of
