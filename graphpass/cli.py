@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -170,6 +172,19 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     # onnx-graphsurgeon warns at length on models whose branches reuse node names.
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+    if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+# What a shell reports for a process ended by SIGTERM.
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    """Stop as Ctrl-C does, through every cleanup: by default SIGTERM ends Python on the spot
+    and left a run's hidden staging folder (up to the output's size) beside the output."""
+    click.echo("graphpass: stopped by SIGTERM", err=True)
+    sys.exit(SIGTERM_EXIT)
 
 
 @main.command()

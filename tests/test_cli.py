@@ -173,3 +173,27 @@ def test_progress_in_a_log_is_a_count_line(fixture_dir, tmp_path, monkeypatch):
     lines = [line for line in result.output.splitlines() if line.startswith("kmeans: sharing weight values: ")]
     counts = [tuple(map(int, line.rsplit(" ", 1)[1].split("/"))) for line in lines]
     assert counts and counts[-1][0] == counts[-1][1] and counts == sorted(counts)
+
+
+def test_sigterm_stops_a_run_and_removes_its_staging_folder(fixture_dir, tmp_path):
+    """A run killed with SIGTERM (a scheduler's stop, `kill`) goes through its cleanups as with
+    Ctrl-C: no hidden staging folder and no output left. The run is held inside the pipeline
+    (a sleep before the passes) so the signal lands while the staging folder exists."""
+    import signal
+    import time
+
+    held = ("import sys, time; import graphpass.api as api; compile_ = api._compile; "
+            "api._compile = lambda *a, **k: (time.sleep(60), compile_(*a, **k))[1]; "
+            "from graphpass.cli import main; sys.argv[0] = 'graphpass'; main()")
+    out = tmp_path / "out.onnx"
+    run = subprocess.Popen([sys.executable, "-c", held, "run", str(fixture_dir / "albert.onnx"), "-o", str(out),
+                            "--passes", "tie", "--no-cost"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".graphpass-*")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".graphpass-*")), "the run never staged its output"
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in stderr
+    assert not list(tmp_path.iterdir())
