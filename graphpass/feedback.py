@@ -237,14 +237,13 @@ def input_axis(weight: WeightRef) -> int:
     first) for Gemm's B with transB=1 ([N, K]) and Conv's filters [C_out, C_in, *kernel]. An
     embedding table [rows, K] that only Gathers read on axis 0 takes 1: its rows are the rows,
     and its Hessian is over the row's columns (graphpass.table_sensitivity)."""
-    readers = list(weight.reader_nodes())
-    for node, index in readers:
+    for node, index in weight.reader_nodes():
         if node.op_type == "Conv" and index == 1:
             return 1
         if node.op_type == "Gemm" and index == 1:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             return 1 if attrs.get("transB", 0) else 0
-    if _read_by_gathers(weight):
+    if weight.read_by_row_gathers():
         return 1
     return 0
 
@@ -252,17 +251,7 @@ def input_axis(weight: WeightRef) -> int:
 def shrink_for(weight: WeightRef) -> float:
     """How far a weight's H is shrunk: TABLE_SHRINK for an embedding table read by Gathers
     alone (its H is its outputs' sensitivity), SHRINK for the inputs' second moment."""
-    return TABLE_SHRINK if _read_by_gathers(weight) else SHRINK
-
-
-def _read_by_gathers(weight: WeightRef) -> bool:
-    readers = list(weight.reader_nodes())
-    return bool(readers) and all(node.op_type == "Gather" and index == 0 and _axis(node) == 0
-                                 for node, index in readers)
-
-
-def _axis(node) -> int:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    return TABLE_SHRINK if weight.read_by_row_gathers() else SHRINK
 
 
 def as_rows(array: np.ndarray, axis: int) -> np.ndarray:

@@ -112,6 +112,15 @@ class WeightRef:
                 if name == self.name:
                     yield node, index
 
+    def read_by_row_gathers(self) -> bool:
+        """Whether only Gathers on axis 0 read this weight, as they read an embedding table: each
+        reader picks whole rows."""
+        readers = list(self.reader_nodes())
+        return bool(readers) and all(
+            node.op_type == "Gather" and index == 0
+            and next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) == 0
+            for node, index in readers)
+
     def read(self) -> np.ndarray:
         """The weight's value as numpy (float16 stays float16; bfloat16 comes back as ml_dtypes).
 

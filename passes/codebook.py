@@ -991,11 +991,7 @@ def corrects_rows(weight: WeightRef) -> bool:
     """Whether hot_rows applies: a 2-D float table that only row Gathers read (an embedding)."""
     if len(weight.shape) != 2 or weight.dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
         return False
-    readers = list(weight.reader_nodes())
-    return bool(readers) and all(
-        node.op_type == "Gather" and index == 0
-        and next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) == 0
-        for node, index in readers)
+    return weight.read_by_row_gathers()
 
 
 def hot_rows(counts: np.ndarray, min_count: int) -> np.ndarray:
