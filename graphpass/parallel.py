@@ -122,9 +122,15 @@ def _mark_busy() -> None:
 
 def _in_order(submit: Callable[..., Any], task: Callable, items: Iterable, ahead: int) -> Iterator:
     pending: deque = deque()
-    for item in items:
-        pending.append(submit(task, item))
-        if len(pending) > ahead:
+    try:
+        for item in items:
+            pending.append(submit(task, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:
+        # Stopped early (an error, Ctrl-C, SIGTERM): tasks not yet started never start. Else the
+        # pool's exit ran all of them first; one auto study is minutes on a large model.
+        for future in pending:
+            future.cancel()

@@ -93,3 +93,21 @@ def test_a_task_that_maps_again_runs_its_tasks_itself():
 
     for outer, inner in workers.map(inner_threads, range(2)):
         assert inner == {outer}
+
+
+def test_tasks_not_yet_started_never_start_once_the_caller_stops():
+    """Ctrl-C or SIGTERM in the caller ends the map: the tasks submitted ahead must not all run
+    first (one of auto's is a whole weight's study, minutes on a large model)."""
+    release, started = threading.Event(), []
+
+    def task(item: int) -> int:
+        started.append(item)
+        if item:  # both workers hold items 1 and 2 while 3 to 5 wait in the queue
+            release.wait(5)
+        return item
+
+    results = Workers(jobs=2).map(task, range(20))
+    assert next(results) == 0
+    threading.Timer(0.5, release.set).start()
+    results.close()  # the caller stops here, as an exception in its loop would
+    assert sorted(started) == [0, 1, 2]
