@@ -136,6 +136,14 @@ class Measurement:
     cosine: dict[str, float]
     max_abs_error: dict[str, float]
 
+    def scaled(self, ratio: float) -> Measurement:
+        """The measurement of an error `ratio` times as large in squared terms (a prediction,
+        graphpass.sampling): units and 1 - cosine scale by it, max abs errors by its root."""
+        root = math.sqrt(ratio)
+        return Measurement(self.units * ratio, {k: v * ratio for k, v in self.per_output.items()},
+                           {k: 1.0 - (1.0 - v) * ratio for k, v in self.cosine.items()},
+                           {k: v * root for k, v in self.max_abs_error.items()})
+
     def to_dict(self) -> dict:
         return {
             "units": _finite(self.units),

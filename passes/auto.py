@@ -33,6 +33,12 @@ budget against the model it receives, so it goes before any other lossy pass.
    too and counts the worse: on its own samples its error looks smaller than it is.
    With aware=true, k-means weights each value's squared error by the energy of the
    activation channel it multiplies (MatMul and Gemm weights of the main graph).
+   Above PREDICT_ABOVE_BYTES of weights (predict=auto), where a model run takes seconds and a
+   fit over millions of values as long, a large weight's settings are fitted on a sample of its
+   output channels instead; the one of median proxy error is measured with those channels in
+   place, scaled to the whole weight, and the others' errors are predicted from it
+   (graphpass.sampling; the report marks them). The whole weight is fitted for a setting only
+   when an allocation chooses it.
 3. Allocation. Each weight's measured settings and "kept as is" (bytes, error) are reduced to
    their Pareto front; one point per weight is chosen for the fewest bytes whose predicted error
    (the sum over weights: errors of independent weights add in these units) fits a target, by
@@ -71,13 +77,14 @@ from graphpass.budget import Budget
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
-from graphpass.feedback import input_energy_weight, relative_energy
+from graphpass.feedback import input_axis, input_energy_weight, relative_energy
 from graphpass.grid import Setting, candidate_settings, uses_feedback
 from graphpass.holdout import Split, split_inputs
 from graphpass.inputs import synthesize_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.model import save_model
+from graphpass.sampling import ChannelSample, channel_sample, proxy_error
 from graphpass.scopes import all_value_and_node_names
 from graphpass.sensitivity import (
     ErrorMeter, Measurement, Probe, conv_input_covariance, gathered_row_counts, hoist_reason,
@@ -93,6 +100,10 @@ FLOOR_SHARE = 0.25
 # reorder float operations, and the run's final verification must still pass.
 HEADROOM = 0.98
 MAX_ROUNDS = 6  # models built and verified
+# Above this many bytes of candidate weights, large weights' settings are predicted, not each
+# measured (graphpass.sampling): on the 1.1 B decoder one model run takes 2 s, and ~3,000 of them
+# after fits of up to 18 s each took hours.
+PREDICT_ABOVE_BYTES = 256 << 20
 MAX_STEPS = 4 * MAX_ROUNDS  # targets tried, counting allocations recalled from an earlier build
 # A passing model using less than this share of the budget is worth a bolder try. On the BERT at
 # --min-cosine 0.99 the first build used 0.83 of it: at 0.7 auto stopped there (9.06 MB); at 0.9
@@ -117,10 +128,11 @@ class Point:
     plan: Plan | None = None  # None: kept as is, released (off the front) or not fitted yet (see Trial)
     seconds: float = 0.0  # planning and measuring it
     setting: Setting | None = None
+    predicted: bool = False  # its error predicted from another setting's (graphpass.sampling), not measured
 
     def to_dict(self) -> dict[str, Any]:
         return {"setting": self.label, "bytes": self.bytes, "error_units": _finite(self.units),
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), **({"predicted": True} if self.predicted else {})}
 
     @property
     def kept(self) -> bool:
@@ -322,6 +334,8 @@ class Calibration:
     # Embedding tables whose entry in `hessians` is their outputs' sensitivity (table_sensitivity):
     # their table settings take error feedback through it.
     sensed_tables: set[str] = field(default_factory=set)
+    # Large weights' settings fitted on a sample and predicted from one measured (graphpass.sampling).
+    predicting: bool = False
 
     def measure(self, weight: WeightRef, values: np.ndarray, learnt: bool) -> Measurement:
         """The error of `weight` alone replaced by `values`, on the fitting share. A setting that
@@ -371,6 +385,9 @@ class AutoPass(Pass):
                "as long for 0.4% fewer bytes and a worse test sentence, so it is off by default; on magika "
                "(its Conv at 6 bits) it kept 99.5% top-1 agreement at 24.0% of the file, against 98.8% at 25.0% "
                "without (README)"),
+        Option("predict", str, "auto", "fit a large weight's settings on a sample of its channels, measure one "
+               "on the whole weight and predict the others from it (graphpass.sampling); auto: when the weights "
+               "pass 256 MiB, where measuring each setting takes hours", choices=("auto", "always", "never")),
         Option("gptq", bool, False, "the same as feedback=true (its earlier name, for the memory objective's kernels)"),
         *WEIGHT_FILTER_OPTIONS,
     )
@@ -446,7 +463,12 @@ class AutoPass(Pass):
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
         return Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
-                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables))
+                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables), self._predicts(weights))
+
+    def _predicts(self, weights: list[WeightRef]) -> bool:
+        if self.config["predict"] == "auto":
+            return sum(w.nbytes for w in weights) > PREDICT_ABOVE_BYTES
+        return self.config["predict"] == "always"
 
     def _table_hessians(self, ctx: PassContext, weights: list[WeightRef], probe: Probe, meter: ErrorMeter,
                         row_counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -494,37 +516,101 @@ class AutoPass(Pass):
         return studies
 
     def _study(self, ctx, study: Study, settings: list[Setting], calibration: Calibration, advance) -> None:
-        """Settings from cheapest to dearest, each measured alone, until one is below the floor."""
         weight = study.weight
         study.points.append(Point(KEPT, weight.nbytes, None))
         if weight.name in calibration.sensed_tables:  # table settings feed back through its G instead
             settings = [(s.with_feedback() or s) if s.for_tables else s for s in settings]
         # At equal bytes feedback first: where it applies it is the likelier to reach the floor.
         ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), not uses_feedback(s), s.label))
-        seen = set()
-        for done, setting in enumerate(ordered, 1):
-            advance(1)
-            if setting.effective(weight) in seen:
-                continue
-            seen.add(setting.effective(weight))
-            started = time.perf_counter()
-            trial = self._trial(ctx, setting, weight, calibration)
-            if isinstance(trial, str):
-                study.unplanned.append((setting.label, trial))
-                continue
-            measured = calibration.measure(weight, trial.reconstruction, uses_feedback(setting))
-            # Measured: from here on a plan only needs its emitter, not a weight-sized copy.
-            plan = None if trial.plan is None else dataclasses.replace(trial.plan, reconstruction=_MEASURED)
-            study.points.append(Point(setting.label, trial.bytes, measured, plan, time.perf_counter() - started,
-                                      setting))
-            if measured.units <= calibration.floor:
-                advance(len(ordered) - done)
-                break
+        sample = channel_sample(ctx.model, weight, calibration.rows(weight)) if calibration.predicting else None
+        if sample is None:
+            self._measure_each(ctx, study, ordered, calibration, advance)
+        else:
+            self._predict_from_sample(ctx, study, ordered, calibration, sample, advance)
         study.front = pareto_front(study.points)
         on_front = {id(point) for point in study.front}
         for point in study.points:
             if id(point) not in on_front:
                 point.plan = None  # never chosen: free its labels now
+
+    def _measure_each(self, ctx, study: Study, ordered: list[Setting], calibration: Calibration, advance) -> None:
+        """Settings from cheapest to dearest, each measured alone, until one is below the floor."""
+        seen = set()
+        for done, setting in enumerate(ordered, 1):
+            advance(1)
+            if setting.effective(study.weight) in seen:
+                continue
+            seen.add(setting.effective(study.weight))
+            point = self._measured_point(ctx, study, setting, calibration)
+            if point is not None and point.units <= calibration.floor:
+                advance(len(ordered) - done)
+                break
+
+    def _measured_point(self, ctx, study: Study, setting: Setting, calibration: Calibration) -> Point | None:
+        """`setting` planned and measured alone on the weight, added to the study (None: it does
+        not apply, and the study says why)."""
+        started = time.perf_counter()
+        trial = self._trial(ctx, setting, study.weight, calibration)
+        if isinstance(trial, str):
+            study.unplanned.append((setting.label, trial))
+            return None
+        measured = calibration.measure(study.weight, trial.reconstruction, uses_feedback(setting))
+        # Measured: from here on a plan only needs its emitter, not a weight-sized copy.
+        plan = None if trial.plan is None else dataclasses.replace(trial.plan, reconstruction=_MEASURED)
+        point = Point(setting.label, trial.bytes, measured, plan, time.perf_counter() - started, setting)
+        study.points.append(point)
+        return point
+
+    def _predict_from_sample(self, ctx, study: Study, ordered: list[Setting], calibration: Calibration,
+                             sample: ChannelSample, advance) -> None:
+        """Every setting fitted on a sample of the weight's channels (graphpass.sampling). The one
+        of median proxy error is measured with its sampled channels in place, scaled to the whole
+        weight; the others' errors are predicted from it by their proxy errors. The whole weight
+        is fitted for a setting only when an allocation chooses it (_fit_whole)."""
+        weight, fits, seen = study.weight, [], set()
+        for setting in ordered:
+            advance(1)
+            if setting.effective(weight) in seen:
+                continue
+            seen.add(setting.effective(weight))
+            started = time.perf_counter()
+            fit = self._fit_sample(ctx, setting, weight, sample, calibration)
+            if isinstance(fit, str):
+                study.unplanned.append((setting.label, fit))
+            else:
+                fits.append((setting, *fit, time.perf_counter() - started))
+        if not fits:  # none planned on the sample (one below a codec's min_size, say)
+            study.unplanned.clear()
+            self._measure_each(ctx, study, ordered, calibration, lambda n: None)
+            return
+        lossy = sorted((f for f in fits if f[2] > 0), key=lambda f: f[2])
+        anchor = (_EXACT, 1.0)
+        # The median first; one too faint to measure gives way to the lossiest.
+        for index in sorted({len(lossy) // 2, len(lossy) - 1}) if lossy else ():
+            setting, rebuilt, proxy, _ = lossy[index]
+            patched = sample.patched(calibration.probe.originals[weight.name], rebuilt)
+            measured = calibration.measure(weight, patched, uses_feedback(setting)).scaled(sample.error_scale)
+            anchor = measured, proxy
+            if measured.units > 0:
+                break
+        for setting, _, proxy, seconds in fits:
+            study.points.append(Point(setting.label, setting.expected_bytes(weight, ctx.model),
+                                      anchor[0].scaled(proxy / anchor[1]), None, seconds, setting, predicted=True))
+
+    def _fit_sample(self, ctx, setting: Setting, weight: WeightRef, sample: ChannelSample,
+                    calibration: Calibration) -> tuple[np.ndarray, float] | str:
+        """The setting's reconstruction of the sample and its proxy error, or why it does not apply."""
+        if uses_feedback(setting) and weight.name not in calibration.hessians:
+            return "error feedback is tried on MatMul, Gemm and Conv (group 1) weights only"
+        value_weight, hessian, row_counts = calibration.fit_inputs(setting, weight)
+        plan = setting.plan(PassContext(sample.model, deployment=ctx.deployment, workers=ctx.workers),
+                            sample.weight, value_weight, hessian, sample.row_counts(row_counts))
+        if isinstance(plan, str):
+            return plan
+        # A table's G (table_sensitivity) is not over a reader's inputs: its proxy is unweighted.
+        hessian = None if weight.name in calibration.sensed_tables else calibration.hessians.get(weight.name)
+        return plan.reconstruction, proxy_error(sample.original, plan.reconstruction, input_axis(sample.weight),
+                                                calibration.value_weights.get(weight.name), hessian)
 
     def _trial(self, ctx, setting: Setting, weight: WeightRef, calibration: Calibration) -> Trial | str:
         if uses_feedback(setting) and weight.name not in calibration.hessians:
@@ -583,20 +669,26 @@ class AutoPass(Pass):
         return min(passing, key=lambda r: (r.file_bytes, rounds.index(r))), rounds
 
     def _fit_whole(self, ctx, studies: list[Study], chosen: list[int], calibration: Calibration) -> bool:
-        """Plan the whole weight for every chosen setting measured on rows alone. False when one
-        cannot be planned after all (it leaves its weight's front)."""
-        for study, index in zip(studies, chosen):
-            point = study.front[index]
-            if point.kept or point.plan is not None:
-                continue
-            plan = point.setting.plan(ctx, study.weight, *calibration.fit_inputs(point.setting, study.weight))
+        """Plan the whole weight, on the run's workers, for every chosen setting measured on rows
+        or predicted from a sample. False when one cannot be planned after all (it leaves its
+        weight's front)."""
+        waiting = [(study, study.front[index]) for study, index in zip(studies, chosen)
+                   if not study.front[index].kept and study.front[index].plan is None]
+
+        def fit(item: tuple[Study, Point]) -> Plan | str:
+            study, point = item
+            return point.setting.plan(ctx, study.weight, *calibration.fit_inputs(point.setting, study.weight))
+
+        fitted = True
+        for (study, point), plan in zip(waiting, ctx.workers.map(fit, waiting)):
             if isinstance(plan, str):
                 study.unplanned.append((point.label, plan))
                 study.points.remove(point)
                 study.front = pareto_front(study.points)
-                return False
-            point.plan, point.bytes = dataclasses.replace(plan, reconstruction=_MEASURED), plan.stored_bytes
-        return True
+                fitted = False
+            else:
+                point.plan, point.bytes = dataclasses.replace(plan, reconstruction=_MEASURED), plan.stored_bytes
+        return fitted
 
     def _try(self, builder: Builder, studies: list[Study], chosen: list[int], target: float) -> Round:
         picks = [(s, s.front[i]) for s, i in zip(studies, chosen) if not s.front[i].kept]
@@ -620,6 +712,8 @@ class AutoPass(Pass):
 
 # Stands in for a reconstruction once measured, so that waiting plans hold no weight-sized copy.
 _MEASURED = np.empty(0, dtype=np.float32)
+# What a sampled weight's settings are predicted from when every one is exact on the sample.
+_EXACT = Measurement(0.0, {}, {}, {})
 
 
 def _next_target(last: Round, target: float, passed_target: float, failed_target: float,
