@@ -39,24 +39,33 @@ MIN_CHANNELS = 64
 MAX_SHARE = 0.25
 
 
+@dataclass(frozen=True)
+class SamplePart:
+    """Sampled channels (`positions` in the sample) whose error, measured with them in place and
+    multiplied by `error_scale`, stands for the error of a share of the whole weight."""
+
+    positions: np.ndarray
+    error_scale: float
+
+
 @dataclass
 class ChannelSample:
     """`weight`'s `channels` along its output-channel `axis`, as the only weight of a one-node
-    `model` whose node copies the weight's reader."""
+    `model` whose node copies one of the weight's readers."""
 
     model: Model
     weight: WeightRef
     axis: int
     channels: np.ndarray
     original: np.ndarray  # the sampled values, as stored
-    error_scale: float  # what an error measured with the sample in place is multiplied by for the whole weight
+    parts: tuple[SamplePart, ...]  # each measured on its own; their errors add up to the whole weight's
 
-    def patched(self, whole: np.ndarray, rebuilt: np.ndarray) -> np.ndarray:
-        """A copy of the whole weight with the sampled channels replaced by `rebuilt`."""
+    def patched(self, whole: np.ndarray, rebuilt: np.ndarray, part: SamplePart) -> np.ndarray:
+        """A copy of the whole weight with the part's channels replaced by theirs in `rebuilt`."""
         patched = np.array(whole, copy=True)
         index = [slice(None)] * patched.ndim
-        index[self.axis] = self.channels
-        patched[tuple(index)] = rebuilt
+        index[self.axis] = self.channels[part.positions]
+        patched[tuple(index)] = np.take(rebuilt, part.positions, axis=self.axis)
         return patched
 
     def row_counts(self, counts: np.ndarray | None) -> np.ndarray | None:
@@ -68,37 +77,72 @@ def channel_sample(model: Model, weight: WeightRef, read_rows: np.ndarray | None
     """A sample of a 2-D weight, or None when it would not save work.
 
     * An embedding table only Gathers read: `read_rows`, the rows the calibration inputs read,
-      which carry all of its error there (error_scale 1).
+      which carry all of its error there (error scale 1).
     * A weight only MatMul and Gemm read: about SAMPLE_VALUES values of evenly spaced output
-      channels, its errors scaled by channels / sampled (errors of distinct output channels add).
+      channels, their error scaled by channels / sampled (errors of distinct output channels add).
+    * A table Gathers read and a MatMul reads through a Transpose (a tied embedding and LM head):
+      the rows read (scale 1) and evenly spaced others (scaled to the rows not read), each
+      measured on its own.
     """
     if len(weight.shape) != 2:
         return None
-    readers = [node for node, _ in weight.reader_nodes()]
-    if weight.read_by_row_gathers():
-        if read_rows is None or not 0 < len(read_rows) <= MAX_SHARE * weight.shape[0]:
-            return None
-        return _sample(model, weight, readers[0], 0, np.asarray(read_rows), 1.0)
-    if not readers or not all(_is_dense_reader(node, index) for node, index in weight.reader_nodes()):
+    readers = list(weight.reader_nodes())
+    gathers = [node for node, index in readers if _is_row_gather(node, index)]
+    if gathers and all(_is_row_gather(node, index) or node.op_type == "Transpose" for node, index in readers):
+        return _table_sample(model, weight, gathers[0], read_rows, len(gathers) < len(readers))
+    if not readers or not all(_is_dense_reader(node, index) for node, index in readers):
         return None
     axis = output_channel_axis(weight)
-    channels = weight.shape[axis]
-    count = max(MIN_CHANNELS, -(-SAMPLE_VALUES // (weight.size // channels)))
+    picks = _evenly_spaced(weight.shape[axis], weight.size // weight.shape[axis])
+    if picks is None:
+        return None
+    return _sample(model, weight, readers[0][0], axis, picks,
+                   (SamplePart(np.arange(len(picks)), weight.shape[axis] / len(picks)),))
+
+
+def _table_sample(model: Model, weight: WeightRef, gather: onnx.NodeProto, read_rows: np.ndarray | None,
+                  read_otherwise: bool) -> ChannelSample | None:
+    rows = weight.shape[0]
+    if read_rows is None or len(read_rows) > MAX_SHARE * rows:
+        return None
+    read_rows = np.asarray(read_rows, dtype=np.int64)
+    others = np.empty(0, dtype=np.int64)
+    if read_otherwise:
+        others = _evenly_spaced(rows, weight.shape[1])
+        if others is None:
+            return None
+        others = np.setdiff1d(others, read_rows)
+    if not len(read_rows) + len(others):
+        return None
+    picks = np.union1d(read_rows, others)
+    parts = [SamplePart(np.searchsorted(picks, chosen), scale)
+             for chosen, scale in ((read_rows, 1.0), (others, (rows - len(read_rows)) / max(len(others), 1)))
+             if len(chosen)]
+    return _sample(model, weight, gather, 0, picks, tuple(parts))
+
+
+def _evenly_spaced(channels: int, per_channel: int) -> np.ndarray | None:
+    """About SAMPLE_VALUES values of evenly spaced channels (None: more than MAX_SHARE of them)."""
+    count = max(MIN_CHANNELS, -(-SAMPLE_VALUES // per_channel))
     if count > MAX_SHARE * channels:
         return None
-    picks = np.unique(np.linspace(0, channels - 1, count).round().astype(np.int64))
-    return _sample(model, weight, readers[0], axis, picks, channels / len(picks))
+    return np.unique(np.linspace(0, channels - 1, count).round().astype(np.int64))
 
 
 def _is_dense_reader(node: onnx.NodeProto, index: int) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm") and index == 1
 
 
+def _is_row_gather(node: onnx.NodeProto, index: int) -> bool:
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    return node.domain in ("", "ai.onnx") and node.op_type == "Gather" and index == 0 and axis == 0
+
+
 def _sample(model: Model, weight: WeightRef, reader: onnx.NodeProto, axis: int, picks: np.ndarray,
-            error_scale: float) -> ChannelSample:
+            parts: tuple[SamplePart, ...]) -> ChannelSample:
     original = np.take(np.asarray(weight.read()), picks, axis=axis)
     sample = _one_node_model(model, weight, reader, original)
-    return ChannelSample(sample, sample.weights()[0], axis, picks, original, error_scale)
+    return ChannelSample(sample, sample.weights()[0], axis, picks, original, parts)
 
 
 def _one_node_model(model: Model, weight: WeightRef, reader: onnx.NodeProto, values: np.ndarray) -> Model:

@@ -144,6 +144,16 @@ class Measurement:
                            {k: 1.0 - (1.0 - v) * ratio for k, v in self.cosine.items()},
                            {k: v * root for k, v in self.max_abs_error.items()})
 
+    def plus(self, other: Measurement) -> Measurement:
+        """Two independent errors together, as auto adds weights' errors: units and 1 - cosine
+        add, max abs errors add in quadrature."""
+        def total(a: dict, b: dict, add) -> dict:
+            return {k: add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
+
+        return Measurement(self.units + other.units, total(self.per_output, other.per_output, float.__add__),
+                           total(self.cosine, other.cosine, lambda x, y: x + y - 1.0),
+                           total(self.max_abs_error, other.max_abs_error, math.hypot))
+
     def to_dict(self) -> dict:
         return {
             "units": _finite(self.units),
@@ -371,9 +381,11 @@ def gathered_rows(model: Model, weights: Sequence[WeightRef], inputs: Mapping[st
 
 
 def gathered_row_counts(model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
-                        ) -> dict[str, np.ndarray]:
-    """For each such embedding table, how many times the calibration inputs read each row."""
-    tables = _gather_tables(model, weights)
+                        also_read_otherwise: bool = False) -> dict[str, np.ndarray]:
+    """For each embedding table only Gathers (axis 0) read, how many times the calibration
+    inputs read each row; with `also_read_otherwise`, for tables other nodes read too (a tied
+    embedding that is also the LM head)."""
+    tables = _gather_tables(model, weights, also_read_otherwise)
     captured = _capture(model, inputs, {index for indices in tables.values() for index in indices})
     found = {}
     for name, indices in tables.items():
@@ -383,7 +395,8 @@ def gathered_row_counts(model: Model, weights: Sequence[WeightRef], inputs: Mapp
     return found
 
 
-def _gather_tables(model: Model, weights: Sequence[WeightRef]) -> dict[str, list[str]]:
+def _gather_tables(model: Model, weights: Sequence[WeightRef], also_read_otherwise: bool = False,
+                   ) -> dict[str, list[str]]:
     """table weight name -> names of the index tensors that read it."""
     top = {w.name: w for w in weights if w.scope.parent is None and not w.scope.is_function and len(w.shape) >= 1}
     tables: dict[str, list[str]] = {}
@@ -391,7 +404,8 @@ def _gather_tables(model: Model, weights: Sequence[WeightRef]) -> dict[str, list
         axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
         if node.op_type == "Gather" and node.input[0] in top and axis == 0:
             tables.setdefault(node.input[0], []).append(node.input[1])
-    return {name: indices for name, indices in tables.items() if len(indices) == len(top[name].consumers)}
+    return {name: indices for name, indices in tables.items()
+            if also_read_otherwise or len(indices) == len(top[name].consumers)}
 
 
 def _capture(model: Model, inputs: Mapping[str, np.ndarray], names: set[str]) -> dict[str, np.ndarray]:

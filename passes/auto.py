@@ -334,8 +334,10 @@ class Calibration:
     # Embedding tables whose entry in `hessians` is their outputs' sensitivity (table_sensitivity):
     # their table settings take error feedback through it.
     sensed_tables: set[str] = field(default_factory=set)
-    # Large weights' settings fitted on a sample and predicted from one measured (graphpass.sampling).
+    # Large weights' settings fitted on a sample and predicted from one measured (graphpass.sampling),
+    # with the rows of every Gather-read table the fitting inputs read (tied ones included).
     predicting: bool = False
+    read_rows: dict[str, np.ndarray] = field(default_factory=dict)
 
     def measure(self, weight: WeightRef, values: np.ndarray, learnt: bool) -> Measurement:
         """The error of `weight` alone replaced by `values`, on the fitting share. A setting that
@@ -463,7 +465,14 @@ class AutoPass(Pass):
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
         return Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
-                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables), self._predicts(weights))
+                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables), *self._sampling(ctx, weights, inputs))
+
+    def _sampling(self, ctx: PassContext, weights: list[WeightRef], inputs) -> tuple[bool, dict[str, np.ndarray]]:
+        """(predicting, the rows of each Gather-read table the fitting inputs read)."""
+        if not self._predicts(weights):
+            return False, {}
+        counts = gathered_row_counts(ctx.model, weights, inputs, also_read_otherwise=True)
+        return True, {name: np.flatnonzero(c) for name, c in counts.items()}
 
     def _predicts(self, weights: list[WeightRef]) -> bool:
         if self.config["predict"] == "auto":
@@ -508,10 +517,12 @@ class AutoPass(Pass):
                     advance(n)
 
             # Largest first, so that the workers finish together. Each study fills in its own
-            # points, whichever worker runs it: the result does not depend on their number.
+            # points, whichever worker runs it: the result does not depend on their number. All
+            # are submitted at once (they return nothing to hold): with the map's usual window,
+            # one long study (the decoder's embedding) left the other worker idle behind it.
             order = sorted(studies, key=lambda s: -s.weight.nbytes)
             for _ in ctx.workers.map(lambda study: self._study(ctx, study, settings, calibration, locked_advance),
-                                     order):
+                                     order, ahead=len(order)):
                 pass
         return studies
 
@@ -522,7 +533,7 @@ class AutoPass(Pass):
             settings = [(s.with_feedback() or s) if s.for_tables else s for s in settings]
         # At equal bytes feedback first: where it applies it is the likelier to reach the floor.
         ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), not uses_feedback(s), s.label))
-        sample = channel_sample(ctx.model, weight, calibration.rows(weight)) if calibration.predicting else None
+        sample = channel_sample(ctx.model, weight, calibration.read_rows.get(weight.name)) if calibration.predicting else None
         if sample is None:
             self._measure_each(ctx, study, ordered, calibration, advance)
         else:
@@ -588,14 +599,23 @@ class AutoPass(Pass):
         # The median first; one too faint to measure gives way to the lossiest.
         for index in sorted({len(lossy) // 2, len(lossy) - 1}) if lossy else ():
             setting, rebuilt, proxy, _ = lossy[index]
-            patched = sample.patched(calibration.probe.originals[weight.name], rebuilt)
-            measured = calibration.measure(weight, patched, uses_feedback(setting)).scaled(sample.error_scale)
+            measured = self._measure_sample(weight, sample, rebuilt, uses_feedback(setting), calibration)
             anchor = measured, proxy
             if measured.units > 0:
                 break
         for setting, _, proxy, seconds in fits:
             study.points.append(Point(setting.label, setting.expected_bytes(weight, ctx.model),
                                       anchor[0].scaled(proxy / anchor[1]), None, seconds, setting, predicted=True))
+
+    @staticmethod
+    def _measure_sample(weight: WeightRef, sample: ChannelSample, rebuilt: np.ndarray, learnt: bool,
+                        calibration: Calibration) -> Measurement:
+        """The whole weight's error, from each part of the sample measured in place and scaled."""
+        whole, total = calibration.probe.originals[weight.name], None
+        for part in sample.parts:
+            found = calibration.measure(weight, sample.patched(whole, rebuilt, part), learnt).scaled(part.error_scale)
+            total = found if total is None else total.plus(found)
+        return total
 
     def _fit_sample(self, ctx, setting: Setting, weight: WeightRef, sample: ChannelSample,
                     calibration: Calibration) -> tuple[np.ndarray, float] | str:

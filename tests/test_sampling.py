@@ -51,7 +51,7 @@ def test_a_sample_plans_its_channels_as_the_whole_weight_does(small_samples, op_
     weight = model.weights()[0]
     sample = sampling.channel_sample(model, weight)
     assert sample is not None and sample.axis == axis and len(sample.channels) == 16
-    assert sample.error_scale == 256 / 16  # errors of distinct output channels add
+    assert [p.error_scale for p in sample.parts] == [256 / 16]  # errors of distinct output channels add
     np.testing.assert_array_equal(sample.original, np.take(values, sample.channels, axis=axis))
     whole = kmeans_plan(model, weight, granularity).reconstruction
     part = kmeans_plan(sample.model, sample.weight, granularity).reconstruction
@@ -65,21 +65,29 @@ def test_an_embedding_table_is_sampled_on_the_rows_the_inputs_read(small_samples
     weight, read = model.weights()[0], np.arange(5, 245, 10)  # 24 rows: above kmeans min_size
     sample = sampling.channel_sample(model, weight, read)
     # Rows nobody reads add nothing to the error measured on those inputs: no scaling.
-    assert sample.axis == 0 and list(sample.channels) == list(read) and sample.error_scale == 1.0
+    assert sample.axis == 0 and list(sample.channels) == list(read) and [p.error_scale for p in sample.parts] == [1.0]
     whole = kmeans_plan(model, weight, granularity).reconstruction
     np.testing.assert_array_equal(kmeans_plan(sample.model, sample.weight, granularity).reconstruction, whole[read])
     assert sampling.channel_sample(model, weight, None) is None  # rows read unknown
 
 
-def test_a_table_also_read_as_a_matrix_is_not_sampled(small_samples):
-    """A tied embedding: rows the inputs read carry the Gather's error, every row the LM head's."""
+def test_a_tied_table_is_measured_on_the_rows_read_and_on_rows_for_its_lm_head(small_samples):
+    """A tied embedding: the rows the inputs read carry the Gather's error, every row the LM
+    head's; each part is measured on its own."""
     table = onnx.numpy_helper.from_array(np.ones((256, 64), np.float32), "w")
     nodes = [helper.make_node("Gather", ["w", "ids"], ["e"], axis=0),
              helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["e", "wt"], ["y"])]
     graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table])
     model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert sampling.channel_sample(model, model.weights()[0], np.array([1, 2])) is None
+    sample = sampling.channel_sample(model, model.weights()[0], np.array([1, 2]))
+    read, others = sample.parts
+    assert list(sample.channels[read.positions]) == [1, 2] and read.error_scale == 1.0
+    assert len(others.positions) == 16 and not {1, 2} & set(sample.channels[others.positions])
+    assert others.error_scale == (256 - 2) / 16
+    whole, rebuilt = np.zeros((256, 64)), np.ones((len(sample.channels), 64))
+    assert set(np.flatnonzero(sample.patched(whole, rebuilt, others).any(axis=1))) == set(
+        sample.channels[others.positions])
 
 
 def test_a_weight_too_small_to_save_work_is_not_sampled(small_samples):
@@ -101,11 +109,14 @@ def test_the_proxy_is_the_squared_error_of_the_readers_outputs():
         float(np.sum(energy * (rebuilt - weight) ** 2)))
 
 
-def test_a_measurement_scales_as_a_squared_error():
-    measured = graphpass.sensitivity.Measurement(0.5, {"y": 0.5}, {"y": 0.998}, {"y": 0.2})
+def test_measurements_scale_and_add_as_squared_errors():
+    measured = graphpass.sensitivity.Measurement(0.5, {"y": 0.5}, {"y": 0.998}, {"y": 0.3})
     scaled = measured.scaled(4.0)
     assert scaled.units == 2.0 and scaled.per_output == {"y": 2.0}
-    assert scaled.cosine["y"] == pytest.approx(0.992) and scaled.max_abs_error["y"] == pytest.approx(0.4)
+    assert scaled.cosine["y"] == pytest.approx(0.992) and scaled.max_abs_error["y"] == pytest.approx(0.6)
+    both = measured.plus(graphpass.sensitivity.Measurement(0.25, {"y": 0.25}, {"y": 0.999}, {"y": 0.4}))
+    assert both.units == 0.75 and both.per_output == {"y": 0.75}
+    assert both.cosine["y"] == pytest.approx(0.997) and both.max_abs_error["y"] == pytest.approx(0.5)
 
 
 # -- auto, end to end ---------------------------------------------------------------------------
