@@ -75,6 +75,11 @@ sub-vectors (`sample`), then one assignment of every sub-vector and a final cent
 all of them; deterministic for a given `seed`. Assignment is a brute-force distance matrix in
 chunks on the run's workers (`--jobs`), or a k-d tree when k > 4096, where the matrix would be
 too large.
+
+This module holds the pass: which weights share a codebook, planning, applying and reporting.
+The package's other modules hold the sub-vector geometry (`geometry`), k-means in `dim`
+dimensions (`vector_kmeans`), prepared members and fitted stages (`stages`), the lowering to
+lookups (`vector_lookup`) and the rows hot_rows corrects (`embedding_rows`).
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ from graphpass.parallel import Workers
 from graphpass.passes.codebook.embedding_rows import HOT_ROWS_MAX_SHARE, corrects_rows, hot_rows
 from graphpass.passes.codebook.geometry import VectorLayout, channel_scale_axis, fan_in_axes, vector_layout
 from graphpass.passes.codebook.stages import Member, Stage, fit_stages, rebuild
-from graphpass.passes.codebook.vector_kmeans import _ONE_THREAD, KMeansSettings, kmeans_vectors, nearest
+from graphpass.passes.codebook.vector_kmeans import ONE_THREAD, KMeansSettings, kmeans_vectors, nearest
 from graphpass.passes.codebook.vector_lookup import dry_run, emit_vector_lookup
 from graphpass.weights import Replacement, WeightRef, stored_bytes
 
@@ -213,7 +218,7 @@ class CodebookPass(Pass):
             begin = end
         return plans, shared
 
-    def fit(self, members: list[Member], workers: Workers = _ONE_THREAD) -> list[Stage]:
+    def fit(self, members: list[Member], workers: Workers = ONE_THREAD) -> list[Stage]:
         return fit_stages(members, self._settings(), self.config["stages"], self._table_type(members[0].weight),
                           workers)
 

@@ -11,7 +11,7 @@ import numpy as np
 from graphpass.lowering import lookup
 from graphpass.parallel import Workers
 from graphpass.passes.codebook.geometry import VectorLayout
-from graphpass.passes.codebook.vector_kmeans import _ONE_THREAD, KMeansSettings, kmeans_vectors
+from graphpass.passes.codebook.vector_kmeans import ONE_THREAD, KMeansSettings, kmeans_vectors
 from graphpass.weights import WeightRef
 
 
@@ -57,7 +57,7 @@ _NONE = np.empty(0, dtype=np.float32)
 
 
 def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, table_type: int,
-               workers: Workers = _ONE_THREAD) -> list[Stage]:
+               workers: Workers = ONE_THREAD) -> list[Stage]:
     """Codebooks fitted once over every member's sub-vectors, stage 2 on stage 1's residual."""
     vectors = np.concatenate([m.vectors for m in members])
     importance = None

@@ -15,7 +15,7 @@ from graphpass.parallel import Workers
 
 # One fit at a time: chunks of its assignment run on the run's workers (matmul and argmin
 # release the GIL, so threads share the cores). Without workers given, the calling thread alone.
-_ONE_THREAD = Workers(1)
+ONE_THREAD = Workers(1)
 # Distance-matrix entries per chunk: 1 MB of float32 stays in cache between the matmul and the
 # argmin (measured 2-3x faster than 16 MB chunks), with BLAS itself held to one thread per chunk.
 _DISTANCE_CELLS = 1 << 18
@@ -36,7 +36,7 @@ class KMeansSettings:
 
 
 def nearest(vectors: np.ndarray, centroids: np.ndarray,
-            workers: Workers = _ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
+            workers: Workers = ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
     """Index of each vector's nearest centroid and the squared distance to it."""
     if len(centroids) > _KDTREE_MIN_K:
         distance, labels = cKDTree(centroids).query(vectors, workers=workers.free)
@@ -60,7 +60,7 @@ def nearest(vectors: np.ndarray, centroids: np.ndarray,
     starts = range(0, len(points), rows)
     with _blas_controller().limit(limits=1, user_api="blas"):
         # Each chunk writes its own rows; a single chunk is not worth starting threads for.
-        for _ in (workers if len(starts) > 1 else _ONE_THREAD).map(chunk, starts):
+        for _ in (workers if len(starts) > 1 else ONE_THREAD).map(chunk, starts):
             pass
     return labels, distances
 
@@ -72,7 +72,7 @@ def _blas_controller() -> ThreadpoolController:
 
 
 def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None, settings: KMeansSettings,
-                   workers: Workers = _ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
+                   workers: Workers = ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
     """Centroids [k', dim] (float64, k' <= k: unused ones dropped) and each vector's label.
 
     Lloyd runs on a sample; then every vector is assigned once and the centroids move to the
