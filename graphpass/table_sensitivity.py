@@ -15,7 +15,9 @@ feedback along a row then leaves each sub-vector's error in directions the outpu
 
 G is measured in onnxruntime by the probe (graphpass.sensitivity.Probe), one run per column i:
 every row the fitting inputs read gets eps * s_r added in column i, s_r a random sign, and the
-outputs' change over eps, per sample, is column i of V. Random signs make the cross terms
+outputs' change over eps, per sample, is column i of V. Samples are the budget's
+(graphpass.metrics.sample_rows): an output of rank 1 is one sample, not one per element, whose
+change across the sample would vanish under a cosine budget. Random signs make the cross terms
 between rows vanish on average, E[V^T V] = G; one draw is used. Outputs wider than
 PROJECTED_WIDTH per sample (an LM's logits) are seen through a count sketch: each feature added
 with a random sign into one of PROJECTED_WIDTH buckets, which keeps inner products on average
@@ -36,6 +38,7 @@ from collections.abc import Mapping
 import numpy as np
 import scipy.sparse
 
+from graphpass.metrics import sample_rows
 from graphpass.parallel import Workers
 from graphpass.sensitivity import Probe
 from graphpass.weights import WeightRef
@@ -67,7 +70,8 @@ def table_sensitivity(probe: Probe, table: WeightRef, rows: np.ndarray, cosine: 
 
     `rows`: the rows the probe's inputs read (the others move nothing); `cosine`: the budget
     counts cosine (else the outputs' plain change); `batch_axes`: where each output's samples
-    lie. The scale of G is arbitrary: feedback and the fit's weights use it relative to itself."""
+    lie, read as the budget reads them (see the module docstring). The scale of G is arbitrary:
+    feedback and the fit's weights use it relative to itself."""
     original = probe.originals[table.name]
     columns = original.shape[1]
     rng = np.random.default_rng(seed)
@@ -109,21 +113,13 @@ class _PerThreadCopy:
         return copy
 
 
-def _samples(value: np.ndarray, axis: int | None) -> np.ndarray:
-    """[samples, features] float64: one row per sample along `axis` (None: one sample)."""
-    value = np.asarray(value, dtype=np.float64)
-    if axis is None or value.ndim == 0:
-        return value.reshape(1, -1)
-    return np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
-
-
 def _projections(base: Mapping[str, np.ndarray], batch_axes: Mapping[str, int],
                  rng: np.random.Generator) -> dict[str, scipy.sparse.csr_matrix | None]:
     """Per output wider than PROJECTED_WIDTH, its count sketch [features, PROJECTED_WIDTH]: one
     random sign per feature, in a random bucket."""
     found = {}
     for name, value in base.items():
-        features = _samples(value, batch_axes.get(name, 0)).shape[1]
+        features = sample_rows(value, value, batch_axes.get(name, 0))[0].shape[1]
         if features <= PROJECTED_WIDTH:
             found[name] = None
             continue
@@ -142,9 +138,9 @@ def _counted_change(base: Mapping[str, np.ndarray], moved: Mapping[str, np.ndarr
     for name, value in base.items():
         if not np.issubdtype(np.asarray(value).dtype, np.floating):
             continue  # integer outputs do not move with a small step
-        axis = batch_axes.get(name, 0)
-        reference = _samples(value, axis)
-        change = (_samples(moved[name], axis) - reference) / step
+        reference, candidate = sample_rows(np.asarray(value, dtype=np.float64),
+                                           np.asarray(moved[name], dtype=np.float64), batch_axes.get(name, 0))
+        change = (candidate - reference) / step
         if cosine:  # the change across each sample's output, relative to its norm
             norms = np.linalg.norm(reference, axis=1, keepdims=True)
             norms[norms == 0] = 1.0

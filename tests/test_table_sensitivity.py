@@ -162,3 +162,41 @@ def test_outputs_wider_than_the_sketch_keep_the_sensitivity():
     found, expected = measured_g(proto, ids, cosine=False), len(ids) * m @ m.T
     np.testing.assert_allclose(np.diag(found), np.diag(expected), rtol=0.1)
     assert np.linalg.norm(found - expected) < 0.2 * np.linalg.norm(expected)
+
+
+def pooled_model(keepdims: int) -> onnx.ModelProto:
+    """ids [t] -> Gather(E) -> MatMul(M) -> mean over t -> y: [OUT] (keepdims=0) or [1, OUT]."""
+    rng = np.random.default_rng(5)
+    table = (rng.standard_normal((ROWS, WIDTH)) * 0.3).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["E", "ids"], ["rows"], axis=0),
+                               helper.make_node("MatMul", ["rows", "M"], ["mixed"]),
+                               helper.make_node("ReduceMean", ["mixed"], ["y"], axes=[0], keepdims=keepdims)],
+                              "pooled", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["t"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, OUT][1 - keepdims:])],
+                              [numpy_helper.from_array(table, "E"),
+                               numpy_helper.from_array(mixing().astype(np.float32), "M")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_output_of_rank_one_is_one_sample_as_the_budget_counts_it():
+    """The budget (graphpass.metrics.sample_rows) takes an output of rank 1 as one sample, so G
+    must weigh its change across the whole output: the same G as for that output shaped [1, OUT].
+    Taking each element as a sample of one feature would leave no change across any sample under
+    a cosine budget, and G would be 0."""
+    ids = np.arange(0, 40 * 7, 7, dtype=np.int64)  # 40 distinct rows pooled into one output
+    for cosine in (True, False):
+        vector = measured_g(pooled_model(keepdims=0), ids, cosine)
+        batch_of_one = measured_g(pooled_model(keepdims=1), ids, cosine)
+        assert np.linalg.norm(batch_of_one) > 0
+        np.testing.assert_allclose(vector, batch_of_one, rtol=1e-6, atol=1e-9 * np.abs(batch_of_one).max())
+
+    # One row read: y = E[r] M, whose Jacobian to the row is M^T, so G = M P M^T / |y|^2 with P
+    # removing the change along y (the closed form, as for one row per sample above).
+    (row,) = ids[:1]
+    table = numpy_helper.to_array(pooled_model(keepdims=0).graph.initializer[0]).astype(np.float64)
+    m = mixing()
+    y = table[row] @ m
+    unit = y / np.linalg.norm(y)
+    expected = m @ (np.eye(OUT) - np.outer(unit, unit)) @ m.T / (y @ y)
+    np.testing.assert_allclose(measured_g(pooled_model(keepdims=0), ids[:1], cosine=True), expected,
+                               rtol=1e-3, atol=1e-6 * np.abs(expected).max())

@@ -75,30 +75,28 @@ sub-vectors (`sample`), then one assignment of every sub-vector and a final cent
 all of them; deterministic for a given `seed`. Assignment is a brute-force distance matrix in
 chunks on the run's workers (`--jobs`), or a k-d tree when k > 4096, where the matrix would be
 too large.
+
+This module holds the pass: which weights share a codebook, planning, applying and reporting.
+The package's other modules hold the sub-vector geometry (`geometry`), k-means in `dim`
+dimensions (`vector_kmeans`), prepared members and fitted stages (`stages`), the lowering to
+lookups (`vector_lookup`) and the rows hot_rows corrects (`embedding_rows`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper
-from scipy.spatial import cKDTree
-from threadpoolctl import ThreadpoolController
+from onnx import TensorProto, helper
 
 from graphpass.lowering import lookup
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.analysis import common_scope
 from graphpass.codec import (
-    CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, output_channel_axis, scope_opset, sqnr_db,
-    sqnr_figure,
+    CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, scope_opset, sqnr_db, sqnr_figure,
 )
 from graphpass.feedback import (
     NO_INPUTS, FeedbackStatistics, InputHessians, RowCounts, as_rows, feedback_note, from_rows, input_axis,
@@ -107,465 +105,12 @@ from graphpass.feedback import (
 from graphpass.lowering.lookup import LUT_ROLE_PREFIX
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
 from graphpass.parallel import Workers
-from graphpass.scopes import NameAllocator
+from graphpass.passes.codebook.embedding_rows import HOT_ROWS_MAX_SHARE, corrects_rows, hot_rows
+from graphpass.passes.codebook.geometry import VectorLayout, channel_scale_axis, fan_in_axes, vector_layout
+from graphpass.passes.codebook.stages import Member, Stage, fit_stages, rebuild
+from graphpass.passes.codebook.vector_kmeans import ONE_THREAD, KMeansSettings, kmeans_vectors, nearest
+from graphpass.passes.codebook.vector_lookup import dry_run, emit_vector_lookup
 from graphpass.weights import Replacement, WeightRef, stored_bytes
-
-
-# One fit at a time: chunks of its assignment run on the run's workers (matmul and argmin
-# release the GIL, so threads share the cores). Without workers given, the calling thread alone.
-_ONE_THREAD = Workers(1)
-# Distance-matrix entries per chunk: 1 MB of float32 stays in cache between the matmul and the
-# argmin (measured 2-3x faster than 16 MB chunks), with BLAS itself held to one thread per chunk.
-_DISTANCE_CELLS = 1 << 18
-# Indices packed in whole words per row (so that rows decode alone after a Gather) may cost up
-# to this factor more than packed flat: a row's last word is padded (1% for the BERT's rows of
-# 128 sub-vectors in words of 3), and the runtime then never rebuilds the table.
-_ROW_PADDING_ALLOWANCE = 1.02
-_KDTREE_MIN_K = 4096  # above this a k-d tree is faster than the distance matrix
-_KMEANS_PP_MAX_K = 1024  # init=auto seeds with k-means++ up to here, random rows beyond
-_MIN_SAMPLE, _SAMPLE_PER_CENTROID = 65536, 16
-_SEED_PER_CENTROID = 32  # k-means++ draws from at most this many sample points per centroid
-_CONVERGED = 1e-4  # relative drop in the sample's error below which Lloyd stops early
-# hot_rows corrects at most this share of a table's rows: with many calibration inputs, rows read
-# twice would otherwise grow into a second table (1% of the BERT's: 305 rows, 0.23 MB).
-HOT_ROWS_MAX_SHARE = 0.01
-
-
-# ---------------------------------------------------------------------------------------------
-# Sub-vector geometry
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VectorLayout:
-    """A weight viewed as [outer, length, inner]; sub-vectors of `dim` run along `length`
-    (axes `start` to `stop` of the weight, flattened), zero-padded to `blocks * dim`."""
-
-    shape: tuple[int, ...]
-    start: int
-    stop: int
-    dim: int
-
-    @property
-    def outer(self) -> int:
-        return math.prod(self.shape[: self.start])
-
-    @property
-    def length(self) -> int:
-        return math.prod(self.shape[self.start : self.stop])
-
-    @property
-    def inner(self) -> int:
-        return math.prod(self.shape[self.stop :])
-
-    @property
-    def blocks(self) -> int:
-        return -(-self.length // self.dim)
-
-    @property
-    def padding(self) -> int:
-        return self.blocks * self.dim - self.length
-
-    @property
-    def count(self) -> int:
-        return self.outer * self.blocks * self.inner
-
-    @property
-    def index_shape(self) -> tuple[int, ...]:
-        """One index per sub-vector; the Gather output adds `dim` as its last axis."""
-        return (self.outer, self.blocks, self.inner) if self.inner > 1 else (self.outer, self.blocks)
-
-    @property
-    def axes(self) -> str:
-        last = self.stop - 1
-        return f"axis {self.start}" if last == self.start else f"axes {self.start}-{last}"
-
-    def split(self, array: np.ndarray) -> np.ndarray:
-        """[count, dim] sub-vectors, in index order, padded with zeros."""
-        lines = np.asarray(array).reshape(self.outer, self.length, self.inner)
-        if self.padding:
-            lines = np.pad(lines, ((0, 0), (0, self.padding), (0, 0)))
-        cut = lines.reshape(self.outer, self.blocks, self.dim, self.inner)
-        return cut.transpose(0, 1, 3, 2).reshape(self.count, self.dim)
-
-    def merge(self, vectors: np.ndarray) -> np.ndarray:
-        """Inverse of `split`: the weight, padding dropped."""
-        cut = np.asarray(vectors).reshape(self.outer, self.blocks, self.inner, self.dim)
-        lines = cut.transpose(0, 1, 3, 2).reshape(self.outer, self.blocks * self.dim, self.inner)
-        return lines[:, : self.length].reshape(self.shape)
-
-
-def vector_layout(weight: WeightRef, dim: int) -> VectorLayout:
-    start, stop = fan_in_axes(weight)
-    return VectorLayout(tuple(weight.shape), start, stop, dim)
-
-
-def fan_in_axes(weight: WeightRef) -> tuple[int, int]:
-    """[start, stop) of the axes the first telling reader sums over; else the last axis."""
-    rank = len(weight.shape)
-    for node, index in weight.reader_nodes():
-        axes = _reader_fan_in(node, index, rank)
-        if axes is not None:
-            return axes
-    return (rank - 1, rank) if rank else (0, 0)
-
-
-def _reader_fan_in(node: NodeProto, index: int, rank: int) -> tuple[int, int] | None:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "MatMul" and index in (0, 1):
-        axis = rank - 2 if index == 1 and rank >= 2 else rank - 1  # B [.., in, out], A [.., out, in]
-        return axis, axis + 1
-    if node.op_type == "Gemm" and index in (0, 1) and rank == 2:
-        transposed = attrs.get("transB" if index == 1 else "transA", 0)
-        axis = (1 if transposed else 0) if index == 1 else (0 if transposed else 1)
-        return axis, axis + 1
-    if node.op_type in ("Conv", "ConvTranspose") and index == 1 and rank >= 2:
-        return 1, rank
-    if node.op_type == "Gather" and index == 0 and rank >= 2:
-        gathered = attrs.get("axis", 0) % rank  # whole slices are read: vectors run across them
-        return (gathered + 1, rank) if gathered < rank - 1 else (rank - 2, rank - 1)
-    return None
-
-
-def channel_scale_axis(weight: WeightRef, layout: VectorLayout) -> int | None:
-    """The output-channel axis a per-channel scale can use: not one the sub-vectors cross."""
-    axis = output_channel_axis(weight)
-    if axis is None or layout.start <= axis < layout.stop:
-        return None
-    return axis
-
-
-# ---------------------------------------------------------------------------------------------
-# k-means in `dim` dimensions
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KMeansSettings:
-    k: int
-    iterations: int
-    init: str  # auto | kmeans++ | random
-    sample: int  # 0: auto
-    seed: int
-
-
-def nearest(vectors: np.ndarray, centroids: np.ndarray,
-            workers: Workers = _ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
-    """Index of each vector's nearest centroid and the squared distance to it."""
-    if len(centroids) > _KDTREE_MIN_K:
-        distance, labels = cKDTree(centroids).query(vectors, workers=workers.free)
-        return labels.astype(np.int64), distance**2
-    points = np.asarray(vectors, dtype=np.float32)
-    table = np.asarray(centroids, dtype=np.float32)
-    # |x - c|^2 = |x|^2 + 2 (|c|^2 / 2 - x.c): only the bracket decides the argmin.
-    half_norms = 0.5 * np.einsum("ij,ij->i", table, table)
-    labels = np.empty(len(points), dtype=np.int64)
-    distances = np.empty(len(points), dtype=np.float64)
-    rows = max(256, _DISTANCE_CELLS // len(table))
-
-    def chunk(begin: int) -> None:
-        block = points[begin : begin + rows]
-        scores = half_norms - block @ table.T
-        best = np.argmin(scores, axis=1)
-        labels[begin : begin + rows] = best
-        lowest = np.take_along_axis(scores, best[:, None], axis=1)[:, 0]
-        distances[begin : begin + rows] = np.maximum(np.einsum("ij,ij->i", block, block) + 2.0 * lowest, 0.0)
-
-    starts = range(0, len(points), rows)
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        # Each chunk writes its own rows; a single chunk is not worth starting threads for.
-        for _ in (workers if len(starts) > 1 else _ONE_THREAD).map(chunk, starts):
-            pass
-    return labels, distances
-
-
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    """Found once: looking up the loaded BLAS libraries reads /proc and takes ~2 ms."""
-    return ThreadpoolController()
-
-
-def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None, settings: KMeansSettings,
-                   workers: Workers = _ONE_THREAD) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids [k', dim] (float64, k' <= k: unused ones dropped) and each vector's label.
-
-    Lloyd runs on a sample; then every vector is assigned once and the centroids move to the
-    means of their members, which can only lower the error for those labels.
-    """
-    if len(vectors) <= settings.k:  # an entry for every vector: exact
-        centroids, labels = np.unique(vectors, axis=0, return_inverse=True)
-        return centroids.astype(np.float64), labels.ravel()
-    rng = np.random.default_rng(settings.seed)
-    picked = _sample(len(vectors), settings, rng)
-    sample = vectors[picked]
-    sample_importance = None if importance is None else importance[picked]
-    centroids = _seed(sample, sample_importance, settings, rng)
-    centroids = _lloyd(sample, sample_importance, centroids, settings.iterations, workers)
-    labels, _ = nearest(vectors, centroids, workers)
-    centroids = _means(vectors, importance, labels, centroids)
-    return _drop_unused(centroids, labels)
-
-
-def _sample(count: int, settings: KMeansSettings, rng: np.random.Generator) -> np.ndarray:
-    size = settings.sample or max(_MIN_SAMPLE, _SAMPLE_PER_CENTROID * settings.k)
-    size = max(size, settings.k)
-    if size >= count:
-        return np.arange(count)
-    return np.sort(rng.choice(count, size, replace=False))
-
-
-def _seed(points: np.ndarray, importance: np.ndarray | None, settings: KMeansSettings,
-          rng: np.random.Generator) -> np.ndarray:
-    plus_plus = settings.init == "kmeans++" or (settings.init == "auto" and settings.k <= _KMEANS_PP_MAX_K)
-    if not plus_plus:
-        return points[np.sort(rng.choice(len(points), settings.k, replace=False))].astype(np.float64)
-    if len(points) > _SEED_PER_CENTROID * settings.k:  # each draw costs a pass: seed from fewer
-        picked = np.sort(rng.choice(len(points), _SEED_PER_CENTROID * settings.k, replace=False))
-        points, importance = points[picked], None if importance is None else importance[picked]
-    return _kmeans_plus_plus(points, importance, settings.k, rng)
-
-
-def _kmeans_plus_plus(points: np.ndarray, importance: np.ndarray | None, k: int,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Each next centroid is a point drawn with probability ~ importance x squared distance
-    to the centroids so far: spread out, and drawn to the tails that carry the error."""
-    weight = np.ones(len(points)) if importance is None else importance
-    chosen = [int(rng.choice(len(points), p=weight / weight.sum()))]
-    closest = weight * _squared_distances(points, points[chosen[0]])
-    for _ in range(1, k):
-        cumulative = np.cumsum(closest)
-        if cumulative[-1] <= 0:  # every point sits on a centroid: the rest go unused
-            chosen += [chosen[0]] * (k - len(chosen))
-            break
-        pick = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(points) - 1)
-        chosen.append(pick)
-        np.minimum(closest, weight * _squared_distances(points, points[pick]), out=closest)
-    return points[chosen].astype(np.float64)
-
-
-def _squared_distances(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    difference = points - centre
-    return np.einsum("ij,ij->i", difference, difference).astype(np.float64)
-
-
-def _lloyd(points: np.ndarray, importance: np.ndarray | None, centroids: np.ndarray, iterations: int,
-           workers: Workers) -> np.ndarray:
-    previous = math.inf
-    for _ in range(iterations):
-        labels, distances = nearest(points, centroids, workers)
-        error = float(np.dot(distances, importance) if importance is not None else distances.sum())
-        if error >= previous * (1.0 - _CONVERGED):
-            break
-        previous = error
-        centroids = _means(points, importance, labels, centroids)
-        centroids = _reseed_empty(points, importance, labels, distances, centroids)
-    return centroids
-
-
-def _means(points, importance, labels, centroids) -> np.ndarray:
-    """Each centroid moved to the (importance-weighted) mean of its points; empty ones stay."""
-    k = len(centroids)
-    mass = np.bincount(labels, weights=importance, minlength=k)
-    weighted = points if importance is None else points * importance[:, None]
-    sums = np.stack([np.bincount(labels, weights=weighted[:, j], minlength=k) for j in range(points.shape[1])], axis=1)
-    filled = mass > 0
-    moved = centroids.copy()
-    moved[filled] = sums[filled] / mass[filled, None]
-    return moved
-
-
-def _reseed_empty(points, importance, labels, distances, centroids) -> np.ndarray:
-    """Centroids nobody chose restart at the points that are worst served."""
-    empty = np.flatnonzero(np.bincount(labels, minlength=len(centroids)) == 0)
-    if empty.size == 0:
-        return centroids
-    cost = distances if importance is None else distances * importance
-    worst = np.argsort(-cost, kind="stable")[: empty.size]
-    centroids = centroids.copy()
-    centroids[empty[: worst.size]] = points[worst]
-    return centroids
-
-
-def _drop_unused(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Only centroids some vector uses, in their order, so indices pack into fewer bits."""
-    used, labels = np.unique(labels, return_inverse=True)
-    return centroids[used], labels.ravel()
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights prepared for clustering, and the fitted stages
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Member:
-    """One weight, read, scaled and cut into sub-vectors."""
-
-    weight: WeightRef
-    layout: VectorLayout
-    original: np.ndarray
-    scale_axis: int | None
-    scale_entries: np.ndarray | None  # [1.., C, ..1] as stored
-    scale: np.ndarray | None  # the same in the weight's dtype: what the Mul multiplies by
-    vectors: np.ndarray  # [count, dim] float32, divided by the scale
-    importance: np.ndarray | None  # per sub-vector: its squared scale, mean 1 over the tensor
-
-    def for_emit(self) -> Member:
-        """The member without its weight-sized arrays: all that emitting needs (layout and
-        scale), so that a plan waiting to be applied stays small."""
-        return dataclasses.replace(self, original=_NONE, vectors=_NONE, importance=None)
-
-
-@dataclass
-class Stage:
-    """One codebook and the labels of every sub-vector of the group it was fitted on."""
-
-    entries: np.ndarray  # [k, dim] in the stored dtype
-    values: np.ndarray  # the same cast to the weights' dtype: what the Gather returns
-    labels: np.ndarray  # [group's sub-vectors]
-    shared_name: str | None = None  # set when the table is stored once for a group
-
-    @property
-    def k(self) -> int:
-        return len(self.entries)
-
-    def for_emit(self) -> Stage:
-        """The stage without the group's labels (each plan holds its own member's)."""
-        return dataclasses.replace(self, labels=_NONE)
-
-
-# Stands in for a weight-sized array that emitting never reads.
-_NONE = np.empty(0, dtype=np.float32)
-
-
-def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, table_type: int,
-               workers: Workers = _ONE_THREAD) -> list[Stage]:
-    """Codebooks fitted once over every member's sub-vectors, stage 2 on stage 1's residual."""
-    vectors = np.concatenate([m.vectors for m in members])
-    importance = None
-    if any(m.importance is not None for m in members):  # scaled, or calibrated for feedback
-        importance = np.concatenate([np.ones(m.layout.count) if m.importance is None else m.importance
-                                     for m in members])
-    weight_type = members[0].weight.dtype
-    fitted = []
-    for stage in range(stages):
-        stage_settings = dataclasses.replace(settings, seed=settings.seed + stage)
-        centroids, labels = kmeans_vectors(vectors, importance, stage_settings, workers)
-        entries = centroids.astype(lookup.np_dtype(table_type))
-        values = entries.astype(lookup.np_dtype(weight_type))
-        fitted.append(Stage(entries, values, labels))
-        vectors = vectors - values[labels].astype(np.float32)  # the next stage codes what is left
-    return fitted
-
-
-def rebuild(member: Member, stage_labels: list[np.ndarray], stages: list[Stage], upto: int | None = None) -> np.ndarray:
-    """What the lookup computes, in the weight's dtype and the order the graph adds/multiplies."""
-    summed = None
-    for stage, labels in list(zip(stages, stage_labels))[:upto]:
-        part = stage.values[labels]
-        summed = part if summed is None else summed + part
-    weight = member.layout.merge(summed)
-    return weight * member.scale if member.scale is not None else weight
-
-
-# ---------------------------------------------------------------------------------------------
-# Lowering
-# ---------------------------------------------------------------------------------------------
-
-
-def emit_vector_lookup(r: Replacement, member: Member, stages: list[Stage], stage_labels: list[np.ndarray],
-                       opset: int, ir_version: int) -> str:
-    """The nodes that rebuild the member's weight; returns the value standing in for it."""
-    layout, weight_type = member.layout, member.weight.dtype
-    summed, words, table, digits = None, None, None, None
-    row_packing = _row_packing(member, stages, opset, ir_version)
-    for number, (stage, labels) in enumerate(zip(stages, stage_labels), start=1):
-        suffix = "" if number == 1 else f"_stage{number}"
-        table = stage.shared_name or r.stored(f"{LUT_ROLE_PREFIX}codebook{suffix}", stage.entries)
-        if stage.entries.dtype != stage.values.dtype:  # cast k entries, not every weight
-            table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast{suffix}", to=weight_type)
-        if row_packing is not None and row_packing.native:  # a byte (or two) per sub-vector
-            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}",
-                             labels.reshape(layout.index_shape).astype(row_packing.dtype))
-            index = r.node("Cast", [words], f"{LUT_ROLE_PREFIX}index{suffix}", to=TensorProto.INT32)
-        elif row_packing is not None:  # base-k digits, each row's in whole words of its own
-            words = r.stored(f"{LUT_ROLE_PREFIX}indices{suffix}",
-                             lookup.pack_row_digits(labels.reshape(layout.index_shape), row_packing))
-            digits = lookup.RowDigits(words, table, row_packing, layout.blocks)
-            index = digits.unpack(r, words, _stored_shape(r, (layout.outer, digits.padded_length)))
-        else:
-            index = lookup.emit_indices(r, labels.reshape(layout.index_shape), stage.k, opset, ir_version)
-        part = r.node("Gather", [table, index], f"{LUT_ROLE_PREFIX}vectors{suffix}", axis=0)
-        summed = part if summed is None else r.node("Add", [summed, part], f"{LUT_ROLE_PREFIX}vectors_sum")
-    out = _to_weight_shape(r, summed, layout)
-    scale = None
-    if member.scale is not None:
-        scale = r.stored(f"{LUT_ROLE_PREFIX}scale", member.scale_entries)
-        if member.scale_entries.dtype != member.scale.dtype:
-            scale = r.node("Cast", [scale], f"{LUT_ROLE_PREFIX}scale_cast", to=weight_type)
-        out = r.node("Mul", [out, scale], f"{LUT_ROLE_PREFIX}scaled")
-    if digits is not None:
-        r.row_gather = lookup.RowVectorDigits(digits, layout.shape, row_scale=scale)
-    elif row_packing is not None:
-        r.row_gather = lookup.RowGather(words, table, layout.dim, layout.shape, row_scale=scale)
-    return out
-
-
-def _row_packing(member: Member, stages: list[Stage], opset: int, ir_version: int) -> lookup.Packing | None:
-    """How to pack a member's indices so that a row Gather can pick its packed rows (then only
-    those rows are decoded): a byte or two per sub-vector, or base-k digits in whole words per
-    row; None where that does not apply: more than one stage, sub-vectors not along whole rows,
-    a scale other than per row, or whole words per row packing looser than the flat packing."""
-    layout = member.layout
-    if len(stages) != 1 or len(layout.shape) != 2 or layout.start != 1 or layout.padding:
-        return None
-    if member.scale is not None and member.scale_axis != 0:
-        return None
-    # Against digits, as before bit planes: a table read by row Gathers keeps rows that decode
-    # alone (the runtime never rebuilds it) though planes would store its indices 6% tighter.
-    flat = lookup.choose_packing(stages[0].k, opset, ir_version, planes=False)
-    rows = lookup.choose_packing(stages[0].k, opset, ir_version, whole_bytes=True)
-    if rows.native and rows.dtype not in (np.uint8, np.uint16):
-        return None
-    padded = -(-layout.blocks // rows.per_word) * rows.per_word
-    row_bits, flat_bits = rows.bits_per_index * padded, flat.bits_per_index * layout.blocks
-    return rows if row_bits <= flat_bits * _ROW_PADDING_ALLOWANCE else None
-
-
-def _stored_shape(r: Replacement, shape: tuple[int, ...]) -> str:
-    return r.stored(f"{LUT_ROLE_PREFIX}shape", np.array(shape, dtype=np.int64))
-
-
-def _to_weight_shape(r: Replacement, gathered: str, layout: VectorLayout) -> str:
-    """[outer, blocks, (inner,) dim] -> the weight: dim back before inner, padding cut off."""
-    if layout.inner > 1:
-        gathered = r.node("Transpose", [gathered], f"{LUT_ROLE_PREFIX}transposed", perm=[0, 1, 3, 2])
-    if layout.padding:
-        lines = _reshape(r, gathered, (layout.outer, layout.blocks * layout.dim, layout.inner))
-        ends = r.stored(f"{LUT_ROLE_PREFIX}slice_ends", np.array([layout.length], dtype=np.int64))
-        starts = r.stored(f"{LUT_ROLE_PREFIX}slice_starts", np.array([0], dtype=np.int64))
-        axes = r.stored(f"{LUT_ROLE_PREFIX}slice_axes", np.array([1], dtype=np.int64))
-        gathered = r.node("Slice", [lines, starts, ends, axes], f"{LUT_ROLE_PREFIX}unpadded")
-    return _reshape(r, gathered, layout.shape)
-
-
-def _reshape(r: Replacement, name: str, shape: tuple[int, ...]) -> str:
-    target = r.stored(f"{LUT_ROLE_PREFIX}shape", np.array(shape, dtype=np.int64))
-    return r.node("Reshape", [name, target], f"{LUT_ROLE_PREFIX}reshaped")
-
-
-def dry_run(weight: WeightRef, emit: Callable[[Replacement], str]) -> lookup.LookupCost:
-    """The bytes `emit` stores, counted by emitting into a replacement with names of its own,
-    so the figure is exactly what applying will store and the model's names are untouched."""
-    scratch = dataclasses.replace(weight, model=SimpleNamespace(names=NameAllocator(set())))
-    r = Replacement(scratch)
-    emit(r)
-    return lookup.cost_of(r)
-
-
-# ---------------------------------------------------------------------------------------------
-# The pass
-# ---------------------------------------------------------------------------------------------
 
 
 @register
@@ -673,7 +218,7 @@ class CodebookPass(Pass):
             begin = end
         return plans, shared
 
-    def fit(self, members: list[Member], workers: Workers = _ONE_THREAD) -> list[Stage]:
+    def fit(self, members: list[Member], workers: Workers = ONE_THREAD) -> list[Stage]:
         return fit_stages(members, self._settings(), self.config["stages"], self._table_type(members[0].weight),
                           workers)
 
@@ -987,22 +532,6 @@ class CodebookPass(Pass):
         return self.config["stages"] > 1 or self.config["scale"] == "channel"
 
 
-def corrects_rows(weight: WeightRef) -> bool:
-    """Whether hot_rows applies: a 2-D float table that only row Gathers read (an embedding)."""
-    if len(weight.shape) != 2 or weight.dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-        return False
-    return weight.read_by_row_gathers()
-
-
-def hot_rows(counts: np.ndarray, min_count: int) -> np.ndarray:
-    """The rows read at least `min_count` times, at most HOT_ROWS_MAX_SHARE of them (the most
-    read first), sorted."""
-    cap = max(1, int(len(counts) * HOT_ROWS_MAX_SHARE))
-    eligible = np.flatnonzero(counts >= min_count)
-    most_read = eligible[np.argsort(-counts[eligible], kind="stable")][:cap]
-    return np.sort(most_read)
-
-
 def _scale_label(member: Member) -> str | None:
     if member.scale is None:
         return None
@@ -1022,3 +551,10 @@ def _rms(values: np.ndarray, axis: int | None) -> np.ndarray:
     others = tuple(a for a in range(values.ndim) if a != axis)
     rms = np.sqrt(np.mean(values**2, axis=others, keepdims=True))
     return np.where(rms > 0, rms, 1.0)
+
+
+__all__ = [
+    "CodebookPass", "HOT_ROWS_MAX_SHARE", "KMeansSettings", "Member", "Stage", "VectorLayout", "channel_scale_axis",
+    "corrects_rows", "dry_run", "emit_vector_lookup", "fan_in_axes", "fit_stages", "hot_rows", "kmeans_vectors",
+    "nearest", "rebuild", "vector_layout",
+]
