@@ -776,7 +776,8 @@ def _impossible(budget: Budget, studies: list[Study]) -> str:
         name = next(s.weight.name for s in studies if least in s.points)
         cosine = min(least.measured.cosine.values(), default=None)
         figure = f"cosine {cosine:.9f}" if cosine is not None else f"{least.units:.3g} times the budget"
-        detail = f"; the least lossy setting measured, {least.label} on {name}, alone gives {figure}"
+        how = "predicted" if least.predicted else "measured"
+        detail = f"; the least lossy setting {how}, {least.label} on {name}, alone gives {figure}"
     return f"auto: no weight can be compressed within the budget ({budget.describe()}){detail}"
 
 
@@ -811,7 +812,8 @@ def _details(budget, outputs, split: Split, studies: list[Study], best: Round, r
         "outputs": outputs,
         "fitting": {name: list(np.shape(value)) for name, value in split.fitting.items()},
         "held_out": held_out,
-        "settings_measured": sum(len(s.points) - 1 for s in studies),
+        "settings_measured": sum(not p.kept and not p.predicted for s in studies for p in s.points),
+        "settings_predicted": sum(p.predicted for s in studies for p in s.points),
         "bytes_before": sum(t["bytes_before"] for t in tensors),
         "bytes_after": sum(t["bytes_after"] for t in tensors),
         "predicted": _predicted(studies, best.chosen, outputs),
@@ -838,14 +840,15 @@ def _tensor_report(study: Study, index: int) -> dict[str, Any]:
     }
     report["tried"] = [p.to_dict() for p in study.points if not p.kept]
     if not point.kept:
-        report["alone"] = point.measured.to_dict()
+        report["alone"] = {**point.measured.to_dict(), **({"predicted": True} if point.predicted else {})}
         report["plan"] = {k: point.plan.details[k] for k in ("k", "packing", "sqnr_db", "bits_per_weight")
                           if k in point.plan.details}
     return report
 
 
 def _why(point: Point, cheaper: Point | None) -> str:
-    share = f"alone uses {100 * point.units:.2f}% of the budget at {point.bytes} bytes"
+    predicted = " (predicted from a sample)" if point.predicted else ""
+    share = f"alone uses {100 * point.units:.2f}% of the budget{predicted} at {point.bytes} bytes"
     if cheaper is None:
         return f"the cheapest setting measured; {share}"
     return (f"{share}; the next cheaper choice, {cheaper.label}, would save {point.bytes - cheaper.bytes} bytes "

@@ -150,9 +150,10 @@ def test_predicted_settings_meet_the_budget_in_onnxruntime(runs, decoder):
     assert result.passed
     original = onnx.load(str(decoder))
     assert verify(original, result.model, synthesize_inputs(original), BUDGET).passed
-    tensors = auto_details(result)["tensors"]
-    sampled = [t for t in tensors if any(p.get("predicted") for p in t["tried"])]
+    details = auto_details(result)
+    sampled = [t for t in details["tensors"] if any(p.get("predicted") for p in t["tried"])]
     assert sampled, "no weight was sampled"
+    assert details["settings_predicted"] == sum(len(t["tried"]) for t in sampled)
     for tensor in sampled:  # every setting of a sampled weight is predicted
         assert all(p.get("predicted") for p in tensor["tried"])
     assert any(t["setting"] != "kept as is" for t in sampled)
@@ -172,5 +173,6 @@ def test_predictions_track_measurements(runs):
 
 
 def test_small_models_are_measured_setting_by_setting(decoder):
-    result = graphpass.run(decoder, SPEC.format("auto"), budget=BUDGET)
-    assert not any(p.get("predicted") for t in auto_details(result)["tensors"] for p in t["tried"])
+    details = auto_details(graphpass.run(decoder, SPEC.format("auto"), budget=BUDGET))
+    assert not any(p.get("predicted") for t in details["tensors"] for p in t["tried"])
+    assert details["settings_predicted"] == 0 and details["settings_measured"] > 0
