@@ -128,6 +128,11 @@ class PassContext:
         self._analyses[kind] = (self.model.generation, value)
         return value
 
+    def provide(self, kind: type[Analysis], value: Any) -> None:
+        """Give an analysis its result, computed elsewhere: auto plans a sample of a weight in a
+        one-node model that cannot run the calibration inputs, with the whole model's figures."""
+        self._analyses[kind] = (self.model.generation, value)
+
     def progress(self, label: str, total: int):
         """A context yielding `advance(n)`; the CLI shows a bar on stderr, the API stays silent."""
         return progress_of(self._progress, label, total)

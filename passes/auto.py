@@ -77,7 +77,7 @@ from graphpass.budget import Budget
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
-from graphpass.feedback import input_axis, input_energy_weight, relative_energy
+from graphpass.feedback import FeedbackStatistics, InputHessians, input_axis, input_energy_weight, relative_energy
 from graphpass.grid import Setting, candidate_settings, uses_feedback
 from graphpass.holdout import Split, split_inputs
 from graphpass.inputs import synthesize_inputs
@@ -623,8 +623,9 @@ class AutoPass(Pass):
         if uses_feedback(setting) and weight.name not in calibration.hessians:
             return "error feedback is tried on MatMul, Gemm and Conv (group 1) weights only"
         value_weight, hessian, row_counts = calibration.fit_inputs(setting, weight)
-        plan = setting.plan(PassContext(sample.model, deployment=ctx.deployment, workers=ctx.workers),
-                            sample.weight, value_weight, hessian, sample.row_counts(row_counts))
+        row_counts = sample.row_counts(row_counts)
+        plan = setting.plan(_sample_context(ctx, sample.model, hessian, row_counts), sample.weight, value_weight,
+                            hessian, row_counts)
         if isinstance(plan, str):
             return plan
         # A table's G (table_sensitivity) is not over a reader's inputs: its proxy is unweighted.
@@ -728,6 +729,17 @@ class AutoPass(Pass):
         for name in all_value_and_node_names(model.proto):
             model.names.reserve(name)
         model.structure_edited()
+
+
+def _sample_context(ctx: PassContext, part: Model, hessian: np.ndarray | None,
+                  row_counts: np.ndarray | None) -> PassContext:
+    """A context to plan a sample of a weight in `part`, a one-node model that cannot run the
+    calibration inputs: a codec with feedback reads the whole model's figures for it there."""
+    context = PassContext(part, deployment=ctx.deployment, workers=ctx.workers)
+    (name,) = (w.name for w in part.weights())
+    context.provide(InputHessians, FeedbackStatistics({} if hessian is None else {name: hessian},
+                                                      {} if row_counts is None else {name: row_counts}))
+    return context
 
 
 # Stands in for a reconstruction once measured, so that waiting plans hold no weight-sized copy.

@@ -176,3 +176,13 @@ def test_small_models_are_measured_setting_by_setting(decoder):
     details = auto_details(graphpass.run(decoder, SPEC.format("auto"), budget=BUDGET))
     assert not any(p.get("predicted") for t in details["tensors"] for p in t["tried"])
     assert details["settings_predicted"] == 0 and details["settings_measured"] > 0
+
+
+def test_settings_with_feedback_are_predicted_from_the_whole_models_figures(small_samples, decoder):
+    """A sample's one-node model cannot run the calibration inputs: its feedback fit takes the
+    second moment of the whole weight's inputs."""
+    spec = "auto(methods=kmeans,bits=3|4,granularities=channel,feedback=true,predict=always)"
+    result = graphpass.run(decoder, spec, budget=BUDGET)
+    assert result.passed
+    tried = [p for t in auto_details(result)["tensors"] for p in t["tried"]]
+    assert any(p.get("predicted") and "feedback=True" in p["setting"] for p in tried)
