@@ -67,7 +67,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -100,11 +100,11 @@ FLOOR_SHARE = 0.25
 # reorder float operations, and the run's final verification must still pass.
 HEADROOM = 0.98
 MAX_ROUNDS = 6  # models built and verified
+MAX_STEPS = 4 * MAX_ROUNDS  # targets tried, counting allocations recalled from an earlier build
 # Above this many bytes of candidate weights, large weights' settings are predicted, not each
 # measured (graphpass.sampling): on the 1.1 B decoder one model run takes 2 s, and ~3,000 of them
 # after fits of up to 18 s each took hours.
 PREDICT_ABOVE_BYTES = 256 << 20
-MAX_STEPS = 4 * MAX_ROUNDS  # targets tried, counting allocations recalled from an earlier build
 # A passing model using less than this share of the budget is worth a bolder try. On the BERT at
 # --min-cosine 0.99 the first build used 0.83 of it: at 0.7 auto stopped there (9.06 MB); at 0.9
 # three more builds (seconds each) reached 0.95 and 8.89 MB, the worst test sentence at 0.9908.
@@ -317,6 +317,15 @@ class Trial:
     plan: Plan | None  # None: planned on the rows calibration reads; the whole weight is planned if chosen
 
 
+class SampleFit(NamedTuple):
+    """A setting fitted on a weight's sample (graphpass.sampling)."""
+
+    setting: Setting
+    rebuilt: np.ndarray  # the sample's reconstruction
+    proxy: float  # its proxy error
+    seconds: float
+
+
 @dataclass
 class Calibration:
     """What every measurement shares: the probe, the reference outputs, and per-weight facts
@@ -388,8 +397,9 @@ class AutoPass(Pass):
                "(its Conv at 6 bits) it kept 99.5% top-1 agreement at 24.0% of the file, against 98.8% at 25.0% "
                "without (README)"),
         Option("predict", str, "auto", "fit a large weight's settings on a sample of its channels, measure one "
-               "on the whole weight and predict the others from it (graphpass.sampling); auto: when the weights "
-               "pass 256 MiB, where measuring each setting takes hours", choices=("auto", "always", "never")),
+               "with those channels in place and predict the others from it (graphpass.sampling); auto: when "
+               "the weights pass 256 MiB, where measuring each setting takes hours",
+               choices=("auto", "always", "never")),
         Option("gptq", bool, False, "the same as feedback=true (its earlier name, for the memory objective's kernels)"),
         *WEIGHT_FILTER_OPTIONS,
     )
@@ -465,7 +475,8 @@ class AutoPass(Pass):
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
         return Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
-                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables), *self._sampling(ctx, weights, inputs))
+                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables),
+                           *self._sampling(ctx, weights, inputs))
 
     def _sampling(self, ctx: PassContext, weights: list[WeightRef], inputs) -> tuple[bool, dict[str, np.ndarray]]:
         """(predicting, the rows of each Gather-read table the fitting inputs read)."""
@@ -533,7 +544,9 @@ class AutoPass(Pass):
             settings = [(s.with_feedback() or s) if s.for_tables else s for s in settings]
         # At equal bytes feedback first: where it applies it is the likelier to reach the floor.
         ordered = sorted(settings, key=lambda s: (s.expected_bytes(weight, ctx.model), not uses_feedback(s), s.label))
-        sample = channel_sample(ctx.model, weight, calibration.read_rows.get(weight.name)) if calibration.predicting else None
+        sample = None
+        if calibration.predicting:
+            sample = channel_sample(ctx.model, weight, calibration.read_rows.get(weight.name))
         if sample is None:
             self._measure_each(ctx, study, ordered, calibration, advance)
         else:
@@ -578,7 +591,8 @@ class AutoPass(Pass):
         of median proxy error is measured with its sampled channels in place, scaled to the whole
         weight; the others' errors are predicted from it by their proxy errors. The whole weight
         is fitted for a setting only when an allocation chooses it (_fit_whole)."""
-        weight, fits, seen = study.weight, [], set()
+        weight, seen = study.weight, set()
+        fits: list[SampleFit] = []
         for setting in ordered:
             advance(1)
             if setting.effective(weight) in seen:
@@ -589,23 +603,24 @@ class AutoPass(Pass):
             if isinstance(fit, str):
                 study.unplanned.append((setting.label, fit))
             else:
-                fits.append((setting, *fit, time.perf_counter() - started))
+                fits.append(SampleFit(setting, *fit, time.perf_counter() - started))
         if not fits:  # none planned on the sample (one below a codec's min_size, say)
             study.unplanned.clear()
             self._measure_each(ctx, study, ordered, calibration, lambda n: None)
             return
-        lossy = sorted((f for f in fits if f[2] > 0), key=lambda f: f[2])
-        anchor = (_EXACT, 1.0)
+        lossy = sorted((f for f in fits if f.proxy > 0), key=lambda f: f.proxy)
+        anchor, anchor_proxy = _EXACT, 1.0
         # The median first; one too faint to measure gives way to the lossiest.
         for index in sorted({len(lossy) // 2, len(lossy) - 1}) if lossy else ():
-            setting, rebuilt, proxy, _ = lossy[index]
-            measured = self._measure_sample(weight, sample, rebuilt, uses_feedback(setting), calibration)
-            anchor = measured, proxy
-            if measured.units > 0:
+            fit = lossy[index]
+            anchor = self._measure_sample(weight, sample, fit.rebuilt, uses_feedback(fit.setting), calibration)
+            anchor_proxy = fit.proxy
+            if anchor.units > 0:
                 break
-        for setting, _, proxy, seconds in fits:
-            study.points.append(Point(setting.label, setting.expected_bytes(weight, ctx.model),
-                                      anchor[0].scaled(proxy / anchor[1]), None, seconds, setting, predicted=True))
+        for fit in fits:
+            study.points.append(Point(fit.setting.label, fit.setting.expected_bytes(weight, ctx.model),
+                                      anchor.scaled(fit.proxy / anchor_proxy), None, fit.seconds, fit.setting,
+                                      predicted=True))
 
     @staticmethod
     def _measure_sample(weight: WeightRef, sample: ChannelSample, rebuilt: np.ndarray, learnt: bool,
@@ -690,8 +705,8 @@ class AutoPass(Pass):
         return min(passing, key=lambda r: (r.file_bytes, rounds.index(r))), rounds
 
     def _fit_whole(self, ctx, studies: list[Study], chosen: list[int], calibration: Calibration) -> bool:
-        """Plan the whole weight, on the run's workers, for every chosen setting measured on rows
-        or predicted from a sample. False when one cannot be planned after all (it leaves its
+        """Plan the whole weight, on the run's workers, for every chosen setting fitted on part of
+        it (rows calibration reads, or a sample of channels). False when one cannot be planned after all (it leaves its
         weight's front)."""
         waiting = [(study, study.front[index]) for study, index in zip(studies, chosen)
                    if not study.front[index].kept and study.front[index].plan is None]
@@ -731,12 +746,12 @@ class AutoPass(Pass):
         model.structure_edited()
 
 
-def _sample_context(ctx: PassContext, part: Model, hessian: np.ndarray | None,
-                  row_counts: np.ndarray | None) -> PassContext:
-    """A context to plan a sample of a weight in `part`, a one-node model that cannot run the
-    calibration inputs: a codec with feedback reads the whole model's figures for it there."""
-    context = PassContext(part, deployment=ctx.deployment, workers=ctx.workers)
-    (name,) = (w.name for w in part.weights())
+def _sample_context(ctx: PassContext, sample_model: Model, hessian: np.ndarray | None,
+                    row_counts: np.ndarray | None) -> PassContext:
+    """A context to plan a sample of a weight in `sample_model`, a one-node model that cannot run
+    the calibration inputs: a codec with feedback reads the whole model's figures for it there."""
+    context = PassContext(sample_model, deployment=ctx.deployment, workers=ctx.workers)
+    (name,) = (w.name for w in sample_model.weights())
     context.provide(InputHessians, FeedbackStatistics({} if hessian is None else {name: hessian},
                                                       {} if row_counts is None else {name: row_counts}))
     return context
