@@ -4,11 +4,13 @@ measured setting.
 auto measures each setting of each weight alone in onnxruntime: a fit over every value, then one
 run of the model. On the 1.1 B-parameter decoder (fixtures.llm) that is about 3,000 runs of 2 s
 and fits of up to 18 s each: hours. For a large model auto instead fits each setting on a sample
-of the weight's output channels and measures one setting on the whole weight; the others'
+of the weight's output channels and measures one setting with the sampled channels in place,
+scaled to the whole weight (each `SamplePart` on its own, their errors added); the others'
 errors are predicted from it.
 
 * The sample: evenly spaced output channels of a MatMul or Gemm weight, or the rows of an
-  embedding table that the calibration inputs read, read by the same kind of node, so that a
+  embedding table that the calibration inputs read (with evenly spaced others for a tied LM
+  head), read by the same kind of node, so that a
   codec plans them as it plans the whole weight. Per-channel and per-group codebooks are fitted
   on those channels exactly as on the whole weight; a per-tensor codebook sees a sample of its
   values.
