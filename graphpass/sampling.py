@@ -32,7 +32,7 @@ from onnx import helper
 
 from graphpass.codec import output_channel_axis
 from graphpass.edit import Model
-from graphpass.weights import WeightRef
+from graphpass.weights import WeightRef, is_row_gather
 
 # Channels are sampled up to about this many values, and at least MIN_CHANNELS of them.
 SAMPLE_VALUES = 1 << 17
@@ -136,8 +136,7 @@ def _is_dense_reader(node: onnx.NodeProto, index: int) -> bool:
 
 
 def _is_row_gather(node: onnx.NodeProto, index: int) -> bool:
-    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-    return node.domain in ("", "ai.onnx") and node.op_type == "Gather" and index == 0 and axis == 0
+    return node.domain in ("", "ai.onnx") and is_row_gather(node, index)
 
 
 def _sample(model: Model, weight: WeightRef, reader: onnx.NodeProto, axis: int, picks: np.ndarray,

@@ -116,10 +116,7 @@ class WeightRef:
         """Whether only Gathers on axis 0 read this weight, as they read an embedding table: each
         reader picks whole rows."""
         readers = list(self.reader_nodes())
-        return bool(readers) and all(
-            node.op_type == "Gather" and index == 0
-            and next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) == 0
-            for node, index in readers)
+        return bool(readers) and all(is_row_gather(node, index) for node, index in readers)
 
     def read(self) -> np.ndarray:
         """The weight's value as numpy (float16 stays float16; bfloat16 comes back as ml_dtypes).
@@ -133,6 +130,12 @@ class WeightRef:
     def replace_with(self, replacement: Replacement, result: str) -> None:
         """Make `result`, a value the replacement computes or references, stand in for this weight."""
         self.model.apply_replacement(self, replacement, result)
+
+
+def is_row_gather(node: NodeProto, index: int) -> bool:
+    """Whether `node` reads its input `index` as an embedding table: a Gather on axis 0."""
+    return (node.op_type == "Gather" and index == 0
+            and next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) == 0)
 
 
 class WeightReader:

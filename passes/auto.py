@@ -59,6 +59,7 @@ left alone (the probe cannot feed them; see graphpass.sensitivity).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tempfile
 import threading
@@ -883,14 +884,10 @@ def _why(point: Point, cheaper: Point | None) -> str:
 
 
 def _predicted(studies: list[Study], chosen: list[int], outputs: list[str]) -> dict[str, Any]:
-    """Per output: 1 - cosine adds over weights, max abs errors add in quadrature."""
+    """Per output: the chosen weights' errors together, as Measurement.plus adds them (1 - cosine
+    adds over weights, max abs errors add in quadrature)."""
     measured = [s.front[i].measured for s, i in zip(studies, chosen) if s.front[i].measured is not None]
-    cosine, max_abs = {}, {}
-    for name in outputs:
-        gaps = [1.0 - m.cosine[name] for m in measured if name in m.cosine]
-        errors = [m.max_abs_error[name] for m in measured if name in m.max_abs_error]
-        if gaps:
-            cosine[name] = 1.0 - sum(gaps)
-            max_abs[name] = math.sqrt(sum(e * e for e in errors))
-    return {"units": round(predicted_units([s.front for s in studies], chosen), 6), "cosine": cosine,
-            "max_abs_error": max_abs}
+    together = functools.reduce(Measurement.plus, measured, _EXACT)
+    return {"units": round(predicted_units([s.front for s in studies], chosen), 6),
+            "cosine": {name: together.cosine[name] for name in outputs if name in together.cosine},
+            "max_abs_error": {name: together.max_abs_error[name] for name in outputs if name in together.cosine}}
