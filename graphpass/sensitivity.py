@@ -46,7 +46,7 @@ from graphpass.metrics import LevelMetrics, OutputMetrics, compare_arrays
 from graphpass.model import serialized_bytes
 from graphpass.scopes import build_scope_tree
 from graphpass.verify import VerifyResult
-from graphpass.weights import WeightRef
+from graphpass.weights import WeightRef, is_row_gather
 
 # Below this, 1 - cosine is float64 rounding of a dot product over normalised vectors.
 _COSINE_NOISE = 1e-12
@@ -401,8 +401,7 @@ def _gather_tables(model: Model, weights: Sequence[WeightRef], also_read_otherwi
     top = {w.name: w for w in weights if w.scope.parent is None and not w.scope.is_function and len(w.shape) >= 1}
     tables: dict[str, list[str]] = {}
     for node in model.proto.graph.node:
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-        if node.op_type == "Gather" and node.input[0] in top and axis == 0:
+        if is_row_gather(node, 0) and node.input[0] in top:
             tables.setdefault(node.input[0], []).append(node.input[1])
     return {name: indices for name, indices in tables.items()
             if also_read_otherwise or len(indices) == len(top[name].consumers)}
