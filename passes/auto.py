@@ -816,16 +816,15 @@ def _not_converged(budget: Budget, rounds: list[Round]) -> str:
 
 
 def _why_kept(study: Study) -> str:
-    measured = [p for p in study.points if not p.kept]
+    """Why a weight was kept, worded the same for every weight kept for that reason, so that the
+    summary groups them: each one's figures are in the report's tensors ("why", "tried")."""
+    measured = [p.units for p in study.points if not p.kept]
     if not measured:
         label, reason = study.unplanned[0]
         return f"kept as is: no setting applies ({label}: {reason})"
-    if len(study.front) == 1:
-        least = min(measured, key=lambda p: p.units)
-        return f"kept as is: even {least.label} alone uses {least.units:.3g} times the budget"
-    cheapest = study.front[0]  # fronts run from the fewest bytes to kept-as-is
-    return (f"kept as is: its cheapest useful setting, {cheapest.label}, alone uses {100 * cheapest.units:.1f}% "
-            "of the budget, a worse trade than the others'")
+    if min(measured) > 1:
+        return "kept as is: even its most accurate setting alone is over the budget"
+    return "kept as is: each of its settings costs more of the budget per byte saved than the others' do"
 
 
 def _details(budget, outputs, split: Split, studies: list[Study], best: Round, rounds: list[Round],

@@ -175,6 +175,19 @@ def points(*pairs) -> list[auto.Point]:
                      enumerate(pairs[1:])]
 
 
+def test_weights_kept_for_one_reason_share_its_words():
+    """The summary groups skipped weights by reason: a reason with each weight's share of the
+    budget in it gave the 1.1 B decoder one line per weight. The figures are in `tensors`."""
+    def kept_for(*pairs):
+        study = auto.Study(SimpleNamespace(name="w"), points(*pairs))
+        study.front = auto.pareto_front(study.points)
+        return auto._why_kept(study)
+
+    assert kept_for((1000, 0), (100, 0.31), (200, 0.2)) == kept_for((1000, 0), (120, 0.86), (300, 0.4))
+    assert kept_for((1000, 0), (100, 3.1)) == kept_for((1000, 0), (100, 12.0), (500, 1.5))
+    assert kept_for((1000, 0), (100, 0.31)) != kept_for((1000, 0), (100, 3.1))
+
+
 def test_front_keeps_only_points_a_budget_could_choose():
     candidates = points((1000, 0), (100, 5.0), (200, 1.0), (250, 1.2), (300, 0.2), (400, 0.3), (500, 0.15))
     front = auto.pareto_front(candidates)
