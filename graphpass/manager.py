@@ -8,6 +8,7 @@ shared post-condition), records per-pass statistics, and names the pass when any
 from __future__ import annotations
 
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -118,15 +119,19 @@ class PassContext:
         self.budget_outputs = budget_outputs
         self.calibration_inputs = calibration_inputs
         self._analyses: dict[type, tuple[int, Any]] = {}
+        # Workers planning weights at once may ask for the same analysis: it is computed once,
+        # the others wait (one analysis may ask for another, on the same thread).
+        self._computing = threading.RLock()
 
     def analysis(self, kind: type[Analysis]) -> Any:
         """The result of an analysis, recomputed only when the model changed since."""
-        cached = self._analyses.get(kind)
-        if cached is not None and cached[0] == self.model.generation:
-            return cached[1]
-        value = kind.compute(self)
-        self._analyses[kind] = (self.model.generation, value)
-        return value
+        with self._computing:
+            cached = self._analyses.get(kind)
+            if cached is not None and cached[0] == self.model.generation:
+                return cached[1]
+            value = kind.compute(self)
+            self._analyses[kind] = (self.model.generation, value)
+            return value
 
     def provide(self, kind: type[Analysis], value: Any) -> None:
         """Give an analysis its result, computed elsewhere: auto plans a sample of a weight in a

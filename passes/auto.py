@@ -78,7 +78,9 @@ from graphpass.budget import Budget
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
-from graphpass.feedback import FeedbackStatistics, InputHessians, input_axis, input_energy_weight, relative_energy
+from graphpass.feedback import (
+    FeedbackStatistics, InputHessians, RowCounts, input_axis, input_energy_weight, relative_energy,
+)
 from graphpass.grid import Setting, candidate_settings, uses_feedback
 from graphpass.holdout import Split, split_inputs
 from graphpass.inputs import synthesize_inputs
@@ -348,6 +350,11 @@ class Calibration:
     # with the rows of every Gather-read table the fitting inputs read (tied ones included).
     predicting: bool = False
     read_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    # Where the whole weights' settings are planned: the run's model with the figures above as its
+    # feedback statistics, so that a codec never captures the whole model's activations itself
+    # (on the 1.1 B decoder two workers doing that at once for a table's feedback setting went
+    # past 20 GB), and a plan learns from the fitting share only.
+    planning: PassContext | None = None
 
     def measure(self, weight: WeightRef, values: np.ndarray, learnt: bool) -> Measurement:
         """The error of `weight` alone replaced by `values`, on the fitting share. A setting that
@@ -475,9 +482,11 @@ class AutoPass(Pass):
         if (needs_hessians or tables) and split.held_out is not None:
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
-        return Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
-                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables),
-                           *self._sampling(ctx, weights, inputs))
+        calibration = Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
+                                  FLOOR_SHARE / len(weights), hessians, unseen, set(tables),
+                                  *self._sampling(ctx, weights, inputs))
+        calibration.planning = _planning_context(ctx, ctx.model, hessians, row_counts)
+        return calibration
 
     def _sampling(self, ctx: PassContext, weights: list[WeightRef], inputs) -> tuple[bool, dict[str, np.ndarray]]:
         """(predicting, the rows of each Gather-read table the fitting inputs read)."""
@@ -640,8 +649,10 @@ class AutoPass(Pass):
             return "error feedback is tried on MatMul, Gemm and Conv (group 1) weights only"
         value_weight, hessian, row_counts = calibration.fit_inputs(setting, weight)
         row_counts = sample.row_counts(row_counts)
-        plan = setting.plan(_sample_context(ctx, sample.model, hessian, row_counts), sample.weight, value_weight,
-                            hessian, row_counts)
+        (name,) = (w.name for w in sample.model.weights())
+        context = _planning_context(ctx, sample.model, {} if hessian is None else {name: hessian},
+                                    {} if row_counts is None else {name: row_counts})
+        plan = setting.plan(context, sample.weight, value_weight, hessian, row_counts)
         if isinstance(plan, str):
             return plan
         # A table's G (table_sensitivity) is not over a reader's inputs: its proxy is unweighted.
@@ -661,7 +672,7 @@ class AutoPass(Pass):
                 values = calibration.probe.originals[weight.name].copy()
                 values[rows] = plan.reconstruction
                 return Trial(values, setting.expected_bytes(weight, ctx.model), None)
-        plan = setting.plan(ctx, weight, *calibration.fit_inputs(setting, weight))
+        plan = setting.plan(calibration.planning, weight, *calibration.fit_inputs(setting, weight))
         if isinstance(plan, str):
             return plan
         return Trial(plan.reconstruction, plan.stored_bytes, plan)
@@ -714,7 +725,8 @@ class AutoPass(Pass):
 
         def fit(item: tuple[Study, Point]) -> Plan | str:
             study, point = item
-            return point.setting.plan(ctx, study.weight, *calibration.fit_inputs(point.setting, study.weight))
+            return point.setting.plan(calibration.planning, study.weight,
+                                      *calibration.fit_inputs(point.setting, study.weight))
 
         fitted = True
         for (study, point), plan in zip(waiting, ctx.workers.map(fit, waiting)):
@@ -747,14 +759,14 @@ class AutoPass(Pass):
         model.structure_edited()
 
 
-def _sample_context(ctx: PassContext, sample_model: Model, hessian: np.ndarray | None,
-                    row_counts: np.ndarray | None) -> PassContext:
-    """A context to plan a sample of a weight in `sample_model`, a one-node model that cannot run
-    the calibration inputs: a codec with feedback reads the whole model's figures for it there."""
-    context = PassContext(sample_model, deployment=ctx.deployment, workers=ctx.workers)
-    (name,) = (w.name for w in sample_model.weights())
-    context.provide(InputHessians, FeedbackStatistics({} if hessian is None else {name: hessian},
-                                                      {} if row_counts is None else {name: row_counts}))
+def _planning_context(ctx: PassContext, model: Model, hessians: dict[str, np.ndarray],
+                      row_counts: dict[str, np.ndarray]) -> PassContext:
+    """A context to plan weights of `model` in, whose feedback statistics and row counts are the
+    ones given (auto's, from the fitting share). `model` is the run's, or a sample's one-node
+    model that could not run the calibration inputs at all."""
+    context = PassContext(model, deployment=ctx.deployment, workers=ctx.workers)
+    context.provide(InputHessians, FeedbackStatistics(hessians, row_counts))
+    context.provide(RowCounts, row_counts)
     return context
 
 

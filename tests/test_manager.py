@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 import graphpass
 from graphpass.analysis import WeightFingerprints
 from graphpass.edit import Model
 from graphpass.errors import PassFailed, UsageError
-from graphpass.manager import Option, Pass, PassContext, PassResult, parse_spec
+from graphpass.manager import Analysis, Option, Pass, PassContext, PassResult, parse_spec
 from graphpass.model import load_model
 from graphpass.verify import Budget
 from graphpass.weights import Replacement
@@ -111,6 +114,22 @@ def test_analyses_are_cached_until_the_model_changes(fixture_dir):
     assert ctx.analysis(WeightFingerprints) is first
     model.add_shared_tensor(model.scopes[0], "extra", model.weights()[0].read())
     assert ctx.analysis(WeightFingerprints) is not first
+
+
+def test_an_analysis_asked_for_by_several_workers_at_once_is_computed_once(fixture_dir):
+    class Slow(Analysis):
+        computed = []
+
+        @classmethod
+        def compute(cls, ctx):
+            cls.computed.append(ctx)
+            time.sleep(0.2)  # long enough for every worker to ask before it is done
+            return object()
+
+    ctx = PassContext(Model(load_model(fixture_dir / "mlp.onnx").proto))
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda _: ctx.analysis(Slow), range(4)))
+    assert len(Slow.computed) == 1 and all(f is found[0] for f in found)
 
 
 @pytest.mark.parametrize("budget, passes", [
