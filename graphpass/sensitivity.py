@@ -241,6 +241,13 @@ class Probe:
         values = self._session().run_with_ort_values(self.outputs, feed)
         return {name: value.numpy() for name, value in zip(self.outputs, values)}
 
+    def close(self) -> None:
+        """Let the sessions and the weights' values go (every thread's): the probe runs no more.
+        On the 1.1 B decoder the values alone are the model's size, mapped in while it ran."""
+        self._local = threading.local()
+        self._feed = {}
+        self.originals = {}
+
     def _session(self) -> ort.InferenceSession:
         session = getattr(self._local, "session", None)
         if session is None:

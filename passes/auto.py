@@ -368,6 +368,12 @@ class Calibration:
             found = other if other.units > found.units else found
         return found
 
+    def close_probes(self) -> None:
+        """Measuring is done: the builds that follow need the memory more."""
+        self.probe.close()
+        if self.unseen is not None:
+            self.unseen[0].close()
+
     def rows(self, weight: WeightRef) -> np.ndarray | None:
         """The rows of an embedding table that the fitting inputs read (None: not a table)."""
         counts = self.row_counts.get(weight.name)
@@ -429,6 +435,8 @@ class AutoPass(Pass):
         weights = self._candidates(ctx, result)
         calibration = self._calibrate(ctx, weights, split, outputs) if weights else None
         studies = self._measure(ctx, weights, calibration) if weights else []
+        if calibration is not None:
+            calibration.close_probes()
         if not any(not p.kept for s in studies for p in s.points):
             reasons = Counter(reason for s in studies for _, reason in s.unplanned)
             why = f" (most often: {reasons.most_common(1)[0][0]})" if reasons else ""

@@ -6,8 +6,11 @@ Every auto run here uses a small grid (FAST) so the file stays well under a minu
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -318,6 +321,20 @@ def test_probe_with_the_original_weights_is_the_model(fixture_dir, name):
     zeroed = [probe.run({w.name: np.zeros(w.shape, np.float32)})[outputs[0]] for w in weights]
     assert any(not np.array_equal(z, reference) for z in zeroed)  # some feed reaches the outputs
     np.testing.assert_array_equal(probe.run()[outputs[0]], reference)  # and feeds do not stick
+
+
+def test_a_closed_probe_lets_every_thread_session_go(fixture_dir):
+    """auto closes its probes before it builds: on the 1.1 B decoder their weights alone are
+    the model's size."""
+    proto = fixture(fixture_dir, "transformer")
+    model = Model(proto)
+    probe = sensitivity.Probe(model, candidate_weights(model), synthesize_inputs(proto),
+                              [o.name for o in proto.graph.output])
+    with ThreadPoolExecutor(2) as pool:
+        sessions = list(pool.map(lambda _: weakref.ref(probe._session()), range(8)))
+        probe.close()
+        gc.collect()
+        assert all(s() is None for s in sessions) and not probe.originals
 
 
 def test_embedding_rows_measure_exactly_what_the_whole_table_gets(fixture_dir):
