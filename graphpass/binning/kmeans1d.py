@@ -70,7 +70,11 @@ def _kmeans_groups(data: np.ndarray, k: int, sample_weight) -> Binning:
     return Binning(codebook, labels)
 
 
-_DP_CHUNK_CELLS = 8192  # groups per DP batch ~ this / bins: keeps temporaries in cache
+# Groups per DP batch ~ this / bins. Smaller batches keep temporaries in cache but spend their
+# time in numpy's per-call work, holding the GIL: at 8192, two threads fitting four weights of
+# groups of 128 at k=16 took 4.28 s, more than one thread's 3.53; at 65536, 2.58 s (channels of
+# 2048: 0.66 s to 0.45 s), with the same answer (bench/bench_kmeans_threads.py).
+_DP_CHUNK_CELLS = 65536
 
 
 def _kmeans_codebook(sg: _SortedGroups, k: int, distinct: np.ndarray) -> np.ndarray:
