@@ -710,6 +710,7 @@ class AutoPass(Pass):
                         break
                     verdicts[tuple(chosen)] = self._try(builder, studies, chosen, target)
                     rounds.append(verdicts[tuple(chosen)])
+                    _keep_only_the_smallest_model(rounds)
                     advance(1)
                 last = verdicts[tuple(chosen)]
                 if last.passed:
@@ -722,7 +723,7 @@ class AutoPass(Pass):
         passing = [r for r in rounds if r.passed]
         if not passing:
             raise BudgetError(_not_converged(ctx.budget, rounds))
-        return min(passing, key=lambda r: (r.file_bytes, rounds.index(r))), rounds
+        return _smallest(passing, rounds), rounds
 
     def _fit_whole(self, ctx, studies: list[Study], chosen: list[int], calibration: Calibration) -> bool:
         """Plan the whole weight, on the run's workers, for every chosen setting fitted on part of
@@ -782,6 +783,21 @@ def _planning_context(ctx: PassContext, model: Model, hessians: dict[str, np.nda
 _MEASURED = np.empty(0, dtype=np.float32)
 # What a sampled weight's settings are predicted from when every one is exact on the sample.
 _EXACT = Measurement(0.0, {}, {}, {})
+
+
+def _smallest(passing: list[Round], rounds: list[Round]) -> Round:
+    """The passing round of the fewest bytes, the earliest of equals."""
+    return min(passing, key=lambda r: (r.file_bytes, rounds.index(r)))
+
+
+def _keep_only_the_smallest_model(rounds: list[Round]) -> None:
+    """Only the model auto may return stays in memory: on the 1.1 B decoder each is 0.5 GB or more."""
+    kept = [r for r in rounds if r.passed and r.proto is not None]
+    if kept:
+        smallest = _smallest(kept, rounds)
+        for r in kept:
+            if r is not smallest:
+                r.proto = None
 
 
 def _next_target(last: Round, target: float, passed_target: float, failed_target: float,
