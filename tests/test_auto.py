@@ -1,4 +1,4 @@
-"""auto (passes/auto.py), the probe it measures with (graphpass/sensitivity.py), and the codec
+"""auto (passes/auto/), the probe it measures with (graphpass/sensitivity.py), and the codec
 contract it relies on (graphpass/codec.py, as passes/binning.py implements it).
 
 Every auto run here uses a small grid (FAST) so the file stays well under a minute.
@@ -190,7 +190,7 @@ def test_weights_kept_for_one_reason_share_its_words():
     def kept_for(*pairs):
         study = auto.Study(SimpleNamespace(name="w"), points(*pairs))
         study.front = auto.pareto_front(study.points)
-        return auto._why_kept(study)
+        return auto.why_kept(study)
 
     assert kept_for((1000, 0), (100, 0.31), (200, 0.2)) == kept_for((1000, 0), (120, 0.86), (300, 0.4))
     assert kept_for((1000, 0), (100, 3.1)) == kept_for((1000, 0), (100, 12.0), (500, 1.5))
@@ -228,19 +228,19 @@ def a_round(target, predicted, measured, passed) -> auto.Round:
 
 def test_a_failed_build_tightens_the_target_below_its_prediction():
     fronts = [auto.pareto_front(points((1000, 0), (100, 2.0), (300, 0.9), (500, 0.1)))]
-    proposal = auto._next_target(a_round(0.98, 0.9, 1.2, False), 0.98, 0.0, 0.98, fronts)
+    proposal = auto.next_target(a_round(0.98, 0.9, 1.2, False), 0.98, 0.0, 0.98, fronts)
     assert proposal < 0.9 * auto.HEADROOM / 1.2 * 1.0001 and proposal < 0.9
 
 
 def test_a_build_with_room_to_spare_loosens_the_target_within_the_bracket():
     fronts = [auto.pareto_front(points((1000, 0), (100, 2.0), (300, 0.9), (500, 0.1)))]
     # Measured 0.3 for a predicted 0.5: the edge of the budget is near a predicted 1.55.
-    assert auto._next_target(a_round(0.98, 0.5, 0.3, True), 0.98, 0.98, math.inf, fronts) > 0.98
-    bracketed = auto._next_target(a_round(0.98, 0.5, 0.3, True), 0.98, 0.98, 1.5, fronts)
+    assert auto.next_target(a_round(0.98, 0.5, 0.3, True), 0.98, 0.98, math.inf, fronts) > 0.98
+    bracketed = auto.next_target(a_round(0.98, 0.5, 0.3, True), 0.98, 0.98, 1.5, fronts)
     assert 0.98 < bracketed < 1.5
-    assert auto._next_target(a_round(0.98, 0.9, 0.9, True), 0.98, 0.98, math.inf, fronts) is None  # near the edge
+    assert auto.next_target(a_round(0.98, 0.9, 0.9, True), 0.98, 0.98, math.inf, fronts) is None  # near the edge
     # Measured twice the prediction: a cheaper choice than this one would not pass either.
-    assert auto._next_target(a_round(0.98, 0.1, 0.2, True), 0.98, 0.98, math.inf, fronts) is None
+    assert auto.next_target(a_round(0.98, 0.1, 0.2, True), 0.98, 0.98, math.inf, fronts) is None
 
 
 def search_with(monkeypatch, measure) -> tuple[auto.Round, list[auto.Round]]:

@@ -59,22 +59,19 @@ left alone (the probe cannot feed them; see graphpass.sensitivity).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 
 from graphpass import verify as verification
-from graphpass.budget import Budget
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
@@ -86,12 +83,18 @@ from graphpass.holdout import Split, split_inputs
 from graphpass.inputs import synthesize_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
-from graphpass.model import save_model
+from graphpass.passes.auto.builds import (
+    HEADROOM, Builder, Check, Round, keep_only_the_smallest_model, next_target, smallest,
+)
+from graphpass.passes.auto.fronts import (
+    ALLOCATION_STEPS, EXACT, KEPT, Point, Study, allocate, pareto_front, predicted_units,
+)
+from graphpass.passes.auto.messages import details, impossible, not_converged, why_kept
 from graphpass.sampling import ChannelSample, channel_sample, proxy_error
 from graphpass.scopes import all_value_and_node_names
 from graphpass.sensitivity import (
     ErrorMeter, Measurement, Probe, conv_input_covariance, gathered_row_counts, hoist_reason,
-    input_channel_energy, input_covariance, row_subset, verified_units, with_outputs,
+    input_channel_energy, input_covariance, row_subset,
 )
 from graphpass.table_sensitivity import table_sensitivity, wants_sensitivity
 from graphpass.weights import WeightRef
@@ -99,216 +102,12 @@ from graphpass.weights import WeightRef
 # A weight whose error alone is below this share of the budget, divided by the number of
 # weights, needs no more bytes: together such weights use at most a quarter of the budget.
 FLOOR_SHARE = 0.25
-# auto accepts a model using at most this share of the budget: passes after it (fold) may
-# reorder float operations, and the run's final verification must still pass.
-HEADROOM = 0.98
 MAX_ROUNDS = 6  # models built and verified
 MAX_STEPS = 4 * MAX_ROUNDS  # targets tried, counting allocations recalled from an earlier build
 # Above this many bytes of candidate weights, large weights' settings are predicted, not each
 # measured (graphpass.sampling): on the 1.1 B decoder one model run takes 2 s, and ~3,000 of them
 # after fits of up to 18 s each took hours.
 PREDICT_ABOVE_BYTES = 256 << 20
-# A passing model using less than this share of the budget is worth a bolder try. On the BERT at
-# --min-cosine 0.99 the first build used 0.83 of it: at 0.7 auto stopped there (9.06 MB); at 0.9
-# three more builds (seconds each) reached 0.95 and 8.89 MB, the worst test sentence at 0.9908.
-LOOSEN_BELOW = 0.9
-
-
-# ---------------------------------------------------------------------------------------------
-# Measured points and their fronts
-# ---------------------------------------------------------------------------------------------
-
-KEPT = "kept as is"
-
-
-@dataclass
-class Point:
-    """One way to store one weight: its bytes and the error it causes alone."""
-
-    label: str
-    bytes: int
-    measured: Measurement | None  # None: kept as is, no error
-    plan: Plan | None = None  # None: kept as is, released (off the front) or not fitted yet (see Trial)
-    seconds: float = 0.0  # planning and measuring it
-    setting: Setting | None = None
-    predicted: bool = False  # its error predicted from another setting's (graphpass.sampling), not measured
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"setting": self.label, "bytes": self.bytes, "error_units": _finite(self.units),
-                "seconds": round(self.seconds, 2), **({"predicted": True} if self.predicted else {})}
-
-    @property
-    def kept(self) -> bool:
-        return self.measured is None
-
-    @property
-    def units(self) -> float:
-        return 0.0 if self.measured is None else self.measured.units
-
-
-@dataclass
-class Study:
-    """A candidate weight, every setting tried on it and the front allocation chooses from."""
-
-    weight: WeightRef
-    points: list[Point] = field(default_factory=list)
-    unplanned: list[tuple[str, str]] = field(default_factory=list)  # (setting, reason)
-    front: list[Point] = field(default_factory=list)
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.weight.scope.path, self.weight.name
-
-
-def pareto_front(points: Sequence[Point]) -> list[Point]:
-    """The points no other point beats on both bytes and error, cheapest first: the only ones
-    a choice of fewest bytes within an error budget can ever pick."""
-    front: list[Point] = []
-    for point in sorted((p for p in points if math.isfinite(p.units)), key=lambda p: (p.bytes, p.units)):
-        if not front or point.units < front[-1].units:
-            front.append(point)
-    return front
-
-
-# The allocation counts error in steps of target / ALLOCATION_STEPS, each weight's error rounded
-# up: the summed error never exceeds the target, and at most N steps of it go unused.
-ALLOCATION_STEPS = 2000
-
-
-def allocate(fronts: Sequence[Sequence[Point]], target: float) -> list[int]:
-    """Index into each front: the fewest bytes whose summed error fits `target`.
-
-    A multiple-choice knapsack, solved exactly by dynamic programming over the error (in steps,
-    see ALLOCATION_STEPS): fewest_bytes[b] is the cheapest choice so far using at most b steps.
-    Every front holds "kept as is" at zero error, so a choice always exists."""
-    fewest_bytes = np.zeros(ALLOCATION_STEPS + 1)
-    choices, costs = [], []
-    for front in fronts:
-        cost = [_steps(p.units, target) for p in front]
-        best, choice = np.full(ALLOCATION_STEPS + 1, np.inf), np.zeros(ALLOCATION_STEPS + 1, dtype=np.int64)
-        for index, (point, steps) in enumerate(zip(front, cost)):
-            if steps is None:
-                continue
-            candidate = np.full(ALLOCATION_STEPS + 1, np.inf)
-            candidate[steps:] = fewest_bytes[: ALLOCATION_STEPS + 1 - steps] + point.bytes
-            better = candidate < best  # ties keep the cheaper point listed first
-            best[better], choice[better] = candidate[better], index
-        fewest_bytes = best
-        choices.append(choice)
-        costs.append(cost)
-    chosen, budget = [0] * len(fronts), ALLOCATION_STEPS
-    for i in reversed(range(len(fronts))):
-        chosen[i] = int(choices[i][budget])
-        budget -= costs[i][chosen[i]]
-    return chosen
-
-
-def _steps(units: float, target: float) -> int | None:
-    if units == 0.0:
-        return 0
-    if target <= 0 or not units <= target:
-        return None
-    return math.ceil(units / target * ALLOCATION_STEPS)
-
-
-def predicted_units(fronts: Sequence[Sequence[Point]], chosen: Sequence[int]) -> float:
-    return sum(front[i].units for front, i in zip(fronts, chosen))
-
-
-# ---------------------------------------------------------------------------------------------
-# Builds
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Round:
-    """One built and verified model."""
-
-    target: float
-    chosen: list[int]
-    predicted: float
-    measured: float
-    passed: bool
-    file_bytes: int
-    proto: onnx.ModelProto | None = None
-    figures: dict[str, Any] = field(default_factory=dict)
-    held_out: Check | None = None  # None: nothing was held out
-
-    def to_dict(self, compressed: int) -> dict[str, Any]:
-        held_out = {} if self.held_out is None else {"held_out_units": _finite(self.held_out.units)}
-        return {"target_units": round(self.target, 6), "predicted_units": round(self.predicted, 6),
-                "measured_units": _finite(self.measured), **held_out, "passed": self.passed,
-                "file_bytes": self.file_bytes, "tensors_compressed": compressed}
-
-
-def _finite(value: float) -> float | None:
-    return round(value, 6) if math.isfinite(value) else None
-
-
-@dataclass
-class Check:
-    """One candidate verified on one share of the calibration inputs."""
-
-    passed: bool
-    units: float  # of the real budget
-    figures: dict[str, Any]  # per output: the worst sample's cosine and max abs error
-
-
-class Builder:
-    """Builds candidate models from chosen plans on copies of the base model, and verifies them
-    against the reference in onnxruntime (both optimisation levels), on the fitting share of the
-    calibration inputs and on the held-out share (graphpass.holdout)."""
-
-    def __init__(self, base: onnx.ModelProto, outputs: list[str], split: Split, budget: Budget,
-                 folder: Path):
-        self.base = base
-        self.split = split
-        self.budget = budget
-        self.outputs = outputs
-        self.folder = folder
-        self.reference = folder / "reference.onnx"
-        # A large model is verified without constant folding, as the run verifies it: folded, each
-        # candidate's session would hold its lookups expanded to dense weights.
-        self.levels = verification.levels_for(save_model(with_outputs(base, outputs), self.reference))
-        self.accept = _with_headroom(budget, HEADROOM)
-
-    def build(self, picks: Sequence[tuple[Study, Point]]) -> onnx.ModelProto:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self.base)
-        trial = Model(copy)
-        weights = {(w.scope.path, w.name): w for w in trial.weights()}
-        for study, point in picks:
-            # A plan may be applied to a copy: its emitter reads the weight from the replacement.
-            dataclasses.replace(point.plan, weight=weights[study.key]).apply()
-        return trial.proto
-
-    def check(self, proto: onnx.ModelProto) -> tuple[Check, Check | None, int]:
-        """(the check on the fitting share, on the held-out share or None, file bytes)."""
-        path = self.folder / "candidate.onnx"
-        file_bytes = save_model(proto, path)
-        fitting = self._check_on(path, self.split.fitting)
-        held_out = None if self.split.held_out is None else self._check_on(path, self.split.held_out)
-        return fitting, held_out, file_bytes
-
-    def _check_on(self, path: Path, inputs) -> Check:
-        result = verification.verify(self.reference, path, inputs, self.accept, levels=self.levels)
-        figures = {name: {"cosine": m.cosine, "max_abs_error": m.max_abs_error} for name, m in result.outputs.items()}
-        return Check(result.passed, verified_units(result, self.budget), figures)
-
-
-def _with_headroom(budget: Budget, share: float) -> Budget:
-    """The budget shrunk to `share` of its error: atol and rtol scale by sqrt(share) (error units
-    are squared there), 1 - min_cosine by share."""
-    scale = math.sqrt(share)
-    return Budget(
-        atol=None if budget.atol is None else budget.atol * scale,
-        rtol=None if budget.rtol is None else budget.rtol * scale,
-        min_cosine=None if budget.min_cosine is None else 1.0 - (1.0 - budget.min_cosine) * share)
-
-
-# ---------------------------------------------------------------------------------------------
-# The pass
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -450,14 +249,14 @@ class AutoPass(Pass):
         result.tensors_changed = sum(1 for point in picks if not point.kept)
         for study, point in zip(studies, picks):
             if point.kept:
-                result.skip(study.weight.name, _why_kept(study))
+                result.skip(study.weight.name, why_kept(study))
         lookups = [s.weight.name for s, p in zip(studies, picks) if not p.kept and "lowering" not in p.plan.details]
         if ctx.deployment.objective == "memory" and lookups:
             shown = ", ".join(lookups[:3]) + (", ..." if len(lookups) > 3 else "")
             result.notes.append(f"auto: {len(lookups)} weights stay lookups: {NON_AFFINE_NOTE} ({shown})")
         if split.note:
             result.notes.append(f"auto: {split.note}")
-        result.details = _details(ctx.budget, outputs, split, studies, best, rounds,
+        result.details = details(ctx.budget, outputs, split, studies, best, rounds,
                                   {"measure": measured_at - started, "search": time.perf_counter() - measured_at})
         return result
 
@@ -627,7 +426,7 @@ class AutoPass(Pass):
             self._measure_each(ctx, study, ordered, calibration, lambda n: None)
             return
         lossy = sorted((f for f in fits if f.proxy > 0), key=lambda f: f.proxy)
-        anchor, anchor_proxy = _EXACT, 1.0
+        anchor, anchor_proxy = EXACT, 1.0
         # The median first; one too faint to measure gives way to the lossiest.
         for index in sorted({len(lossy) // 2, len(lossy) - 1}) if lossy else ():
             fit = lossy[index]
@@ -701,7 +500,7 @@ class AutoPass(Pass):
             for _ in range(MAX_STEPS):
                 chosen = allocate(fronts, target)
                 if all(s.front[i].kept for s, i in zip(studies, chosen)):
-                    raise BudgetError(_impossible(ctx.budget, studies))
+                    raise BudgetError(impossible(ctx.budget, studies))
                 if not self._fit_whole(ctx, studies, chosen, calibration):
                     fronts = [s.front for s in studies]
                     continue  # a chosen setting failed on the whole weight: its front changed
@@ -710,20 +509,20 @@ class AutoPass(Pass):
                         break
                     verdicts[tuple(chosen)] = self._try(builder, studies, chosen, target)
                     rounds.append(verdicts[tuple(chosen)])
-                    _keep_only_the_smallest_model(rounds)
+                    keep_only_the_smallest_model(rounds)
                     advance(1)
                 last = verdicts[tuple(chosen)]
                 if last.passed:
                     passed_target = max(passed_target, target)
                 else:
                     failed_target = min(failed_target, target)
-                target = _next_target(last, target, passed_target, failed_target, fronts)
+                target = next_target(last, target, passed_target, failed_target, fronts)
                 if target is None:
                     break
         passing = [r for r in rounds if r.passed]
         if not passing:
-            raise BudgetError(_not_converged(ctx.budget, rounds))
-        return _smallest(passing, rounds), rounds
+            raise BudgetError(not_converged(ctx.budget, rounds))
+        return smallest(passing, rounds), rounds
 
     def _fit_whole(self, ctx, studies: list[Study], chosen: list[int], calibration: Calibration) -> bool:
         """Plan the whole weight, on the run's workers, for every chosen setting fitted on part of
@@ -781,148 +580,10 @@ def _planning_context(ctx: PassContext, model: Model, hessians: dict[str, np.nda
 
 # Stands in for a reconstruction once measured, so that waiting plans hold no weight-sized copy.
 _MEASURED = np.empty(0, dtype=np.float32)
-# What a sampled weight's settings are predicted from when every one is exact on the sample.
-_EXACT = Measurement(0.0, {}, {}, {})
 
 
-def _smallest(passing: list[Round], rounds: list[Round]) -> Round:
-    """The passing round of the fewest bytes, the earliest of equals."""
-    return min(passing, key=lambda r: (r.file_bytes, rounds.index(r)))
-
-
-def _keep_only_the_smallest_model(rounds: list[Round]) -> None:
-    """Only the model auto may return stays in memory: on the 1.1 B decoder each is 0.5 GB or more."""
-    kept = [r for r in rounds if r.passed and r.proto is not None]
-    if kept:
-        smallest = _smallest(kept, rounds)
-        for r in kept:
-            if r is not smallest:
-                r.proto = None
-
-
-def _next_target(last: Round, target: float, passed_target: float, failed_target: float,
-                 fronts) -> float | None:
-    """The target after `last` was built (or recalled) for `target`, or None when done.
-
-    Errors do not add exactly: the measured/predicted ratio of the build says what predicted
-    error lands at the edge of the budget (less 5%). The next target stays between the largest
-    target that passed and the smallest that failed; after a failure it is below the failed
-    prediction, so at least one weight gets a less lossy setting."""
-    if last.passed and last.measured >= LOOSEN_BELOW * HEADROOM:
-        return None  # close enough to the edge
-    if last.predicted > 0 and last.measured > 0:
-        proposal = 0.95 * HEADROOM * last.predicted / last.measured
-    else:
-        proposal = 4.0 * target  # nothing measurable yet: be bolder
-    if not last.passed:
-        proposal = min(proposal, last.predicted * (1.0 - 1e-9))
-    if not passed_target < proposal < failed_target:
-        if not math.isfinite(failed_target) or passed_target <= 0:
-            return None if last.passed else proposal
-        if failed_target / passed_target < 1.05:
-            return None
-        proposal = math.sqrt(passed_target * failed_target)
-    if last.passed and allocate(fronts, proposal) == last.chosen:
-        return None  # a larger target would change nothing
-    return proposal
-
-
-# ---------------------------------------------------------------------------------------------
-# Messages and the report
-# ---------------------------------------------------------------------------------------------
-
-
-def _impossible(budget: Budget, studies: list[Study]) -> str:
-    least = min((p for s in studies for p in s.points if not p.kept),
-                key=lambda p: p.units, default=None)
-    detail = ""
-    if least is not None:
-        name = next(s.weight.name for s in studies if least in s.points)
-        cosine = min(least.measured.cosine.values(), default=None)
-        figure = f"cosine {cosine:.9f}" if cosine is not None else f"{least.units:.3g} times the budget"
-        how = "predicted" if least.predicted else "measured"
-        detail = f"; the least lossy setting {how}, {least.label} on {name}, alone gives {figure}"
-    return f"auto: no weight can be compressed within the budget ({budget.describe()}){detail}"
-
-
-def _not_converged(budget: Budget, rounds: list[Round]) -> str:
-    best = min(rounds, key=lambda r: r.measured)
-    return (f"auto: no model met the budget ({budget.describe()}) in {len(rounds)} builds; the closest used "
-            f"{best.measured:.2f} times it")
-
-
-def _why_kept(study: Study) -> str:
-    """Why a weight was kept, worded the same for every weight kept for that reason, so that the
-    summary groups them: each one's figures are in the report's tensors ("why", "tried")."""
-    measured = [p.units for p in study.points if not p.kept]
-    if not measured:
-        label, reason = study.unplanned[0]
-        return f"kept as is: no setting applies ({label}: {reason})"
-    if min(measured) > 1:
-        return "kept as is: even its most accurate setting alone is over the budget"
-    return "kept as is: each of its settings costs more of the budget per byte saved than the others' do"
-
-
-def _details(budget, outputs, split: Split, studies: list[Study], best: Round, rounds: list[Round],
-             seconds: dict[str, float]) -> dict[str, Any]:
-    tensors = [_tensor_report(s, i) for s, i in zip(studies, best.chosen)]
-    compressed = [t for t in tensors if t["setting"] != KEPT]
-    held_out = split.to_dict()
-    if best.held_out is not None:
-        held_out.update(units=_finite(best.held_out.units), outputs=best.held_out.figures)
-    return {
-        "budget": budget.to_dict(),
-        "outputs": outputs,
-        "fitting": {name: list(np.shape(value)) for name, value in split.fitting.items()},
-        "held_out": held_out,
-        "settings_measured": sum(not p.kept and not p.predicted for s in studies for p in s.points),
-        "settings_predicted": sum(p.predicted for s in studies for p in s.points),
-        "bytes_before": sum(t["bytes_before"] for t in tensors),
-        "bytes_after": sum(t["bytes_after"] for t in tensors),
-        "predicted": _predicted(studies, best.chosen, outputs),
-        "measured": {"units": _finite(best.measured), "file_bytes": best.file_bytes, "outputs": best.figures},
-        "rounds": [r.to_dict(sum(1 for s, i in zip(studies, r.chosen) if not s.front[i].kept))
-                   for r in rounds],
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "tensors_compressed": len(compressed),
-        "tensors": tensors,
-    }
-
-
-def _tensor_report(study: Study, index: int) -> dict[str, Any]:
-    point = study.front[index]
-    cheaper = study.front[index - 1] if index > 0 else None
-    report = {
-        "name": study.weight.name,
-        "shape": list(study.weight.shape),
-        "setting": point.label,
-        "bytes_before": study.weight.nbytes,
-        "bytes_after": point.bytes,
-        "error_units": round(point.units, 6),
-        "why": _why(point, cheaper),
-    }
-    report["tried"] = [p.to_dict() for p in study.points if not p.kept]
-    if not point.kept:
-        report["alone"] = {**point.measured.to_dict(), **({"predicted": True} if point.predicted else {})}
-        report["plan"] = {k: point.plan.details[k] for k in ("k", "packing", "sqnr_db", "bits_per_weight")
-                          if k in point.plan.details}
-    return report
-
-
-def _why(point: Point, cheaper: Point | None) -> str:
-    predicted = " (predicted from a sample)" if point.predicted else ""
-    share = f"alone uses {100 * point.units:.2f}% of the budget{predicted} at {point.bytes} bytes"
-    if cheaper is None:
-        return f"the cheapest setting measured; {share}"
-    return (f"{share}; the next cheaper choice, {cheaper.label}, would save {point.bytes - cheaper.bytes} bytes "
-            f"for {100 * (cheaper.units - point.units):.2f}% more of the budget, a worse trade than the others'")
-
-
-def _predicted(studies: list[Study], chosen: list[int], outputs: list[str]) -> dict[str, Any]:
-    """Per output: the chosen weights' errors together, as Measurement.plus adds them (1 - cosine
-    adds over weights, max abs errors add in quadrature)."""
-    measured = [s.front[i].measured for s, i in zip(studies, chosen) if s.front[i].measured is not None]
-    together = functools.reduce(Measurement.plus, measured, _EXACT)
-    return {"units": round(predicted_units([s.front for s in studies], chosen), 6),
-            "cosine": {name: together.cosine[name] for name in outputs if name in together.cosine},
-            "max_abs_error": {name: together.max_abs_error[name] for name in outputs if name in together.cosine}}
+# What tests and callers reach through the pass's module.
+__all__ = [
+    "ALLOCATION_STEPS", "AutoPass", "Builder", "Calibration", "Check", "HEADROOM", "KEPT", "MAX_ROUNDS", "Point",
+    "Round", "Study", "allocate", "next_target", "pareto_front", "predicted_units", "why_kept",
+]
