@@ -3,6 +3,8 @@ predicted from one measured setting (graphpass.sampling, auto's predict option).
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import replace
 
 import numpy as np
@@ -134,11 +136,27 @@ BUDGET = Budget(min_cosine=0.999)
 
 @pytest.fixture(scope="module")
 def runs(decoder):
-    """auto on the tiny decoder with predictions (16-channel samples) and without."""
+    """auto on the tiny decoder with predictions (16-channel samples) and without; each run's
+    progress steps (label, total, steps advanced) are in `progress`."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sampling, "SAMPLE_VALUES", 1024)
         patch.setattr(sampling, "MIN_CHANNELS", 16)
-        return {mode: graphpass.run(decoder, SPEC.format(mode), budget=BUDGET) for mode in ("always", "never")}
+        found = {}
+        for mode in ("always", "never"):
+            steps = []
+            found[mode] = graphpass.run(decoder, SPEC.format(mode), budget=BUDGET, progress=recording(steps))
+            found[mode].progress = steps
+        return found
+
+
+def recording(steps: list):
+    """A progress factory that records each step as [label, total, advanced]."""
+    @contextlib.contextmanager
+    def factory(label, total):
+        step = [label, total, 0]
+        steps.append(step)
+        yield lambda n=1: step.__setitem__(2, step[2] + n)
+    return factory
 
 
 def auto_details(result) -> dict:
@@ -157,6 +175,9 @@ def test_predicted_settings_meet_the_budget_in_onnxruntime(runs, decoder):
     for tensor in sampled:  # every setting of a sampled weight is predicted
         assert all(p.get("predicted") for p in tensor["tried"])
     assert any(t["setting"] != "kept as is" for t in sampled)
+    # Fitting the chosen settings whole, 17 minutes on the 1.1 B decoder, shows its progress.
+    fitting = [s for s in result.progress if s[0] == "auto: fitting the chosen settings on whole weights"]
+    assert fitting and all(total == advanced for _, total, advanced in fitting)
 
 
 def test_predictions_track_measurements(runs):
