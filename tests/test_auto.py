@@ -270,7 +270,7 @@ def test_search_finds_a_passing_model_near_the_edge_without_building_twice(monke
     assert best.passed and len(rounds) <= auto.MAX_ROUNDS
     assert len({tuple(r.chosen) for r in rounds}) == len(rounds)
     assert best.file_bytes == min(r.file_bytes for r in rounds if r.passed)
-    # Only the model returned is still held: on the 1.1 B decoder each is 0.5 GB or more.
+    # Only the model returned is still held: each holds the bytes of every weight it compressed.
     assert [r for r in rounds if r.passed and r.proto is not None] == [best]
 
 

@@ -117,7 +117,7 @@ def smallest(passing: list[Round], rounds: list[Round]) -> Round:
 
 
 def keep_only_the_smallest_model(rounds: list[Round]) -> None:
-    """Only the model auto may return stays in memory: on the 1.1 B decoder each is 0.5 GB or more."""
+    """Only the model auto may return stays in memory: each holds the bytes of every weight it compressed."""
     kept = [r for r in rounds if r.passed and r.proto is not None]
     if kept:
         returned = smallest(kept, rounds)
