@@ -18,4 +18,5 @@ def test_pyproject_lists_every_package_of_the_tree():
     for package, folder in SOURCES.items():
         for init in folder.rglob("__init__.py"):
             in_tree.add(".".join((package, *init.parent.relative_to(folder).parts)))
-    assert in_tree == listed, f"not installed: {sorted(in_tree - listed)}; listed but absent: {sorted(listed - in_tree)}"
+    missing, absent = sorted(in_tree - listed), sorted(listed - in_tree)
+    assert in_tree == listed, f"not installed: {missing}; listed but absent: {absent}"
