@@ -120,7 +120,9 @@ class PassContext:
         self.calibration_inputs = calibration_inputs
         self._analyses: dict[type, tuple[int, Any]] = {}
         # Workers planning weights at once may ask for the same analysis: it is computed once,
-        # the others wait (one analysis may ask for another, on the same thread).
+        # the others wait (one analysis may ask for another, on the same thread). So an analysis
+        # that maps tasks over the workers (fingerprints, sketches) must be asked for first
+        # outside a worker task, or its tasks could wait behind the workers waiting for it.
         self._computing = threading.RLock()
 
     def analysis(self, kind: type[Analysis]) -> Any:
