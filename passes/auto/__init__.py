@@ -289,11 +289,10 @@ class AutoPass(Pass):
         if (needs_hessians or tables) and split.held_out is not None:
             held_out_probe = Probe(ctx.model, weights, split.held_out, outputs)
             unseen = held_out_probe, self._meter(ctx, held_out_probe)
-        calibration = Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
-                                  FLOOR_SHARE / len(weights), hessians, unseen, set(tables),
-                                  *self._sampling(ctx, weights, inputs))
-        calibration.planning = _planning_context(ctx, ctx.model, hessians, row_counts)
-        return calibration
+        return Calibration(probe, meter, self._value_weights(ctx, weights, inputs), row_counts,
+                           FLOOR_SHARE / len(weights), hessians, unseen, set(tables),
+                           *self._sampling(ctx, weights, inputs),
+                           planning=_planning_context(ctx, ctx.model, hessians, row_counts))
 
     def _sampling(self, ctx: PassContext, weights: list[WeightRef], inputs) -> tuple[bool, dict[str, np.ndarray]]:
         """(predicting, the rows of each Gather-read table the fitting inputs read)."""
@@ -456,7 +455,7 @@ class AutoPass(Pass):
             return "error feedback is tried on MatMul, Gemm and Conv (group 1) weights only"
         value_weight, hessian, row_counts = calibration.fit_inputs(setting, weight)
         row_counts = sample.row_counts(row_counts)
-        (name,) = (w.name for w in sample.model.weights())
+        name = sample.weight.name
         context = _planning_context(ctx, sample.model, {} if hessian is None else {name: hessian},
                                     {} if row_counts is None else {name: row_counts})
         plan = setting.plan(context, sample.weight, value_weight, hessian, row_counts)
