@@ -164,6 +164,7 @@ def verify(
     budget_outputs: Sequence[str] | None = None,
     runtimes: Sequence[str] = (ONNXRUNTIME,),
     budget_given: bool = True,
+    reference_runs: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> VerifyResult:
     """Run both models at each onnxruntime level, and in each other runtime of `runtimes`, on
     `inputs` and compare each reference output with the candidate output of the same name
@@ -175,7 +176,12 @@ def verify(
     runtime, a reference that does not run there is a note (that runtime says nothing of the
     candidate); a candidate that does not run where the reference does fails verification.
     A runtime that is not installed raises RuntimeUnavailable. `budget_given=False` says the
-    caller chose no accuracy budget: the verdict line then does not claim a PASS."""
+    caller chose no accuracy budget: the verdict line then does not claim a PASS.
+
+    `reference_runs` holds the reference's onnxruntime outputs per level, from earlier calls
+    with the same reference and inputs; levels not in it are run and added. A caller verifying
+    many candidates (auto) opens the reference once: on the 1.1 B float16 decoder its session
+    (weights cast to float32) was the run's peak, at every build."""
     levels = _checked_levels(levels)
     others = [r for r in usable_adapters(list(dict.fromkeys(runtimes))) if r.name != ONNXRUNTIME]
     reference, candidate = _as_source(reference), _as_source(candidate)
@@ -184,7 +190,12 @@ def verify(
     comparison = _Comparison(per_output, budget, budget_outputs, declared_batch_axes(reference))
     outcomes = {ONNXRUNTIME: RuntimeOutcome(list(levels))}
     for level in levels:
-        ref_outputs = _run_in_onnxruntime(reference, "reference", level, inputs)
+        if reference_runs is not None and level in reference_runs:
+            ref_outputs = reference_runs[level]
+        else:
+            ref_outputs = _run_in_onnxruntime(reference, "reference", level, inputs)
+            if reference_runs is not None:
+                reference_runs[level] = ref_outputs
         # One session per (model, level): an identical candidate reuses the reference run.
         cand_outputs = ref_outputs if same_model else _run_in_onnxruntime(candidate, "candidate", level, inputs)
         comparison.add(level, ref_outputs, cand_outputs)

@@ -122,6 +122,24 @@ def test_perturbed_candidate_fails_tight_budget_and_passes_loose_one(weight):
     assert math.isfinite(loose.outputs["y"].snr_db) and loose.outputs["y"].snr_db > 0
 
 
+def test_the_reference_runs_once_for_many_candidates(monkeypatch, weight):
+    """reference_runs: later calls reuse the reference's outputs per level (auto's builds)."""
+    roles = []
+    run = gv._run_in_onnxruntime
+    monkeypatch.setattr(gv, "_run_in_onnxruntime",
+                        lambda source, role, level, inputs: roles.append(role) or run(source, role, level, inputs))
+    reference = matmul_model(weight)
+    inputs = gv.synthesize_inputs(reference, seed=3, shapes={"x": (4, 8)})
+    runs: dict = {}
+    results = [gv.verify(reference, matmul_model(weight + scale), inputs, gv.Budget(min_cosine=0.99),
+                         reference_runs=runs) for scale in (0.01, 0.02, 0.03)]
+    assert roles.count("reference") == len(gv.DEFAULT_LEVELS)
+    assert roles.count("candidate") == 3 * len(gv.DEFAULT_LEVELS)
+    assert set(runs) == set(gv.DEFAULT_LEVELS)
+    fresh = gv.verify(reference, matmul_model(weight + 0.03), inputs, gv.Budget(min_cosine=0.99))
+    assert results[-1].outputs["y"].cosine == fresh.outputs["y"].cosine < 1.0
+
+
 def test_cosine_budget_failure_is_named():
     reference = constant_output_model(np.array([[1.0, 0.0]]))
     candidate = constant_output_model(np.array([[0.0, 1.0]]))
