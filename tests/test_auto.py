@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, version_converter
 import graphpass
 from graphpass import feedback, grid, sensitivity
 from graphpass.cli import main
+from graphpass.codec import Plan
 from graphpass.edit import Model
 from graphpass.errors import BudgetError
 from graphpass.manager import PassContext, PassResult, parse_spec
@@ -262,6 +263,39 @@ def search_with(monkeypatch, measure) -> tuple[auto.Round, list[auto.Round]]:
     monkeypatch.setattr(auto, "Builder", lambda *args: None)
     ctx = PassContext(Model(onnx.ModelProto()), budget=Budget(min_cosine=0.99))
     return searcher._search(ctx, studies, {}, [], None)
+
+
+def test_a_chosen_prediction_is_measured_once_fitted_and_the_allocation_made_again(monkeypatch):
+    """p1 was predicted at 0.01 and measures 5.0 whole: it falls off its front (p0 is cheaper
+    and better), and the allocation moves to p2, planned whole, not to whatever now sits at p1's
+    index."""
+    fitted, measured = [], []
+
+    def setting(name):
+        def plan(ctx, weight, *figures):
+            fitted.append(name)
+            return Plan(weight, np.zeros(1), 10, lambda replacement: "")
+        return SimpleNamespace(plan=plan, codec=None)
+
+    def point(label, size, units, predicted=False):
+        return auto.Point(label, size, sensitivity.Measurement(units, {}, {}, {}), None, setting=setting(label),
+                          predicted=predicted)
+
+    first = auto.Study(SimpleNamespace(name="a"), [auto.Point(auto.KEPT, 1000, None), point("p0", 80, 3.0),
+                                                   point("p1", 100, 0.01, predicted=True), point("p2", 300, 0.2)])
+    second = auto.Study(SimpleNamespace(name="b"), [auto.Point(auto.KEPT, 800, None), point("q1", 50, 0.3)])
+    for study in (first, second):
+        study.front = auto.pareto_front(study.points)
+    calibration = SimpleNamespace(planning=None, fit_inputs=lambda setting, weight: (None, None, None),
+                                  measure=lambda weight, values, learnt: measured.append(weight.name)
+                                  or sensitivity.Measurement(5.0, {}, {}, {}))
+    ctx = PassContext(Model(onnx.ModelProto()), budget=Budget(min_cosine=0.99))
+    chosen = auto.AutoPass()._allocate_fitted(ctx, [first, second], 1.0, calibration)
+    picks = [study.front[index] for study, index in zip((first, second), chosen)]
+    assert [p.label for p in picks] == ["p2", "q1"] and all(p.plan is not None for p in picks)
+    assert measured == ["a"] and sorted(fitted) == ["p1", "p2", "q1"]
+    p1 = first.points[2]
+    assert p1.units == 5.0 and not p1.predicted and p1.plan is None  # off the front: released
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.8, 1.0, 1.6, 3.0])
