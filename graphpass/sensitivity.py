@@ -216,37 +216,64 @@ class Probe:
 
     `run` is safe to call from several threads at once: each gets its own single-threaded
     session (onnxruntime releases the GIL while it runs), so the run's worker threads share the cores.
+    `release` lets the sessions and the weights' values go until the probe is used again.
     """
 
     def __init__(self, model: Model, weights: Sequence[WeightRef], inputs: Mapping[str, np.ndarray],
                  outputs: Sequence[str], extra_outputs: Sequence[tuple[str, int]] = ()):
         self.outputs = list(outputs) + [name for name, _ in extra_outputs]
         self._bytes = serialized_bytes(_probe_model(model.proto, weights, list(outputs), extra_outputs))
-        self.originals = {w.name: np.ascontiguousarray(w.read()) for w in weights}
-        feeds = {**{name: np.asarray(value) for name, value in inputs.items()}, **self.originals}
+        self._weights = list(weights)
+        self._inputs = {name: np.asarray(value) for name, value in inputs.items()}
+        self._lock = threading.Lock()
         self._local = threading.local()
-        wanted = self._session().get_inputs()
-        missing = [i.name for i in wanted if i.name not in feeds]
-        if missing:
-            raise UsageError(f"no value for model input(s) {', '.join(missing)} "
-                             f"(provided: {', '.join(sorted(inputs)) or 'none'})")
-        # OrtValues made once: each run hands onnxruntime the same buffers, without copies.
-        self._feed = {i.name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[i.name])) for i in wanted}
+        self._originals: dict[str, np.ndarray] = {}
+        self._feed: dict[str, ort.OrtValue] | None = None  # None: released
+        self._open()
+
+    @property
+    def originals(self) -> dict[str, np.ndarray]:
+        """The weights' original values, by name."""
+        return self._opened()[0]
 
     def run(self, overrides: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Outputs with the given weights replaced (every other weight at its original value)."""
-        feed = dict(self._feed)
+        feed = dict(self._opened()[1])
         for name, value in (overrides or {}).items():
             feed[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
         values = self._session().run_with_ort_values(self.outputs, feed)
         return {name: value.numpy() for name, value in zip(self.outputs, values)}
 
-    def close(self) -> None:
-        """Let the sessions and the weights' values go (every thread's): the probe runs no more.
-        On the 1.1 B decoder the values alone are the model's size, mapped in while it ran."""
-        self._local = threading.local()
-        self._feed = {}
-        self.originals = {}
+    def release(self) -> None:
+        """Let the sessions and the weights' values go (every thread's) until the next use, which
+        reads them again. On the 1.1 B decoder the values alone are the model's size, mapped in
+        while it ran. Call it while no thread runs the probe."""
+        with self._lock:
+            self._local = threading.local()
+            self._feed, self._originals = None, {}
+
+    @property
+    def released(self) -> bool:
+        """Whether the sessions and values are let go (the next use reads them again)."""
+        return self._feed is None
+
+    def _opened(self) -> tuple[dict[str, np.ndarray], dict[str, ort.OrtValue]]:
+        with self._lock:
+            if self._feed is None:
+                self._open()
+            return self._originals, self._feed
+
+    def _open(self) -> None:
+        originals = {w.name: np.ascontiguousarray(w.read()) for w in self._weights}
+        feeds = {**self._inputs, **originals}
+        wanted = self._session().get_inputs()
+        missing = [i.name for i in wanted if i.name not in feeds]
+        if missing:
+            raise UsageError(f"no value for model input(s) {', '.join(missing)} "
+                             f"(provided: {', '.join(sorted(self._inputs)) or 'none'})")
+        # OrtValues made once: each run hands onnxruntime the same buffers, without copies.
+        self._feed = {i.name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[i.name])) for i in wanted}
+        self._originals = originals
 
     def _session(self) -> ort.InferenceSession:
         session = getattr(self._local, "session", None)

@@ -262,7 +262,7 @@ def search_with(monkeypatch, measure) -> tuple[auto.Round, list[auto.Round]]:
     monkeypatch.setattr(searcher, "_fit_whole", lambda *args: True)
     monkeypatch.setattr(auto, "Builder", lambda *args: None)
     ctx = PassContext(Model(onnx.ModelProto()), budget=Budget(min_cosine=0.99))
-    return searcher._search(ctx, studies, {}, [], None)
+    return searcher._search(ctx, studies, {}, [], SimpleNamespace(release_probes=lambda: None))
 
 
 def test_a_chosen_prediction_is_measured_once_fitted_and_the_allocation_made_again(monkeypatch):
@@ -359,18 +359,50 @@ def test_probe_with_the_original_weights_is_the_model(fixture_dir, name):
     np.testing.assert_array_equal(probe.run()[outputs[0]], reference)  # and feeds do not stick
 
 
-def test_a_closed_probe_lets_every_thread_session_go(fixture_dir):
-    """auto closes its probes before it builds: on the 1.1 B decoder their weights alone are
-    the model's size."""
+def test_a_released_probe_lets_every_thread_session_go_and_runs_again(fixture_dir):
+    """auto releases its probes while it builds: on the 1.1 B decoder their weights alone are
+    the model's size. A measurement after a build reads them again, to the same figures."""
     proto = fixture(fixture_dir, "transformer")
     model = Model(proto)
-    probe = sensitivity.Probe(model, candidate_weights(model), synthesize_inputs(proto),
-                              [o.name for o in proto.graph.output])
+    weights = candidate_weights(model)
+    probe = sensitivity.Probe(model, weights, synthesize_inputs(proto), [o.name for o in proto.graph.output])
+    before = probe.run({weights[0].name: np.zeros(weights[0].shape, np.float32)})
     with ThreadPoolExecutor(2) as pool:
         sessions = list(pool.map(lambda _: weakref.ref(probe._session()), range(8)))
-        probe.close()
+        values = weakref.ref(probe.originals[weights[0].name])
+        probe.release()
         gc.collect()
-        assert all(s() is None for s in sessions) and not probe.originals
+        assert all(s() is None for s in sessions) and values() is None and probe.released
+    after = probe.run({weights[0].name: np.zeros(weights[0].shape, np.float32)})
+    assert not probe.released and before.keys() == after.keys()
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+
+
+def test_probes_are_released_while_candidates_are_built(fixture_dir, monkeypatch):
+    probes, states = [], []
+
+    class RecordedProbe(sensitivity.Probe):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            probes.append(self)
+
+    build = auto.Builder.build
+
+    def recorded_build(builder, picks):
+        states.append([p.released for p in probes])
+        return build(builder, picks)
+
+    monkeypatch.setattr(auto, "Probe", RecordedProbe)
+    monkeypatch.setattr(auto.Builder, "build", recorded_build)
+    # Feedback settings are measured on the held-out share too: a second probe.
+    inputs = {"input_ids": np.random.default_rng(5).integers(0, 64, (8, 12)).astype(np.int64)}
+    result = graphpass.run(fixture_dir / "transformer_untied.onnx", "auto(methods=codebook,bits=3|4,feedback=true)",
+                           inputs=inputs, budget=Budget(min_cosine=0.999))
+    assert result.passed and auto_stats(result)["tensors_changed"] > 0
+    assert len(probes) == 2  # the fitting and the held-out shares
+    assert states and all(all(state) for state in states)
+    assert all(p.released for p in probes)
 
 
 def test_embedding_rows_measure_exactly_what_the_whole_table_gets(fixture_dir):
