@@ -40,7 +40,7 @@ TABLE = "model.0.auto_model.embeddings.word_embeddings.weight"
 CODEBOOKS = ((4, 256), (2, 64), (3, 1024), (2, 256), (2, 1024))  # (dim, k): 2.1 to 5.4 bits per weight
 SPECS = [f"codebook(dim={d},k={k},scale=channel{hot})" for d, k in CODEBOOKS
          for hot in ("", ",hot_rows=2", ",hot_rows=2,feedback=true")] \
-    + [f"kmeans(bits={b},granularity=channel,codebook_dtype=float16)" for b in (4, 5)]
+    + [f"kmeans(bits={b},granularity=channel,codebook_dtype={dtype})" for b in (4, 5) for dtype in ("float16", "uint8")]
 
 
 def worst_cosine(session: ort.InferenceSession, reference: np.ndarray, feeds) -> float:

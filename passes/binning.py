@@ -23,11 +23,12 @@ token matches a weight when one of its readers has that op type (MatMul, Gemm, C
 ...) or when the weight's name matches it as an fnmatch pattern (`*.attn.*`).
 
 Costs to keep in mind: a codebook row costs k entries, so per-channel and per-group codebooks
-pay k * 16 or 32 bits per row (codebook_dtype=float16 halves it); a weight whose predicted
-lookup is not smaller is left alone. `uniform(lower=dequantize)` stores a scale and zero point
-per group instead; onnxruntime fuses a blocked UINT4 DequantizeLinear + MatMul (opset >= 21)
-into MatMulNBits, whose default accuracy_level 4 quantizes activations to int8: expect output
-drift of ~1e-2 relative at ORT_ENABLE_ALL that ORT_DISABLE_ALL does not show.
+pay k * 32 bits per row (codebook_dtype=float16: 16; uint8: 8, and 32 for the row's scale and
+offset); a weight whose predicted lookup is not smaller is left alone.
+`uniform(lower=dequantize)` stores a scale and zero point per group instead; onnxruntime fuses
+a blocked UINT4 DequantizeLinear + MatMul (opset >= 21) into MatMulNBits, whose default
+accuracy_level 4 quantizes activations to int8: expect output drift of ~1e-2 relative at
+ORT_ENABLE_ALL that ORT_DISABLE_ALL does not show.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from onnx import TensorProto
 from graphpass import binning
 from graphpass.lowering import lookup
 from graphpass.codec import (
-    CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, layout_for, scope_opset, sqnr_db, sqnr_figure,
+    WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, layout_for, scope_opset, sqnr_db, sqnr_figure,
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
@@ -65,7 +66,10 @@ COMMON_OPTIONS = (
            "group only pay on large channels", choices=("tensor", "channel", "group")),
     Option("group_size", int, 128, "values per codebook with granularity=group", low=2),
     *WEIGHT_FILTER_OPTIONS,
-    CODEBOOK_DTYPE_OPTION,
+    Option("codebook_dtype", str, "float32", "how codebook entries are stored (never wider than the weight); "
+           "uint8: a byte per entry on a 256-level grid spanning each codebook, with a float16 scale and offset "
+           "(per channel or group; a tensor's one codebook stays float16)",
+           choices=("float32", "float16", "uint8")),
     Option("outliers", float, 0.0, "percent of each tensor's largest magnitudes kept exactly", low=0.0, high=10.0),
     Option("feedback", bool, False, "error feedback (GPTQ/OBQ): MatMul, Gemm and Conv weights take their codebook "
            "entries column by column, each column's error pushed onto the next through the second moment of "
@@ -76,7 +80,7 @@ COMMON_OPTIONS = (
 # Options whose effect a weight's layout and codebook size say in full (see effect_key).
 _SHAPING_OPTIONS = frozenset({"bits", "k", "granularity", "group_size"})
 
-_CODEBOOK_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+_CODEBOOK_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "uint8": lookup.BYTE_TABLE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ class BinningPass(Pass):
         notes = feedback_note(self.name, tensors)
         if any(t["table_bytes"] > t["index_bytes"] for t in tensors):
             notes.append("some codebooks outweigh their indices (see details.tensors): a larger group_size, "
-                         "granularity=tensor or codebook_dtype=float16 would shrink them")
+                         "granularity=tensor or codebook_dtype=uint8 would shrink them")
         return notes
 
     def codebook_entries(self) -> int:
@@ -258,18 +262,23 @@ class BinningPass(Pass):
 
     def predicted_bytes(self, weight: WeightRef, layout: Layout, opset: int, ir_version: int) -> int:
         k = min(self.codebook_entries(), layout.group_size)  # a group of n values uses <= n entries
-        itemsize = lookup.np_dtype(self._table_type(weight)).itemsize
-        tuples = lookup.row_storage_bytes(k, layout, itemsize, opset, ir_version)
+        stored = self._table_type(weight, layout)
+        tuples = lookup.row_storage_bytes(k, layout, lookup.np_dtype(stored).itemsize, opset, ir_version)
         if tuples is not None:
             return tuples
-        table = itemsize * layout.groups * k
+        table = lookup.table_bytes(stored, layout.groups, k)
         if lookup.per_row_codebooks(layout):
             return lookup.row_digits_bytes(k, layout, opset, ir_version) + table
         packing = lookup.choose_packing(k, opset, ir_version, count=weight.size)
-        return packing.stored_bytes(weight.size) + itemsize * layout.groups * k
+        return packing.stored_bytes(weight.size) + table
 
-    def _table_type(self, weight: WeightRef) -> int:
-        return lookup.table_dtype(weight.dtype, _CODEBOOK_TYPES[self.config["codebook_dtype"]])
+    def _table_type(self, weight: WeightRef, layout: Layout) -> int:
+        """The codebook's stored type. A tensor's one codebook asked for as bytes stays float16: its
+        one row costs nothing, and it may be stored as a table of tuples of entries."""
+        requested = _CODEBOOK_TYPES[self.config["codebook_dtype"]]
+        if requested == lookup.BYTE_TABLE and layout.granularity == "tensor":
+            requested = TensorProto.FLOAT16
+        return lookup.table_dtype(weight.dtype, requested)
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -344,21 +353,22 @@ class BinningPass(Pass):
         groups = layout.merge(group_of_value).reshape(shape)
         exact = None if job.outlier_mask is None else layout.merge(job.outlier_mask).reshape(shape)
         original = layout.merge(job.original).reshape(shape)
-        labels, note = scalar_labels(original, groups, self._stored_values(job.weight, found.codebook), job.hessian,
+        labels, note = scalar_labels(original, groups, self._stored_values(job, found.codebook), job.hessian,
                                      input_axis(job.weight), exact, shrink_for(job.weight))
         labels = layout.split(labels).astype(found.labels.dtype)
         return binning.Binning(found.codebook, labels), note or "applied"
 
     def rebuilt_groups(self, job: Job, codebook: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """[groups, group_size] float64: the values the emitted lookup produces, before outliers."""
-        return np.take_along_axis(self._stored_values(job.weight, codebook), labels.astype(np.intp), axis=1)
+        return np.take_along_axis(self._stored_values(job, codebook), labels.astype(np.intp), axis=1)
 
     def final_codebook(self, found: binning.Binning) -> tuple[np.ndarray, np.ndarray]:
         """The codebook to store: unused entries dropped, so indices pack into fewer bits."""
         return lookup.compact(found.codebook, found.labels)
 
-    def _stored_values(self, weight: WeightRef, codebook: np.ndarray) -> np.ndarray:
-        return lookup.stored_table(codebook, weight.dtype, self._table_type(weight)).astype(np.float64)
+    def _stored_values(self, job: Job, codebook: np.ndarray) -> np.ndarray:
+        stored = self._table_type(job.weight, job.layout)
+        return lookup.stored_table(codebook, job.weight.dtype, stored).astype(np.float64)
 
     # -- rewriting -------------------------------------------------------------------------
 
@@ -405,10 +415,10 @@ class BinningPass(Pass):
 
     def emit(self, r: Replacement, job: Job, fit: Fit, opset: int, ir_version: int) -> tuple[str, str]:
         """Nodes rebuilding the weight; returns (output name, how the indices are stored)."""
-        out = lookup.emit_lookup(r, fit.codebook, fit.labels, job.layout, stored_dtype=self._table_type(job.weight),
-                                 opset=opset, ir_version=ir_version)
-        return out, lookup.storage_name(fit.codebook.shape[1], job.layout, self._table_type(job.weight), opset,
-                                        ir_version)
+        stored = self._table_type(job.weight, job.layout)
+        out = lookup.emit_lookup(r, fit.codebook, fit.labels, job.layout, stored_dtype=stored, opset=opset,
+                                 ir_version=ir_version)
+        return out, lookup.storage_name(fit.codebook.shape[1], job.layout, stored, opset, ir_version)
 
     def _details(self, tensors: list[dict[str, Any]]) -> dict[str, Any]:
         before = sum(t["bytes_before"] for t in tensors)

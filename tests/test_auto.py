@@ -445,6 +445,8 @@ def at_opset_21(proto: onnx.ModelProto) -> onnx.ModelProto:
 @pytest.mark.parametrize("opset", [17, 21])
 @pytest.mark.parametrize("spec", [
     "kmeans(bits=3)", "kmeans(bits=2,granularity=channel,outliers=1.0,codebook_dtype=float16)",
+    "kmeans(bits=5,granularity=channel,codebook_dtype=uint8)",
+    "kmeans(bits=4,granularity=group,group_size=64,codebook_dtype=uint8)",
     "uniform(bits=4,granularity=group,group_size=32,lower=dequantize)", "uniform(bits=8,lower=dequantize)",
     "codebook(dim=4,k=16)",
 ])

@@ -164,6 +164,20 @@ def test_float16_codebooks_for_a_float32_model(fixture_dir):
     assert all(t.data_type == TensorProto.FLOAT16 for t in tables)
 
 
+@pytest.mark.parametrize("name", ["mlp", "mlp_fp16"])
+def test_byte_codebooks_take_fewer_bytes_than_float16_ones(fixture_dir, name):
+    """uint8: a byte per entry and a float16 scale and offset per codebook, decoded by Cast, Mul
+    and Add, in the weight's type."""
+    runs = {dtype: graphpass.run(fixture_dir / f"{name}.onnx",
+                                 f"kmeans(bits=4,granularity=channel,codebook_dtype={dtype})",
+                                 budget=Budget(min_cosine=0.99)) for dtype in ("float16", "uint8")}
+    assert all(run.passed for run in runs.values()), runs["uint8"].verify_result.failures
+    tables = [t for t in runs["uint8"].model.graph.initializer if t.name.endswith("lut_codebook")]
+    assert len(tables) == 3 and all(t.data_type == TensorProto.UINT8 for t in tables)
+    sizes = {dtype: run.report["output"]["file_bytes"] for dtype, run in runs.items()}
+    assert sizes["uint8"] < sizes["float16"]
+
+
 def test_constant_nodes_and_if_branches_are_compressed(fixture_dir, tmp_path):
     out = tmp_path / "subgraphs.onnx"
     result = graphpass.run(fixture_dir / "subgraphs.onnx", "kmeans(bits=4,min_size=64)", output=out, budget=ANY)

@@ -334,7 +334,8 @@ def test_real_bert_three_layers_fold(bert_path):
 
 
 @pytest.mark.parametrize("mode", ["scan", "loop"])
-@pytest.mark.parametrize("lossy", ["kmeans(bits=4)", "kmeans(bits=4,granularity=channel)", "codebook(dim=4,k=16)"])
+@pytest.mark.parametrize("lossy", ["kmeans(bits=4)", "kmeans(bits=4,granularity=channel)", "codebook(dim=4,k=16)",
+                                   "kmeans(bits=4,granularity=channel,codebook_dtype=uint8)"])
 def test_fold_keeps_native_uint4_indices_packed(fixtures, lossy, mode):
     """At opset 21 the indices are UINT4, which onnxruntime can neither slice nor Gather."""
     model = build(fixtures, "transformer")

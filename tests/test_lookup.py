@@ -269,6 +269,47 @@ def test_row_lookup_rebuilds_units_along_any_axis(axis):
         assert cost.table_bytes == table.nbytes
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("k,opset,ir", [(16, 13, 8), (64, 17, 8), (16, 21, 10)])
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_byte_tables_rebuild_exactly_what_the_codec_is_told(dtype, k, opset, ir, granularity):
+    """A byte per codebook entry, a float16 scale and offset per row: the weight rebuilt in
+    onnxruntime is exactly `stored_table`'s values, which the codecs assign labels against."""
+    rng = np.random.default_rng(RNG_SEED)
+    weight_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    for shape, axis in SHAPES[:3]:
+        layout = layout_of(shape, axis, granularity)
+        codebook, labels = random_binning(layout, k, rng)
+        model, cost = replaced(rng.normal(size=shape).astype(dtype), opset, ir, lambda r: lookup.emit_lookup(
+            r, codebook, labels, layout, stored_dtype=lookup.BYTE_TABLE, opset=opset, ir_version=ir))
+        rounded = lookup.stored_table(codebook, weight_type, lookup.BYTE_TABLE)
+        assert np.abs(rounded - codebook).max() <= (codebook.max(1) - codebook.min(1)).max() / 255
+        assert_rebuilds(model, expected_weight(layout, rounded, labels, dtype=dtype))
+        (table,) = [t for t in model.graph.initializer if t.name.endswith("lut_codebook")]
+        assert table.data_type == TensorProto.UINT8
+        assert cost.table_bytes == lookup.table_bytes(lookup.BYTE_TABLE, layout.groups, k)
+        assert not any(n.op_type == "DequantizeLinear" for n in model.graph.node)  # which ORT would not fold
+
+
+def test_byte_tables_rows_decode_after_the_gather():
+    rng = np.random.default_rng(12)
+    shape = (1000, 96)
+    layout = Layout.per_channel(shape, 0)
+    codebook, labels = random_binning(layout, 32, rng)
+    proto = embedding_model(rng.normal(size=shape).astype(np.float32), [(2, 3)], False)
+    weight = Model(proto).weights()[0]
+    r = Replacement(weight)
+    weight.replace_with(r, result=lookup.emit_lookup(r, codebook, labels, layout, stored_dtype=lookup.BYTE_TABLE,
+                                                     opset=13, ir_version=8))
+    onnx.checker.check_model(proto, full_check=True)
+    rounded = lookup.stored_table(codebook, TensorProto.FLOAT, lookup.BYTE_TABLE)
+    reference = embedding_model(expected_weight(layout, rounded, labels), [(2, 3)], False)
+    feeds = {"ids0": rng.integers(0, shape[0], size=(2, 3)).astype(np.int64)}
+    result = verify(reference.SerializeToString(), proto.SerializeToString(), feeds, EXACT)
+    assert result.passed, result.failures
+    assert not [n for n in proto.graph.node if n.output[0] == "W"]  # rows decode after the gather
+
+
 def test_table_dtype_never_widens():
     assert lookup.table_dtype(TensorProto.FLOAT16, TensorProto.FLOAT) == TensorProto.FLOAT16
     assert lookup.table_dtype(TensorProto.FLOAT, TensorProto.FLOAT16) == TensorProto.FLOAT16

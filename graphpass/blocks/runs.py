@@ -9,7 +9,7 @@ import onnx
 from graphpass.scopes import Scope
 
 # Name suffixes of the tensors a codebook pass stores (graphpass.lowering.lookup), shown by inspect.
-LOOKUP_ROLES = ("codebook", "indices", "quantized", "scale", "zero_point")
+LOOKUP_ROLES = ("codebook", "codebook_scale", "codebook_offset", "indices", "quantized", "scale", "zero_point")
 
 # Dims of a value: an int where static, a symbol name where symbolic, None where unknown.
 Dims = tuple[int | str | None, ...]

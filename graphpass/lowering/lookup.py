@@ -6,8 +6,8 @@ allows and adds the nodes that rebuild the weight, through a `Replacement`.
 
 This module is the lowerings' front: passes import what they need from here. The parts live in
 their own modules: `layout` (which values share a codebook row), `packing` (how indices are
-stored and unpacked), `row_storage` (tuple tables and rows decoded after a Gather) and `nodes`
-(role names and small node builders).
+stored and unpacked), `tables` (how codebook entries are stored), `row_storage` (tuple tables
+and rows decoded after a Gather) and `nodes` (role names and small node builders).
 
 Layout. A weight is split into groups that each own one row of the codebook: the whole tensor,
 one output channel, or a block of `group_size` values of one output channel. The weight is only
@@ -54,7 +54,7 @@ from onnx import TensorProto
 
 # The public names of the parts, so that passes import lookups from one place.
 from graphpass.lowering.layout import Layout, element_count
-from graphpass.lowering.nodes import LUT_ROLE_PREFIX, codebook_table, np_dtype, reshape
+from graphpass.lowering.nodes import LUT_ROLE_PREFIX, np_dtype, reshape
 from graphpass.lowering.packing import (
     MIN_OPSET,
     UINT4_MIN_IR,
@@ -80,10 +80,12 @@ from graphpass.lowering.row_storage import (
     row_storage_bytes,
     storage_name,
 )
+from graphpass.lowering.tables import BYTE_TABLE, codebook_table, stored_table, table_bytes, table_dtype
 from graphpass.weights import Replacement, WeightRef, tensor_stored_bytes
 
 __all__ = [
     "BLOCKED_DQ_MIN_OPSET",
+    "BYTE_TABLE",
     "HALF_SCALE_DQ_MIN_OPSET",
     "LUT_ROLE_PREFIX",
     "MIN_OPSET",
@@ -120,6 +122,7 @@ __all__ = [
     "row_storage_bytes",
     "storage_name",
     "stored_table",
+    "table_bytes",
     "table_dtype",
     "unpack_indices",
 ]
@@ -202,20 +205,6 @@ def compact(codebook: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     return packed[:, :width], new_labels
 
 
-def table_dtype(weight_dtype: int, requested: int) -> int:
-    """The codebook's stored type: the requested one, but never wider than the weight's own
-    (a float16 model keeps float16 tables; float32 entries would add nothing)."""
-    if requested == TensorProto.FLOAT16 and weight_dtype in (TensorProto.FLOAT, TensorProto.DOUBLE):
-        return TensorProto.FLOAT16
-    return weight_dtype
-
-
-def stored_table(codebook: np.ndarray, weight_dtype: int, stored_dtype: int) -> np.ndarray:
-    """The codebook values as the lookup produces them: rounded to the stored type, then cast
-    to the weight's type (what reconstructed weights must equal exactly)."""
-    return np.asarray(codebook).astype(np_dtype(stored_dtype)).astype(np_dtype(weight_dtype))
-
-
 def emit_lookup(
     r: Replacement,
     codebook: np.ndarray,
@@ -242,7 +231,7 @@ def emit_lookup(
         return emit_row_digits(r, codebook, labels, choose_packing(k, opset, ir_version, whole_bytes=True),
                                 stored_dtype)
     index = emit_indices(r, layout.merge(labels), k, opset, ir_version)
-    table = codebook_table(r, np.asarray(layout.merge(codebook)), stored_dtype)
+    table = codebook_table(r, np.asarray(codebook), stored_dtype, arrange=layout.merge)
     values = r.node("GatherElements", [table, index], f"{LUT_ROLE_PREFIX}values", axis=layout.within_axis)
     return reshape(r, values, layout.view, layout.shape)
 

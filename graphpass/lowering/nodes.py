@@ -23,11 +23,3 @@ def reshape(r: Replacement, name: str, current, target) -> str:
     if tuple(current) == tuple(target):
         return name
     return r.node("Reshape", [name, int64s(r, "shape", list(target))], f"{LUT_ROLE_PREFIX}reshaped")
-
-
-def codebook_table(r: Replacement, entries: np.ndarray, stored_dtype: int) -> str:
-    """The codebook stored in `stored_dtype` and read as the weight's type."""
-    table = r.stored(f"{LUT_ROLE_PREFIX}codebook", entries.astype(np_dtype(stored_dtype)))
-    if stored_dtype != r.weight.dtype:  # cast the table's entries, not the n values
-        table = r.node("Cast", [table], f"{LUT_ROLE_PREFIX}codebook_cast", to=r.weight.dtype)
-    return table

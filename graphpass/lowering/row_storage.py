@@ -18,8 +18,9 @@ import numpy as np
 from onnx import TensorProto
 
 from graphpass.lowering.layout import Layout, element_count
-from graphpass.lowering.nodes import LUT_ROLE_PREFIX, codebook_table, int64s, np_dtype, reshape
+from graphpass.lowering.nodes import LUT_ROLE_PREFIX, int64s, np_dtype, reshape
 from graphpass.lowering.packing import Packing, choose_packing, digits_per_word
+from graphpass.lowering.tables import BYTE_TABLE, codebook_table
 from graphpass.weights import Replacement
 
 # A tuple table pays only where it is small beside the indices it serves.
@@ -223,6 +224,8 @@ def pack_rows(labels: np.ndarray, storage: RowStorage) -> np.ndarray:
 
 def emit_row_aligned(r: Replacement, codebook: np.ndarray, labels: np.ndarray, storage: RowStorage,
                       stored_dtype: int) -> str:
+    if stored_dtype == BYTE_TABLE:  # a tuple table's rows are not a codebook's
+        raise ValueError("byte tables are for codebooks per channel or group; a tensor's one codebook stays float")
     shape = tuple(r.weight.shape)
     words = r.stored(f"{LUT_ROLE_PREFIX}indices", pack_rows(labels, storage))
     table = codebook_table(r, tuple_table(codebook, storage), stored_dtype)
