@@ -124,8 +124,8 @@ def binning_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[
     """Option sets for a codec with bits and granularity options (the binning family).
 
     Per-tensor codebooks take the densest k their index packing allows (their one table costs
-    nothing); per-channel and per-group ones keep 2**bits entries and store them as float16,
-    since there the tables are a real share of the bytes."""
+    nothing); per-channel and per-group ones keep 2**bits entries and store them as bytes
+    (graphpass.lowering.tables), since there the tables are a real share of the bytes."""
     known = {o.name for o in cls.options}
     grid = []
     for granularity in _tokens(config["granularities"]) if "granularity" in known else [None]:
@@ -135,7 +135,7 @@ def binning_grid(cls: type[Pass], config: dict[str, Any], model: Model) -> list[
                 k = densest_k(bits, model.opset, model.proto.ir_version)
                 options["k"] = k if k != 2**bits else None
             if granularity in ("channel", "group") and "codebook_dtype" in known:
-                options["codebook_dtype"] = "float16"
+                options["codebook_dtype"] = "uint8"
             if granularity == "group" and "group_size" in known:
                 options["group_size"] = config["group_size"]
             grid.append({k: v for k, v in options.items() if v is not None})
