@@ -314,6 +314,8 @@ def test_table_dtype_never_widens():
     assert lookup.table_dtype(TensorProto.FLOAT16, TensorProto.FLOAT) == TensorProto.FLOAT16
     assert lookup.table_dtype(TensorProto.FLOAT, TensorProto.FLOAT16) == TensorProto.FLOAT16
     assert lookup.table_dtype(TensorProto.BFLOAT16, TensorProto.FLOAT16) == TensorProto.BFLOAT16
+    assert lookup.table_dtype(TensorProto.FLOAT16, lookup.BYTE_TABLE) == lookup.BYTE_TABLE
+    assert lookup.table_dtype(TensorProto.BFLOAT16, lookup.BYTE_TABLE) == TensorProto.BFLOAT16
 
 
 @pytest.mark.parametrize("granularity,opset,ir,q_type", [

@@ -26,13 +26,16 @@ from graphpass.weights import Replacement
 # The stored type that means "a byte per entry, with a float16 scale and offset per row".
 BYTE_TABLE = TensorProto.UINT8
 _LEVELS = 255
-_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+# Weights whose type a float32 decode casts to exactly as numpy rounds it (tests/test_lookup.py
+# checks float32 and float16; bfloat16 keeps bfloat16 tables).
+_BYTE_TABLE_WEIGHTS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 
 
 def table_dtype(weight_dtype: int, requested: int) -> int:
     """The codebook's stored type: the requested one, but never wider than the weight's own
-    (a float16 model keeps float16 tables; float32 entries would add nothing)."""
-    if requested == BYTE_TABLE and weight_dtype in _FLOAT_TYPES:
+    (a float16 model keeps float16 tables; float32 entries would add nothing), and bytes only
+    for weights their decode rebuilds exactly."""
+    if requested == BYTE_TABLE and weight_dtype in _BYTE_TABLE_WEIGHTS:
         return BYTE_TABLE
     if requested == TensorProto.FLOAT16 and weight_dtype in (TensorProto.FLOAT, TensorProto.DOUBLE):
         return TensorProto.FLOAT16
