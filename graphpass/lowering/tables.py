@@ -2,11 +2,12 @@
 
 A codebook per output channel or per group is a real share of a lookup's bytes: on the BERT's
 30522 x 384 word embedding, 5-bit k-means per row stores 32 float16 entries a row, 1.95 MB of
-its 9.77 MB. Stored as bytes, each row's entries are the points of a 256-level grid spanning
-that row (a float16 scale and offset per row), which halves those bytes: 8.91 MB, the worst test
-sentence's cosine 0.99953 against 0.99955 (bench/bench_embedding.py). Codecs fit their entries
-to the grid (`stored_table` gives the values the lookup will produce), so that labels are
-assigned to the values the runtime rebuilds.
+its 9.77 MB. Stored as bytes, each row's entries are points of a 256-level grid spanning that
+row (a float16 scale and offset per row), which nearly halves those bytes: 8.91 MB, the worst
+test sentence's cosine 0.99953 against 0.99955 (bench/bench_embedding.py). From 6 bits the grid
+crowds the entries (graphpass.grid.BYTE_TABLE_MAX_BITS). Codecs round their fitted entries to the
+grid and rebuild the weight from the rounded values (`stored_table`), so a plan's reconstruction
+is what the runtime computes, and error feedback assigns labels against those values.
 
 A byte table is decoded by Cast, Mul and Add on the stored bytes, which runtimes fold to a
 constant at load as they fold the lookup itself (never DequantizeLinear: onnxruntime keeps it
