@@ -45,7 +45,7 @@ from onnx import TensorProto
 from graphpass import binning
 from graphpass.lowering import lookup
 from graphpass.codec import (
-    WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, layout_for, scope_opset, sqnr_db, sqnr_figure,
+    CODEBOOK_DTYPE_OPTION, WEIGHT_FILTER_OPTIONS, Plan, WeightFilter, layout_for, scope_opset, sqnr_db, sqnr_figure,
 )
 from graphpass.lowering.choose import NON_AFFINE_NOTE, compressed_plan
 from graphpass.lowering.lookup import Layout, Outliers
@@ -66,10 +66,11 @@ COMMON_OPTIONS = (
            "group only pay on large channels", choices=("tensor", "channel", "group")),
     Option("group_size", int, 128, "values per codebook with granularity=group", low=2),
     *WEIGHT_FILTER_OPTIONS,
-    Option("codebook_dtype", str, "float32", "how codebook entries are stored (never wider than the weight); "
-           "uint8: a byte per entry on a 256-level grid spanning each codebook, with a float16 scale and offset "
-           "(per channel or group; a tensor's one codebook stays float16)",
-           choices=("float32", "float16", "uint8")),
+    # Scalar codebooks may also be stored as bytes (graphpass.lowering.tables).
+    dataclasses.replace(CODEBOOK_DTYPE_OPTION, choices=(*CODEBOOK_DTYPE_OPTION.choices, "uint8"),
+                        help=CODEBOOK_DTYPE_OPTION.help + "; uint8: a byte per entry on a 256-level grid spanning "
+                        "each codebook, with a float16 scale and offset (per channel or group; a tensor's one "
+                        "codebook stays float16)"),
     Option("outliers", float, 0.0, "percent of each tensor's largest magnitudes kept exactly", low=0.0, high=10.0),
     Option("feedback", bool, False, "error feedback (GPTQ/OBQ): MatMul, Gemm and Conv weights take their codebook "
            "entries column by column, each column's error pushed onto the next through the second moment of "
