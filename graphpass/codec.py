@@ -195,4 +195,6 @@ def sqnr_db(reference: np.ndarray, rebuilt: np.ndarray) -> float:
     signal = float(np.sum(reference**2))
     if noise == 0.0:
         return math.inf
+    if not math.isfinite(noise):
+        return -math.inf
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf

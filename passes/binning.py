@@ -273,13 +273,14 @@ class BinningPass(Pass):
         packing = lookup.choose_packing(k, opset, ir_version, count=weight.size)
         return packing.stored_bytes(weight.size) + table
 
-    def _table_type(self, weight: WeightRef, layout: Layout) -> int:
-        """The codebook's stored type. A tensor's one codebook asked for as bytes stays float16: its
-        one row costs nothing, and it may be stored as a table of tuples of entries."""
+    def _table_type(self, weight: WeightRef, layout: Layout, codebook: np.ndarray | None = None) -> int:
+        """The codebook's stored type (for `codebook`'s entries; predicted when None). A tensor's
+        one codebook asked for as bytes stays float16: its one row costs nothing, and it may be
+        stored as a table of tuples of entries."""
         requested = _CODEBOOK_TYPES[self.config["codebook_dtype"]]
         if requested == lookup.BYTE_TABLE and layout.granularity == "tensor":
             requested = TensorProto.FLOAT16
-        return lookup.table_dtype(weight.dtype, requested)
+        return lookup.table_dtype(weight.dtype, requested, codebook)
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -368,7 +369,7 @@ class BinningPass(Pass):
         return lookup.compact(found.codebook, found.labels)
 
     def _stored_values(self, job: Job, codebook: np.ndarray) -> np.ndarray:
-        stored = self._table_type(job.weight, job.layout)
+        stored = self._table_type(job.weight, job.layout, codebook)
         return lookup.stored_table(codebook, job.weight.dtype, stored).astype(np.float64)
 
     # -- rewriting -------------------------------------------------------------------------
@@ -416,7 +417,7 @@ class BinningPass(Pass):
 
     def emit(self, r: Replacement, job: Job, fit: Fit, opset: int, ir_version: int) -> tuple[str, str]:
         """Nodes rebuilding the weight; returns (output name, how the indices are stored)."""
-        stored = self._table_type(job.weight, job.layout)
+        stored = self._table_type(job.weight, job.layout, fit.codebook)
         out = lookup.emit_lookup(r, fit.codebook, fit.labels, job.layout, stored_dtype=stored, opset=opset,
                                  ir_version=ir_version)
         return out, lookup.storage_name(fit.codebook.shape[1], job.layout, stored, opset, ir_version)

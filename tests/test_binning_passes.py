@@ -239,6 +239,38 @@ def skip_model() -> onnx.ModelProto:
     return model
 
 
+def scaled_matmul(scale: float) -> onnx.ModelProto:
+    """y = (x @ (W * scale)) / scale: the same function whatever the weight's magnitude."""
+    weight = (np.random.default_rng(0).standard_normal((64, 256)) * scale).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["scaled"]), helper.make_node("Mul", ["scaled", "unscale"], ["y"])],
+        "scaled_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 256])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array(1 / scale, np.float32), "unscale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("pass_spec", [
+    "kmeans(bits=4,codebook_dtype=float16)",
+    "kmeans(bits=4,granularity=channel,codebook_dtype=float16)",
+    "kmeans(bits=4,granularity=channel,codebook_dtype=uint8)",
+    "codebook(dim=2,k=64,codebook_dtype=float16,scale=channel)",
+])
+def test_codebooks_beyond_float16s_range_keep_the_weights_type(pass_spec):
+    """Weights past ±65504 (float16's largest) would decode to infinity from float16 or byte
+    tables: what holds their magnitude (the codebook, or codebook's per-channel scale) stays
+    float32, and the model keeps the error it has at a scale of 1."""
+    runs = {scale: graphpass.run(scaled_matmul(scale), pass_spec, budget=Budget(min_cosine=0.9))
+            for scale in (1.0, 1e6)}
+    assert runs[1e6].passed, runs[1e6].verify_result.failures
+    stored = {t.name: (t.data_type, numpy_helper.to_array(t)) for t in runs[1e6].model.graph.initializer}
+    large = {name for name, (_, values) in stored.items()
+             if values.dtype.kind == "f" and values.size and np.abs(values).max() > 65504}
+    assert large and all(stored[name][0] == TensorProto.FLOAT for name in large)
+    cosines = {scale: run.report["verify"]["outputs"]["y"]["cosine"] for scale, run in runs.items()}
+    assert cosines[1e6] == pytest.approx(cosines[1.0], abs=0.005)
+
+
 def test_skipped_weights_are_reported_with_their_reason():
     stats = pass_stats(graphpass.run(skip_model(), "kmeans", verify=False))
     reasons = {s["weight"]: s["reason"] for s in stats["skipped"]}

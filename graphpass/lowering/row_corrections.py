@@ -20,10 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from graphpass.lowering.nodes import LUT_ROLE_PREFIX, int64s, np_dtype
 from graphpass.lowering.row_storage import gathered_shape
+from graphpass.lowering.tables import table_dtype
 from graphpass.weights import Replacement
 
 
@@ -41,7 +42,9 @@ class RowCorrections:
         """The corrections that bring `rebuilt`'s rows `ids` back to `exact`'s (up to the
         stored type's rounding of the difference)."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
-        return cls(ids, (exact[ids].astype(np.float64) - rebuilt[ids]).astype(np_dtype(stored_dtype)), stored_dtype)
+        differences = exact[ids].astype(np.float64) - rebuilt[ids]
+        stored_dtype = table_dtype(helper.np_dtype_to_tensor_dtype(exact.dtype), stored_dtype, differences)
+        return cls(ids, differences.astype(np_dtype(stored_dtype)), stored_dtype)
 
     def corrected(self, rebuilt: np.ndarray) -> np.ndarray:
         """What the nodes compute: `rebuilt` with the rows' differences added in its dtype."""

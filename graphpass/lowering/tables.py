@@ -32,15 +32,32 @@ _LEVELS = 255
 _BYTE_TABLE_WEIGHTS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
 
 
-def table_dtype(weight_dtype: int, requested: int) -> int:
+def table_dtype(weight_dtype: int, requested: int, entries: np.ndarray | None = None) -> int:
     """The codebook's stored type: the requested one, but never wider than the weight's own
-    (a float16 model keeps float16 tables; float32 entries would add nothing), and bytes only
-    for weights their decode rebuilds exactly."""
+    (a float16 model keeps float16 tables; float32 entries would add nothing), bytes only
+    for weights their decode rebuilds exactly, and the weight's own type when the narrower
+    one cannot hold `entries` (float16, a byte table's offset included, overflows past
+    ±65504: a float32 weight that large would otherwise decode to infinity)."""
+    stored = _narrowed(weight_dtype, requested)
+    if stored != weight_dtype and entries is not None and not _holds(stored, entries):
+        return weight_dtype
+    return stored
+
+
+def _narrowed(weight_dtype: int, requested: int) -> int:
     if requested == BYTE_TABLE and weight_dtype in _BYTE_TABLE_WEIGHTS:
         return BYTE_TABLE
     if requested == TensorProto.FLOAT16 and weight_dtype in (TensorProto.FLOAT, TensorProto.DOUBLE):
         return TensorProto.FLOAT16
     return weight_dtype
+
+
+def _holds(stored_dtype: int, entries: np.ndarray) -> bool:
+    """Whether every entry stays finite in the stored type (a byte table's offset and scale
+    are float16, and its scale is at most the span over 255, so its offset decides)."""
+    narrow = np.float16 if stored_dtype == BYTE_TABLE else np_dtype(stored_dtype)
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.asarray(entries).astype(narrow)).all())
 
 
 def table_bytes(stored_dtype: int, rows: int, k: int) -> int:

@@ -351,7 +351,8 @@ class CodebookPass(Pass):
         if self.config["scale"] == "none":
             return Member(weight, layout, original, None, None, None, layout.split(values).astype(np.float32), None)
         axis = channel_scale_axis(weight, layout) if self.config["scale"] == "channel" else None
-        entries = _storable(_rms(values, axis), lookup.np_dtype(self._table_type(weight)))
+        rms = _rms(values, axis)
+        entries = _storable(rms, lookup.np_dtype(self._table_type(weight, rms)))
         scale = entries.astype(original.dtype)
         normalised = values / scale.astype(np.float64)
         # Squared scales weight the k-means by each sub-vector's error in the weight itself;
@@ -524,9 +525,9 @@ class CodebookPass(Pass):
         c = self.config
         return KMeansSettings(c["k"], c["iterations"], c["init"], c["sample"], c["seed"])
 
-    def _table_type(self, weight: WeightRef) -> int:
+    def _table_type(self, weight: WeightRef, entries: np.ndarray | None = None) -> int:
         requested = helper.np_dtype_to_tensor_dtype(np.dtype(self.config["codebook_dtype"]))
-        return lookup.table_dtype(weight.dtype, requested)
+        return lookup.table_dtype(weight.dtype, requested, entries)
 
     def _needs_arithmetic(self) -> bool:
         return self.config["stages"] > 1 or self.config["scale"] == "channel"
@@ -541,7 +542,8 @@ def _scale_label(member: Member) -> str | None:
 def _storable(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The scales in their stored type; one that type cannot hold (float16 overflows past 65504
     and flushes tiny values to 0) becomes 1, which leaves that channel unscaled but exact."""
-    stored = scale.astype(dtype)
+    with np.errstate(over="ignore"):
+        stored = scale.astype(dtype)
     return np.where(np.isfinite(stored) & (stored > 0), stored, np.ones((), dtype))
 
 

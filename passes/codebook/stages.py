@@ -69,7 +69,7 @@ def fit_stages(members: list[Member], settings: KMeansSettings, stages: int, tab
     for stage in range(stages):
         stage_settings = dataclasses.replace(settings, seed=settings.seed + stage)
         centroids, labels = kmeans_vectors(vectors, importance, stage_settings, workers)
-        entries = centroids.astype(lookup.np_dtype(table_type))
+        entries = centroids.astype(lookup.np_dtype(lookup.table_dtype(weight_type, table_type, centroids)))
         values = entries.astype(lookup.np_dtype(weight_type))
         fitted.append(Stage(entries, values, labels))
         vectors = vectors - values[labels].astype(np.float32)  # the next stage codes what is left
