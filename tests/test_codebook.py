@@ -161,6 +161,21 @@ def test_engine_is_exact_when_k_covers_every_vector_and_deterministic_otherwise(
         assert len(first[0]) == 32 and first[1].max() == 31
 
 
+@pytest.mark.parametrize("dim", [2, 4])
+def test_a_causal_mask_near_float32s_limit_comes_back_exact(dim):
+    """A float mask of 0 and float32's lowest (as exporters write causal masks) would overflow
+    the k-means distances; fitted at a power-of-two scale, its few sub-vectors are kept exactly."""
+    mask = np.triu(np.full((64, 64), np.finfo(np.float32).min, np.float32), 1)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "mask"], ["masked"]), helper.make_node("Softmax", ["masked"], ["y"], axis=-1)],
+        "masked_softmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])], [numpy_helper.from_array(mask, "mask")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = graphpass.run(model, f"codebook(dim={dim},k=16)", budget=Budget(atol=0.0, rtol=0.0))
+    assert pass_stats(result)["tensors_changed"] == 1
+    assert result.passed, result.verify_result.failures
+
+
 def test_large_codebooks_are_assigned_by_a_kd_tree_with_the_same_answer():
     rng = np.random.default_rng(1)
     points, centroids = rng.standard_normal((2000, 2)), rng.standard_normal((5000, 2))  # k > 4096
