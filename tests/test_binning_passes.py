@@ -271,6 +271,16 @@ def test_codebooks_beyond_float16s_range_keep_the_weights_type(pass_spec):
     assert cosines[1e6] == pytest.approx(cosines[1.0], abs=0.005)
 
 
+def test_a_float16_row_spanning_float16s_range_is_not_stored_as_bytes():
+    """Decoded in float32 and cast back, such a byte row can round past 65504 to infinity;
+    the row's own type holds it."""
+    row = np.array([[-65504.0, -1.0, 0.5, 65504.0]])
+    with np.errstate(over="ignore"):
+        assert np.isinf(lookup.stored_table(row, TensorProto.FLOAT16, lookup.BYTE_TABLE)).any()
+    assert lookup.table_dtype(TensorProto.FLOAT16, lookup.BYTE_TABLE, row) == TensorProto.FLOAT16
+    assert lookup.table_dtype(TensorProto.FLOAT16, lookup.BYTE_TABLE, row / 2) == lookup.BYTE_TABLE
+
+
 def test_skipped_weights_are_reported_with_their_reason():
     stats = pass_stats(graphpass.run(skip_model(), "kmeans", verify=False))
     reasons = {s["weight"]: s["reason"] for s in stats["skipped"]}

@@ -35,11 +35,12 @@ _BYTE_TABLE_WEIGHTS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT1
 def table_dtype(weight_dtype: int, requested: int, entries: np.ndarray | None = None) -> int:
     """The codebook's stored type: the requested one, but never wider than the weight's own
     (a float16 model keeps float16 tables; float32 entries would add nothing), bytes only
-    for weights their decode rebuilds exactly, and the weight's own type when the narrower
-    one cannot hold `entries` (float16, a byte table's offset included, overflows past
-    ±65504: a float32 weight that large would otherwise decode to infinity)."""
+    for weights their decode rebuilds exactly, and the weight's own type when `entries`
+    would not decode to finite values from the narrower one (float16, a byte table's offset
+    included, overflows past ±65504; a float16 weight's byte row that spans nearly all of
+    float16's range can round past it)."""
     stored = _narrowed(weight_dtype, requested)
-    if stored != weight_dtype and entries is not None and not _holds(stored, entries):
+    if stored != weight_dtype and entries is not None and not _decodes_finite(entries, weight_dtype, stored):
         return weight_dtype
     return stored
 
@@ -52,12 +53,11 @@ def _narrowed(weight_dtype: int, requested: int) -> int:
     return weight_dtype
 
 
-def _holds(stored_dtype: int, entries: np.ndarray) -> bool:
-    """Whether every entry stays finite in the stored type (a byte table's offset and scale
-    are float16, and its scale is at most the span over 255, so its offset decides)."""
-    narrow = np.float16 if stored_dtype == BYTE_TABLE else np_dtype(stored_dtype)
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(np.asarray(entries).astype(narrow)).all())
+def _decodes_finite(entries: np.ndarray, weight_dtype: int, stored_dtype: int) -> bool:
+    entries = np.asarray(entries)
+    rows = entries.reshape(-1, entries.shape[-1]) if entries.ndim else entries.reshape(1, 1)
+    with np.errstate(all="ignore"):
+        return bool(np.isfinite(stored_table(rows, weight_dtype, stored_dtype)).all())
 
 
 def table_bytes(stored_dtype: int, rows: int, k: int) -> int:
