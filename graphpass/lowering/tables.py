@@ -30,17 +30,18 @@ _LEVELS = 255
 # Weights whose type a float32 decode casts to exactly as numpy rounds it (tests/test_lookup.py
 # checks float32 and float16; bfloat16 keeps bfloat16 tables).
 _BYTE_TABLE_WEIGHTS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
+# The largest rounding, relative to a table's largest entry, that a narrow table may add: a
+# byte grid's is 1/255 at most, float16's 1/2048 in its normal range.
+_HELD = 1 / 128
 
 
 def table_dtype(weight_dtype: int, requested: int, entries: np.ndarray | None = None) -> int:
     """The codebook's stored type: the requested one, but never wider than the weight's own
     (a float16 model keeps float16 tables; float32 entries would add nothing), bytes only
-    for weights their decode rebuilds exactly, and the weight's own type when `entries`
-    would not decode to finite values from the narrower one (float16, a byte table's offset
-    included, overflows past ±65504; a float16 weight's byte row that spans nearly all of
-    float16's range can round past it)."""
+    for weights their decode rebuilds exactly, and the weight's own type when the narrower
+    one cannot hold `entries` (see `_holds`)."""
     stored = _narrowed(weight_dtype, requested)
-    if stored != weight_dtype and entries is not None and not _decodes_finite(entries, weight_dtype, stored):
+    if stored != weight_dtype and entries is not None and not _holds(entries, weight_dtype, stored):
         return weight_dtype
     return stored
 
@@ -53,11 +54,18 @@ def _narrowed(weight_dtype: int, requested: int) -> int:
     return weight_dtype
 
 
-def _decodes_finite(entries: np.ndarray, weight_dtype: int, stored_dtype: int) -> bool:
-    entries = np.asarray(entries)
+def _holds(entries: np.ndarray, weight_dtype: int, stored_dtype: int) -> bool:
+    """Whether `entries` decode from the stored type finite and within _HELD of their largest
+    magnitude. float16 (a byte table's scale and offset too) overflows past ±65504, and a
+    float16 weight's byte row spanning nearly all of that range rounds past it when cast back;
+    below 6e-5 float16 loses precision, and it flushes a weight of 1e-8s to zeros."""
+    entries = np.asarray(entries, dtype=np.float64)
     rows = entries.reshape(-1, entries.shape[-1]) if entries.ndim else entries.reshape(1, 1)
     with np.errstate(all="ignore"):
-        return bool(np.isfinite(stored_table(rows, weight_dtype, stored_dtype)).all())
+        rebuilt = stored_table(rows, weight_dtype, stored_dtype).astype(np.float64)
+    if not np.isfinite(rebuilt).all():
+        return False
+    return bool(np.abs(rebuilt - rows).max(initial=0.0) <= _HELD * np.abs(rows).max(initial=0.0))
 
 
 def table_bytes(stored_dtype: int, rows: int, k: int) -> int:
