@@ -250,27 +250,36 @@ def scaled_matmul(scale: float) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-@pytest.mark.parametrize("scale", [1e6, 1e-8])
-@pytest.mark.parametrize("pass_spec", [
+# Codec settings that store a table, a scale or a grid in a type narrower than float32, or
+# compute distances in float32.
+SCALE_FREE_SPECS = [
     "kmeans(bits=4,codebook_dtype=float16)",
     "kmeans(bits=4,granularity=channel,codebook_dtype=float16)",
     "kmeans(bits=4,granularity=channel,codebook_dtype=uint8)",
+    "uniform(bits=4,granularity=channel,lower=dequantize)",
+    "uniform(bits=4,granularity=group,lower=kernel)",
+    "ternary(granularity=channel)",
     "codebook(dim=2,k=64,codebook_dtype=float16,scale=channel)",
-])
-def test_codebooks_float16_cannot_hold_keep_the_weights_type(pass_spec, scale):
-    """Weights past ±65504 (float16's largest) would decode to infinity from float16 or byte
-    tables, and weights of 1e-8 to zeros: what holds their magnitude (the codebook, or
-    codebook's per-channel scale) stays float32, and the model keeps the error it has at a
-    scale of 1."""
-    runs = {s: graphpass.run(scaled_matmul(s), pass_spec, budget=Budget(min_cosine=0.9)) for s in (1.0, scale)}
-    assert runs[scale].passed, runs[scale].verify_result.failures
+    "codebook(k=16,codebook_dtype=float16)",
+    "codebook(stages=2,k=16)",
+]
+
+
+@pytest.mark.parametrize("pass_spec", SCALE_FREE_SPECS)
+def test_a_weights_magnitude_does_not_change_what_its_codec_keeps(pass_spec):
+    """y = (x @ (W * s)) / s is the same function at any s, and so is its error: past ±65504
+    float16 and byte tables would decode to infinity, below 6e-5 float16 loses the weight
+    (1e-8s flush to zeros), and float32 distances overflow near 1e30 and underflow near 1e-30.
+    What holds such a magnitude (the codebook, or codebook's per-channel scale) stays float32."""
+    runs = {s: graphpass.run(scaled_matmul(s), pass_spec, budget=Budget(min_cosine=0.5))
+            for s in (1.0, 1e6, 1e-8, 1e30, 1e-30)}
+    assert all(run.passed for run in runs.values()), {s: r.verify_result.failures for s, r in runs.items()}
     cosines = {s: run.report["verify"]["outputs"]["y"]["cosine"] for s, run in runs.items()}
-    assert cosines[scale] == pytest.approx(cosines[1.0], abs=0.005)
-    if scale > 1:
-        stored = {t.name: (t.data_type, numpy_helper.to_array(t)) for t in runs[scale].model.graph.initializer}
-        large = {name for name, (_, values) in stored.items()
-                 if values.dtype.kind == "f" and values.size and np.abs(values).max() > 65504}
-        assert large and all(stored[name][0] == TensorProto.FLOAT for name in large)
+    assert all(c == pytest.approx(cosines[1.0], abs=0.005) for c in cosines.values()), cosines
+    stored = {t.name: (t.data_type, numpy_helper.to_array(t)) for t in runs[1e6].model.graph.initializer}
+    large = {name for name, (_, values) in stored.items()
+             if values.dtype.kind == "f" and values.size and np.abs(values).max() > 65504}
+    assert large and all(stored[name][0] == TensorProto.FLOAT for name in large)
 
 
 def test_a_float16_row_spanning_float16s_range_is_not_stored_as_bytes():

@@ -24,8 +24,9 @@ _KMEANS_PP_MAX_K = 1024  # init=auto seeds with k-means++ up to here, random row
 _MIN_SAMPLE, _SAMPLE_PER_CENTROID = 65536, 16
 _SEED_PER_CENTROID = 32  # k-means++ draws from at most this many sample points per centroid
 _CONVERGED = 1e-4  # relative drop in the sample's error below which Lloyd stops early
-# Beyond this magnitude a sub-vector's squared norm (dim of them summed) may overflow float32.
-_LARGEST_UNSCALED = 2.0**60
+# Beyond these magnitudes a sub-vector's squared norm (dim of them summed) may overflow
+# float32, or its squared distances fall below float32's smallest normal (2^-126).
+_LARGEST_UNSCALED, _SMALLEST_UNSCALED = 2.0**60, 2.0**-50
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None, settings:
     if len(vectors) <= settings.k:  # an entry for every vector: exact
         centroids, labels = np.unique(vectors, axis=0, return_inverse=True)
         return centroids.astype(np.float64), labels.ravel()
-    exponent = _overflow_exponent(vectors)
+    exponent = _rescaling_exponent(vectors)
     if exponent:
         centroids, labels = kmeans_vectors(np.ldexp(vectors, -exponent), importance, settings, workers)
         return np.ldexp(centroids, exponent), labels
@@ -98,12 +99,12 @@ def kmeans_vectors(vectors: np.ndarray, importance: np.ndarray | None, settings:
     return _drop_unused(centroids, labels)
 
 
-def _overflow_exponent(vectors: np.ndarray) -> int:
+def _rescaling_exponent(vectors: np.ndarray) -> int:
     """0, or the power of two that brings values whose squared distances would overflow
-    float32 (a causal mask's -3.4e38) down to at most 1: scaling by it is exact, so the fit is
-    the one the values would have at that scale."""
+    float32 (a causal mask's -3.4e38) or underflow it (weights of 1e-30) to at most 1: scaling
+    by it is exact, so the fit is the one the values would have at that scale."""
     largest = float(np.abs(vectors).max()) if vectors.size else 0.0
-    if not np.isfinite(largest) or largest <= _LARGEST_UNSCALED:
+    if not np.isfinite(largest) or largest == 0.0 or _SMALLEST_UNSCALED <= largest <= _LARGEST_UNSCALED:
         return 0
     return math.ceil(math.log2(largest))
 
