@@ -65,7 +65,9 @@ WEIGHT_FILTER_OPTIONS = (
     Option("exclude", str, "", "not these weights: |-separated reader op types and name patterns"),
 )
 CODEBOOK_DTYPE_OPTION = Option("codebook_dtype", str, "float32",
-                               "how codebook entries are stored (never wider than the weight)",
+                               "how codebook entries are stored (never wider than the weight, and the weight's "
+                               "own type where the narrower one cannot hold its values: past float16's ±65504, "
+                               "or 1e-8s that it would flush to zeros)",
                                choices=("float32", "float16"))
 
 # Ops whose float inputs are quantization parameters or already-quantized data.
