@@ -162,7 +162,7 @@ class _RunFinder:
         """
         found = [candidate]
         blocks = candidate.matches
-        made_inside = {name for name in blocks[-1].reads.values() if name in self.index.producer}
+        made_inside = {name for name in blocks[-1].reads.values() if self.index.is_computed(name)}
         widest = max(1, len(made_inside - self._invariant_names(blocks)))
         for k, slot in self._narrow_cuts(blocks[-1], widest):
             chain = [self.index.nodes[b.nodes[k]].output[slot] for b in blocks]
@@ -182,7 +182,7 @@ class _RunFinder:
         carried inputs read after (the next phase would have to carry them on)."""
         index = self.index
         aligned = {p: k for k, p in enumerate(block.nodes)}  # aligned order is topological
-        carried_in = {name for name in block.reads.values() if index.produced_by(name) is not None}
+        carried_in = {name for name in block.reads.values() if index.is_computed(name)}
         inputs = [[aligned.get(index.produced_by(name), -1) for name in index.reads[p]] for p in block.nodes]
         before = []  # bitset of each node's ancestors within the block, itself included
         for k, sources in enumerate(inputs):

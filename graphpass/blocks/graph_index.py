@@ -46,6 +46,11 @@ class GraphIndex:
             self._signatures[position] = _node_signature(self, position)
         return self._signatures[position]
 
+    def is_computed(self, name: str) -> bool:
+        """Made by a node other than a weight's Constant: a weight read from a Constant node
+        crosses no cut, as it would not from an initializer."""
+        return name in self.producer and name not in self.weights
+
     def produced_by(self, name: str) -> int | None:
         found = self.producer.get(name)
         return found[0] if found else None
