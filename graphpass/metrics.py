@@ -184,6 +184,11 @@ def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budg
     metrics = LevelMetrics(**worst_sample_figures(ref, cand, both_finite, batch_axis),
                            whole_tensor=_float_figures(ref_f, cand[both_finite], diff),
                            argmax_agreement=_argmax_agreement(name, ref, cand))
+    if (np.isfinite(ref) & ~np.isfinite(cand)).any():
+        # Figures over the finite positions alone would hide the error, which is unbounded
+        # where the candidate lost a finite value: no cosine, and infinite distances.
+        metrics.max_abs_error = metrics.max_rel_error = metrics.mean_abs_error = math.inf
+        metrics.cosine, metrics.snr_db = None, -math.inf
     failures = [_nonfinite_failure(ref, cand, nonfinite_mismatches)]
     if budget.has_elementwise:
         over = int((diff > (budget.atol or 0.0) + (budget.rtol or 0.0) * np.abs(ref_f)).sum())
@@ -191,7 +196,7 @@ def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budg
         if over:
             failures.append(f"elementwise: {over}/{ref.size} elements exceed {budget.describe_elementwise()} "
                             f"(max abs error {metrics.max_abs_error:.3e})")
-    if budget.min_cosine is not None and metrics.cosine < budget.min_cosine:
+    if budget.min_cosine is not None and metrics.cosine is not None and metrics.cosine < budget.min_cosine:
         failures.append(f"{_worst_cosine_words(metrics)} {metrics.cosine:.6f} < min_cosine {budget.min_cosine:g}")
     metrics.failure = "; ".join(f for f in failures if f) or None
     metrics.passed = metrics.failure is None

@@ -319,6 +319,12 @@ def test_nan_in_candidate_fails_even_with_no_budget():
     result = gv.verify(reference, candidate, {"x": np.zeros((1, 2), np.float32)}, gv.Budget())
     assert not result.passed
     assert result.outputs["y"].failure.startswith("non-finite")
+    # Its figures do not pretend the finite positions are the whole story, budget or not.
+    for budget in (gv.Budget(), gv.Budget(min_cosine=0.9, atol=0.1)):
+        y = gv.verify(reference, candidate, {"x": np.zeros((1, 2), np.float32)}, budget).outputs["y"]
+        assert not y.passed and y.failure.startswith("non-finite")
+        assert y.cosine is None and y.max_abs_error == math.inf and y.snr_db == -math.inf
+    json.dumps(result.to_dict(), allow_nan=False)
     # Both NaN at the same place is agreement, not an error.
     assert gv.verify(candidate, candidate, {"x": np.zeros((1, 2), np.float32)}, TIGHT).passed
 
