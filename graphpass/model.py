@@ -193,7 +193,7 @@ def check_structure(proto: onnx.ModelProto, label: str = "model") -> None:
 
 
 def find_structure_problem(proto: onnx.ModelProto) -> str | None:
-    problem = _opset_problem(proto)
+    problem = _opset_problem(proto) or _text_problem(proto)
     if problem:
         return problem
     scopes = build_scope_tree(proto)
@@ -207,6 +207,39 @@ def find_structure_problem(proto: onnx.ModelProto) -> str | None:
             if problem:
                 return problem
     return None
+
+
+# Free text no code reads: an exporter's stray bytes there do not stop a model onnxruntime runs.
+_UNREAD_TEXT = frozenset({"doc_string", "producer_name", "producer_version", "metadata_props"})
+
+
+def _text_problem(message, path: str = "model") -> str | None:
+    """A text field (a name, a dim_param, an op type) that is not UTF-8: protobuf hands it
+    back as bytes, which no code that reads names expects. A tensor's data is not walked
+    (upb would copy it); its name and external-data keys are."""
+    if isinstance(message, TensorProto):
+        fields = [(message.DESCRIPTOR.fields_by_name["name"], message.name),
+                  (message.DESCRIPTOR.fields_by_name["external_data"], message.external_data)]
+    else:
+        fields = [(field, value) for field, value in message.ListFields() if field.name not in _UNREAD_TEXT]
+    for field, value in fields:
+        repeated = _is_repeated(field)
+        items = list(enumerate(value)) if repeated else [(None, value)]
+        for index, item in items:
+            where = f"{path}.{field.name}" + (f"[{index}]" if repeated else "")
+            if field.type == field.TYPE_STRING and isinstance(item, bytes):
+                return f"{where} is not UTF-8 text ({item[:40]!r}); the file is damaged or was not written by an ONNX exporter"
+            if field.type == field.TYPE_MESSAGE:
+                problem = _text_problem(item, where)
+                if problem:
+                    return problem
+    return None
+
+
+def _is_repeated(field) -> bool:
+    # protobuf 7 has is_repeated and no label; earlier releases have label.
+    found = getattr(field, "is_repeated", None)
+    return found if found is not None else field.label == field.LABEL_REPEATED
 
 
 def _opset_problem(proto: onnx.ModelProto) -> str | None:

@@ -100,6 +100,33 @@ def test_a_constant_in_an_if_branch_is_checked_and_named_with_its_place(tmp_path
         assert "If.then_branch" in line and f"tensor '{tensor.name}'" in line and "raw_data" in line
 
 
+@pytest.mark.parametrize("text", [b"batch", b"/blocks.0/attn/Reshape_q"])
+def test_a_name_that_is_not_utf8_is_one_line(tmp_path, text):
+    """protobuf hands a text field that is not UTF-8 back as bytes (found by the fuzzer: a
+    flipped byte in a dim_param crashed verify's batch-axis lookup); it is refused at load
+    with its place in the model, however far from the graph's top it lies."""
+    data = generate.build("example").SerializeToString()
+    assert text in data
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data.replace(text, b"\xff" + text[1:], 1))
+    for command in (["verify", path, path, "--no-cost"], ["run", path, "-o", tmp_path / "o.onnx"], ["inspect", path]):
+        line = _one_error_line(*_cli(*command))
+        assert "is not UTF-8 text" in line and "model.graph." in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_stray_bytes_in_free_text_do_not_stop_a_run(tmp_path):
+    """A doc string or producer name is text nothing reads; onnxruntime runs such a model, and
+    so does graphpass."""
+    model = generate.build("mlp")
+    model.doc_string, model.producer_name = "docdoc", "prodprod"
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString().replace(b"docdoc", b"d\xffcdoc").replace(b"prodprod", b"p\xffodprod"))
+    code, stderr = _cli("run", path, "--passes", "tie,kmeans,fold", "-o", tmp_path / "o.onnx", "--no-cost")
+    assert code == 0, stderr
+    assert (tmp_path / "o.onnx").exists()
+
+
 def test_huge_dims_over_a_little_data_and_negative_dims_are_refused(tmp_path):
     model = generate.build("mlp")
     weight = model.graph.initializer[0]
