@@ -760,7 +760,15 @@ def affine_form(codebook: np.ndarray, labels: np.ndarray):
     zero_point = np.rint(zero)
     if not even or not np.allclose(zero, zero_point, atol=1e-4) or zero_point.min() < 0 or zero_point.max() >= levels:
         return None
+    if not _float32_holds(step):  # DequantizeLinear's scale: a float64 weight's may not fit
+        return None
     return labels, step, zero_point.astype(np.int64)
+
+
+def _float32_holds(values: np.ndarray) -> bool:
+    """Whether float32 keeps these nonzero values to its usual precision (normal, finite)."""
+    magnitudes = np.abs(np.asarray(values, dtype=np.float64))
+    return bool(np.all((magnitudes >= np.finfo(np.float32).tiny) & (magnitudes <= np.finfo(np.float32).max)))
 
 
 @register

@@ -239,14 +239,15 @@ def skip_model() -> onnx.ModelProto:
     return model
 
 
-def scaled_matmul(scale: float) -> onnx.ModelProto:
+def scaled_matmul(scale: float, dtype=np.float32) -> onnx.ModelProto:
     """y = (x @ (W * scale)) / scale: the same function whatever the weight's magnitude."""
-    weight = (np.random.default_rng(0).standard_normal((64, 256)) * scale).astype(np.float32)
+    weight = (np.random.default_rng(0).standard_normal((64, 256)) * scale).astype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["scaled"]), helper.make_node("Mul", ["scaled", "unscale"], ["y"])],
-        "scaled_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 256])],
-        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array(1 / scale, np.float32), "unscale")])
+        "scaled_matmul", [helper.make_tensor_value_info("x", elem, ["batch", 64])],
+        [helper.make_tensor_value_info("y", elem, ["batch", 256])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array(1 / scale, dtype), "unscale")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -280,6 +281,20 @@ def test_a_weights_magnitude_does_not_change_what_its_codec_keeps(pass_spec):
     large = {name for name, (_, values) in stored.items()
              if values.dtype.kind == "f" and values.size and np.abs(values).max() > 65504}
     assert large and all(stored[name][0] == TensorProto.FLOAT for name in large)
+
+
+def test_float64_weights_beyond_float32_keep_their_error_or_are_left_alone():
+    """A float64 weight float32 cannot hold: uniform's DequantizeLinear, whose scale is float32,
+    gives way to a float64 lookup with the same error, and codebook, whose k-means computes
+    in float32, leaves the weight as it is and says why."""
+    spec = "uniform(bits=4,granularity=channel,lower=dequantize)"
+    cosines = {s: graphpass.run(scaled_matmul(s, np.float64), spec, budget=Budget(min_cosine=0.9))
+               .report["verify"]["outputs"]["y"]["cosine"] for s in (1.0, 1e-100, 1e100)}
+    assert all(c == pytest.approx(cosines[1.0], abs=0.001) for c in cosines.values()), cosines
+    for scale in (1e-100, 1e100):
+        result = graphpass.run(scaled_matmul(scale, np.float64), "codebook", budget=Budget())
+        reasons = {s["weight"]: s["reason"] for s in pass_stats(result)["skipped"]}
+        assert "beyond float32's range" in reasons["W"]
 
 
 def test_a_float16_row_spanning_float16s_range_is_not_stored_as_bytes():

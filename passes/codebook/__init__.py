@@ -278,8 +278,11 @@ class CodebookPass(Pass):
         predicted = self.predicted_bytes(weight, layout, opset, model.proto.ir_version, own_table)
         if predicted >= weight.nbytes:
             return f"a codebook lookup would not be smaller ({predicted} bytes for {weight.nbytes})"
-        if not np.isfinite(weight.read()).all():
+        values = np.asarray(weight.read())
+        if not np.isfinite(values).all():
             return "holds NaN or infinite values"
+        if values.dtype == np.float64 and not _fits_float32(values):
+            return "float64 values beyond float32's range, in which codebook's k-means computes"
         return None
 
     def predicted_bytes(self, weight: WeightRef, layout: VectorLayout, opset: int, ir_version: int,
@@ -537,6 +540,12 @@ def _scale_label(member: Member) -> str | None:
     if member.scale is None:
         return None
     return "tensor" if member.scale_axis is None else f"channel axis {member.scale_axis}"
+
+
+def _fits_float32(values: np.ndarray) -> bool:
+    """The largest magnitude within float32's normal range, with room below it for the rest."""
+    largest = float(np.abs(values).max(initial=0.0))
+    return largest == 0.0 or 2.0**-100 <= largest <= float(np.finfo(np.float32).max)
 
 
 def _storable(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
