@@ -228,7 +228,8 @@ def _text_problem(message, path: str = "model") -> str | None:
         for index, item in items:
             where = f"{path}.{field.name}" + (f"[{index}]" if repeated else "")
             if field.type == field.TYPE_STRING and isinstance(item, bytes):
-                return f"{where} is not UTF-8 text ({item[:40]!r}); the file is damaged or was not written by an ONNX exporter"
+                return (f"{where} is not UTF-8 text ({item[:40]!r}); the file is damaged or was not written "
+                        "by an ONNX exporter")
             if field.type == field.TYPE_MESSAGE:
                 problem = _text_problem(item, where)
                 if problem:
