@@ -274,13 +274,16 @@ class BinningPass(Pass):
         return packing.stored_bytes(weight.size) + table
 
     def _table_type(self, weight: WeightRef, layout: Layout, codebook: np.ndarray | None = None) -> int:
-        """The codebook's stored type (for `codebook`'s entries; predicted when None). A tensor's
-        one codebook asked for as bytes stays float16: its one row costs nothing, and it may be
-        stored as a table of tuples of entries."""
+        """The codebook's stored type (for `codebook`'s entries; predicted when None)."""
+        return lookup.table_dtype(weight.dtype, self._requested_table(layout), codebook)
+
+    def _requested_table(self, layout: Layout) -> int:
+        """The stored type asked for. A tensor's one codebook asked for as bytes stays float16:
+        its one row costs nothing, and it may be stored as a table of tuples of entries."""
         requested = _CODEBOOK_TYPES[self.config["codebook_dtype"]]
         if requested == lookup.BYTE_TABLE and layout.granularity == "tensor":
-            requested = TensorProto.FLOAT16
-        return lookup.table_dtype(weight.dtype, requested, codebook)
+            return TensorProto.FLOAT16
+        return requested
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -369,8 +372,7 @@ class BinningPass(Pass):
         return lookup.compact(found.codebook, found.labels)
 
     def _stored_values(self, job: Job, codebook: np.ndarray) -> np.ndarray:
-        stored = self._table_type(job.weight, job.layout, codebook)
-        return lookup.stored_table(codebook, job.weight.dtype, stored).astype(np.float64)
+        return lookup.held_table(job.weight.dtype, self._requested_table(job.layout), codebook)[1].astype(np.float64)
 
     # -- rewriting -------------------------------------------------------------------------
 

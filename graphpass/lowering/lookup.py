@@ -80,7 +80,7 @@ from graphpass.lowering.row_storage import (
     row_storage_bytes,
     storage_name,
 )
-from graphpass.lowering.tables import BYTE_TABLE, codebook_table, stored_table, table_bytes, table_dtype
+from graphpass.lowering.tables import BYTE_TABLE, codebook_table, held_table, stored_table, table_bytes, table_dtype
 from graphpass.weights import Replacement, WeightRef, tensor_stored_bytes
 
 __all__ = [
@@ -121,6 +121,7 @@ __all__ = [
     "row_storage",
     "row_storage_bytes",
     "storage_name",
+    "held_table",
     "stored_table",
     "table_bytes",
     "table_dtype",

@@ -39,11 +39,28 @@ def table_dtype(weight_dtype: int, requested: int, entries: np.ndarray | None = 
     """The codebook's stored type: the requested one, but never wider than the weight's own
     (a float16 model keeps float16 tables; float32 entries would add nothing), bytes only
     for weights their decode rebuilds exactly, and the weight's own type when the narrower
-    one cannot hold `entries` (see `_holds`)."""
+    one cannot hold `entries` (see `held_table`)."""
+    if entries is None:
+        return _narrowed(weight_dtype, requested)
+    return held_table(weight_dtype, requested, entries)[0]
+
+
+def held_table(weight_dtype: int, requested: int, entries: np.ndarray) -> tuple[int, np.ndarray]:
+    """The type `table_dtype` stores `entries` in, and the values the lookup then produces
+    (`stored_table`), decoded once. A narrower type is kept only where its decode is finite and
+    within _HELD of the entries' largest magnitude: float16 (a byte table's scale and offset
+    too) overflows past ±65504, and a float16 weight's byte row spanning nearly all of that
+    range rounds past it when cast back; below 6e-5 float16 loses precision, and it flushes a
+    weight of 1e-8s to zeros."""
+    entries = np.atleast_1d(np.asarray(entries, dtype=np.float64))
     stored = _narrowed(weight_dtype, requested)
-    if stored != weight_dtype and entries is not None and not _holds(entries, weight_dtype, stored):
-        return weight_dtype
-    return stored
+    if stored != weight_dtype:
+        with np.errstate(all="ignore"):
+            values = stored_table(entries, weight_dtype, stored)
+        error = np.abs(values.astype(np.float64) - entries)
+        if np.isfinite(values).all() and error.max(initial=0.0) <= _HELD * np.abs(entries).max(initial=0.0):
+            return stored, values
+    return weight_dtype, stored_table(entries, weight_dtype, weight_dtype)
 
 
 def _narrowed(weight_dtype: int, requested: int) -> int:
@@ -52,20 +69,6 @@ def _narrowed(weight_dtype: int, requested: int) -> int:
     if requested == TensorProto.FLOAT16 and weight_dtype in (TensorProto.FLOAT, TensorProto.DOUBLE):
         return TensorProto.FLOAT16
     return weight_dtype
-
-
-def _holds(entries: np.ndarray, weight_dtype: int, stored_dtype: int) -> bool:
-    """Whether `entries` decode from the stored type finite and within _HELD of their largest
-    magnitude. float16 (a byte table's scale and offset too) overflows past ±65504, and a
-    float16 weight's byte row spanning nearly all of that range rounds past it when cast back;
-    below 6e-5 float16 loses precision, and it flushes a weight of 1e-8s to zeros."""
-    entries = np.asarray(entries, dtype=np.float64)
-    rows = entries.reshape(-1, entries.shape[-1]) if entries.ndim else entries.reshape(1, 1)
-    with np.errstate(all="ignore"):
-        rebuilt = stored_table(rows, weight_dtype, stored_dtype).astype(np.float64)
-    if not np.isfinite(rebuilt).all():
-        return False
-    return bool(np.abs(rebuilt - rows).max(initial=0.0) <= _HELD * np.abs(rows).max(initial=0.0))
 
 
 def table_bytes(stored_dtype: int, rows: int, k: int) -> int:
