@@ -1,5 +1,5 @@
 """auto (passes/auto/), the probe it measures with (graphpass/sensitivity.py), and the codec
-contract it relies on (graphpass/codec.py, as passes/binning.py implements it).
+contract it relies on (graphpass/codec.py, as passes/binning/engine.py implements it).
 
 Every auto run here uses a small grid (FAST) so the file stays well under a minute.
 """
