@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.errors import ConditionError, GraphpassError, PassFailed, UsageError
-from graphpass.model import find_structure_problem
+from graphpass.structure import find_structure_problem
 from graphpass.parallel import Workers
 from graphpass.runtimes import required_constants
 

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphpass.edit import Model
-from graphpass.model import find_structure_problem, load_model, serialized_bytes
+from graphpass.model import load_model, serialized_bytes
+from graphpass.structure import find_structure_problem
 from graphpass.verify import Budget, verify
 from graphpass.weights import Replacement
 
