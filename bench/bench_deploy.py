@@ -226,8 +226,8 @@ def matmul_weight_error(source: Path, candidate: Path, energy: dict[str, np.ndar
 
 def calibration_energy(source: Path, calibration: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Mean square of each MatMul weight's input channels on the calibration sentences."""
+    from graphpass.activations import input_channel_energy
     from graphpass.edit import Model
-    from graphpass.sensitivity import input_channel_energy
     model = Model(onnx.load(source))
     return input_channel_energy(model, model.weights(), calibration)
 

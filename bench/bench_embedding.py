@@ -24,10 +24,11 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 import graphpass  # noqa: F401  (registers the passes)
+from graphpass.activations import gathered_row_counts
 from graphpass.edit import Model
 from graphpass.manager import PassContext, parse_spec
 from graphpass.parallel import Workers
-from graphpass.sensitivity import Probe, gathered_row_counts
+from graphpass.sensitivity import Probe
 from graphpass.table_sensitivity import table_sensitivity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ per block. The scale is then refitted by least squares for the chosen integers (
 has a closed-form best s), and the values re-rounded, kept only where that lowers the error.
 
 Importance weights each value's squared error, e.g. the mean square of the activation channel a
-MatMul weight multiplies (graphpass.sensitivity.input_channel_energy): an error on a loud input
+MatMul weight multiplies (graphpass.activations.input_channel_energy): an error on a loud input
 channel moves the output more. On the 3-layer BERT's MatMul weights at 4-bit block 32 this gave
 an activation-weighted error 0.70x that of onnxruntime's MatMulNBitsQuantizer (plain error 1.06x;
 bench/bench_deploy.py). `quantize_blocks_gptq` adds GPTQ's error feedback; with 32 calibration

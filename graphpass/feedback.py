@@ -39,7 +39,7 @@ How to call it (see `quantize_with_feedback`):
     result.note   # None, or why plain rounding was used
 
 Conv filters [C_out, C_in, *kernel] are rows too, W.reshape(C_out, -1), with H taken over the
-unfolded inputs (im2col, `sensitivity.conv_input_covariance`); grouped and depthwise Convs and
+unfolded inputs (im2col, `activations.conv_input_covariance`); grouped and depthwise Convs and
 auto_pad SAME are left without feedback (their unfolding differs, and depthwise filters are
 too short for feedback to move error anywhere).
 
@@ -59,9 +59,9 @@ from scipy.spatial import cKDTree
 from onnx import helper
 from threadpoolctl import ThreadpoolController
 
+from graphpass.activations import conv_input_covariance, gathered_row_counts, input_covariance
 from graphpass.errors import UsageError
 from graphpass.manager import Analysis, PassContext
-from graphpass.sensitivity import conv_input_covariance, gathered_row_counts, input_covariance
 from graphpass.weights import WeightRef
 
 # GPTQ's damping: this share of the mean diagonal keeps the inverse Hessian well conditioned.

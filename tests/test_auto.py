@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, version_converter
 
 import graphpass
-from graphpass import feedback, grid, sensitivity
+from graphpass import activations, feedback, grid, sensitivity
 from graphpass.cli import main
 from graphpass.codec import Plan
 from graphpass.edit import Model
@@ -422,14 +422,14 @@ def test_embedding_rows_measure_exactly_what_the_whole_table_gets(fixture_dir):
     proto = fixture(fixture_dir, "transformer_untied")
     model = Model(proto)
     weights = candidate_weights(model)
-    rows = sensitivity.gathered_rows(model, weights, synthesize_inputs(proto))
+    rows = activations.gathered_rows(model, weights, synthesize_inputs(proto))
     table = next(w for w in weights if w.name == "embed_tokens.weight")
     assert set(rows) == {table.name} and 0 < len(rows[table.name]) < table.shape[0]
     (setting,) = [s for s in grid.candidate_settings(
         {"methods": "kmeans", "bits": "3", "granularities": "channel", "group_size": 128, "min_size": 16,
          "include": "", "exclude": ""}, model)]
     assert setting.row_local(table)
-    subset, subset_weight = sensitivity.row_subset(model, table, rows[table.name])
+    subset, subset_weight = activations.row_subset(model, table, rows[table.name])
     on_rows = setting.plan(PassContext(subset), subset_weight, None)
     whole = setting.plan(PassContext(model), table, None)
     np.testing.assert_array_equal(on_rows.reconstruction, whole.reconstruction[rows[table.name]])
@@ -439,7 +439,7 @@ def test_activation_energy_weights_each_input_channel(fixture_dir):
     proto = fixture(fixture_dir, "mlp")
     model = Model(proto)
     weights = candidate_weights(model)
-    energy = sensitivity.input_channel_energy(model, weights, synthesize_inputs(proto))
+    energy = activations.input_channel_energy(model, weights, synthesize_inputs(proto))
     matmul_weights = [w for w in weights if w.consumer_ops == {"MatMul"}]
     assert set(energy) == {w.name for w in matmul_weights} and matmul_weights
     for weight in matmul_weights:

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphpass
-from graphpass import feedback, sensitivity
+from graphpass import activations, feedback
 from graphpass.errors import UsageError
 from graphpass.feedback import inverse_factor, quantize_with_feedback
 from graphpass.verify import Budget
@@ -183,7 +183,7 @@ def test_unfolded_conv_inputs_times_the_filters_are_the_conv(kernel, attributes)
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    patches = sensitivity.unfolded(x[0].astype(np.float64), kernel, attributes)
+    patches = activations.unfolded(x[0].astype(np.float64), kernel, attributes)
     assert np.allclose(patches @ w.reshape(5, -1).T, y[0].reshape(5, -1).T, atol=1e-5)
 
 
@@ -202,8 +202,8 @@ def test_second_moments_come_from_the_large_weights_read_in_place(dtype):
         [numpy_helper.from_array(first, "first"), numpy_helper.from_array(second, "second")])
     model = graphpass.edit.Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     x = rng.standard_normal((16, 512)).astype(dtype)
-    assert sensitivity.FED_WEIGHT_BYTES <= first.nbytes
-    found = sensitivity.input_covariance(model, model.weights(), {"x": x})["second"]
+    assert activations.FED_WEIGHT_BYTES <= first.nbytes
+    found = activations.input_covariance(model, model.weights(), {"x": x})["second"]
     session = ort.InferenceSession(helper.make_model(helper.make_graph(
         graph.node[:1], "first", graph.input, [helper.make_tensor_value_info("hidden", graph.input[0].type.tensor_type.elem_type, None)],
         graph.initializer[:1]), opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())

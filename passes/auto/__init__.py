@@ -73,6 +73,9 @@ import numpy as np
 import onnx
 
 from graphpass import verify as verification
+from graphpass.activations import (
+    conv_input_covariance, gathered_row_counts, input_channel_energy, input_covariance, row_subset,
+)
 from graphpass.codec import WEIGHT_FILTER_OPTIONS, Plan, WeightFilter
 from graphpass.edit import Model
 from graphpass.errors import BudgetError, UsageError
@@ -93,10 +96,7 @@ from graphpass.passes.auto.fronts import (
 from graphpass.passes.auto.messages import details, impossible, not_converged, why_kept
 from graphpass.sampling import ChannelSample, channel_sample, proxy_error
 from graphpass.scopes import all_value_and_node_names
-from graphpass.sensitivity import (
-    ErrorMeter, Measurement, Probe, conv_input_covariance, gathered_row_counts, hoist_reason,
-    input_channel_energy, input_covariance, row_subset,
-)
+from graphpass.sensitivity import ErrorMeter, Measurement, Probe, hoist_reason
 from graphpass.table_sensitivity import table_sensitivity, wants_sensitivity
 from graphpass.weights import WeightRef
 

@@ -16,13 +16,13 @@ import numpy as np
 from onnx import TensorProto
 
 from graphpass import binning
+from graphpass.activations import input_channel_energy
 from graphpass.codec import Plan, WeightFilter
 from graphpass.feedback import InputHessians, relative_energy
 from graphpass.lowering import lookup
 from graphpass.lowering.choose import compressed_plan
 from graphpass.manager import Option, PassContext, PassResult, register
 from graphpass.passes.binning.engine import BITS_OPTION, BinningPass, Job
-from graphpass.sensitivity import input_channel_energy
 from graphpass.weights import WeightRef
 
 
