@@ -11,19 +11,21 @@ budget against the model it receives, so it goes before any other lossy pass.
    along the batch axis, is held out: steps 2 and 3 fit on the rest, and a model passes only
    when the held-out samples meet the budget too, so that a choice tuned to the fitting samples
    does not pass unseen. A batch of one sample holds nothing out (the report says so).
-1. Settings (graphpass.grid). A grid over codecs (passes implementing graphpass.codec.WeightCodec:
-   kmeans and codebook by default), index bits and granularity. Per-channel and per-group codebooks
-   are stored as float16, whose rounding is far below the index error and whose tables are a
-   real share of the bytes there; per-tensor tables stay float32. With feedback=true every
-   setting of a codec that has error feedback comes again with it, tried on MatMul, Gemm and
-   Conv (group 1) weights with their inputs' second moment on the fitting share (for a Conv, of
-   its unfolded inputs, as graphpass.feedback takes it). Codebook settings come again with
-   hot_rows (an embedding's rows the fitting share reads twice corrected to exact), and
-   embedding tables get two more rates (grid.TABLE_RUNGS). On an embedding table of at least
-   16 rows per column (and at most 1024 columns), those table settings assign with error
-   feedback through the outputs' sensitivity to the table's columns, measured on the fitting
-   share (graphpass.table_sensitivity), whether or not feedback=true: on the BERT's word
-   embedding it cut the error at the same bytes by a third or more.
+1. Settings (graphpass.grid). A grid over codecs (passes implementing
+   graphpass.codec.WeightCodec: kmeans and codebook by default), index bits and granularity.
+   Per-channel and per-group codebooks, whose tables are a real share of the bytes there, are
+   stored as bytes on a grid spanning each row (graphpass.lowering.tables), and from 6 bits also
+   as float16, where 64 entries crowd that grid; a per-tensor table stays float32 and takes the
+   densest k its index packing allows. With feedback=true every setting of a codec that has
+   error feedback comes again with it, tried on MatMul, Gemm and Conv (group 1) weights with
+   their inputs' second moment on the fitting share (for a Conv, of its unfolded inputs, as
+   graphpass.feedback takes it). Codebook settings come again with hot_rows (an embedding's rows
+   the fitting share reads twice corrected to exact), and embedding tables get two more rates
+   (grid.TABLE_RUNGS). On an embedding table of at least 16 rows per column (and at most 1024
+   columns), those table settings assign with error feedback through the outputs' sensitivity to
+   the table's columns, measured on the fitting share (graphpass.table_sensitivity), whether or
+   not feedback=true: on the BERT's word embedding it cut the error at the same bytes by a third
+   or more.
 2. Sensitivity (graphpass.sensitivity). Each candidate weight's settings are tried in order of
    expected bytes: planned (the codec's exact reconstruction and real bytes) and measured alone
    in the probe model on the calibration inputs. A weight stops at the first setting whose
@@ -32,7 +34,8 @@ budget against the model it receives, so it goes before any other lossy pass.
    setting that learns from the fitting share (error feedback) is measured on the held-out share
    too and counts the worse: on its own samples its error looks smaller than it is.
    With aware=true, k-means weights each value's squared error by the energy of the
-   activation channel it multiplies (MatMul and Gemm weights of the main graph).
+   activation channel it multiplies (MatMul and Gemm weights of the main graph;
+   graphpass.activations).
    Above PREDICT_ABOVE_BYTES of weights (predict=auto), where a model run takes seconds and a
    fit over millions of values as long, a large weight's settings are fitted on a sample of its
    output channels instead; the one of median proxy error is measured with those channels in
