@@ -114,8 +114,7 @@ def run(
     if cost_budget.given and not verify:
         raise UsageError("cost budgets are measured on the verification inputs; drop --no-verify to use them")
     measure_cost = verify and (cost or bool(cost_budget.given))
-    pipeline = parse_spec(passes) if isinstance(passes, str) else list(passes)
-    manager = PassManager(pipeline)
+    manager = PassManager(parse_spec(passes) if isinstance(passes, str) else list(passes))
     if output is not None and not Path(output).parent.is_dir():
         raise UsageError(f"{output}: folder {Path(output).parent} does not exist")
     stage = Path(tempfile.mkdtemp(prefix=".graphpass-", dir=Path(output).parent if output else None))
@@ -128,33 +127,16 @@ def run(
                             jobs=jobs, scheduler=scheduler)
         # Model and its weight handles refer to each other: the input's protobuf goes at a collection.
         release_freed_memory()
-        reference, feeds, budget_outputs, after = (compiled.reference, compiled.feeds, compiled.budget_outputs,
-                                                   compiled.after)
         written_files = [p for p in (staged, external_data_path(staged)) if p.exists()]
-        _add_download_size(after, download_size(written_files))
+        _add_download_size(compiled.after, download_size(written_files))
         checked = None
         if verify:
-            # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
-            if manager.lossless:
-                chosen = lossless_budget(compiled.output.proto).overridden_by(budget)
-            else:
-                chosen = budget or Budget()
-            levels = verification.levels_for(compiled.before["file_bytes"])
-            if levels != verification.DEFAULT_LEVELS:
-                compiled.notes.append(_unfolded_note())
-            try:
-                checked = verification.verify(reference, staged, feeds, chosen, budget_outputs=budget_outputs,
-                                              levels=levels, runtimes=deployment.targets,
-                                              budget_given=manager.lossless or _holds_accuracy(budget))
-            except ModelLoadError as exc:
-                if exc.role == "candidate":  # the reference loaded at the same level just before
-                    raise OutputUnloadable(_describe(pipeline), str(exc)) from None
-                raise
+            checked = _verified(compiled, staged, manager, budget, deployment)
         elif output is not None:  # a file will be written: it must load
-            _check_output_loads(staged, reference, pipeline)
+            _check_output_loads(staged, compiled.reference, manager.passes)
         measured = None
         if measure_cost:
-            measured = check_cost(reference, staged, feeds, cost_budget,
+            measured = check_cost(compiled.reference, staged, compiled.feeds, cost_budget,
                                   seconds_budget=seconds_beside(time.perf_counter() - started))
         passed = not budget_failures(checked, measured)
         if output is not None and (passed or keep_failed):
@@ -163,7 +145,34 @@ def run(
             compiled.output.inline(staged)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    report = reporting.build_report(compiled.before, after, compiled.stats, compiled.pass_seconds, checked,
+    report = _run_report(compiled, manager, deployment, checked, measured)
+    return RunResult(compiled.output, report, written, checked, measured)
+
+
+def _verified(compiled: _Compiled, staged: Path, manager: PassManager, budget: Budget | None,
+              deployment: Deployment) -> verification.VerifyResult:
+    """The staged output verified against the input, in onnxruntime and in each target."""
+    # A lossless pipeline keeps its tight elementwise check when the caller gives only a cosine.
+    if manager.lossless:
+        chosen = lossless_budget(compiled.output.proto).overridden_by(budget)
+    else:
+        chosen = budget or Budget()
+    levels = verification.levels_for(compiled.before["file_bytes"])
+    if levels != verification.DEFAULT_LEVELS:
+        compiled.notes.append(_unfolded_note())
+    try:
+        return verification.verify(compiled.reference, staged, compiled.feeds, chosen,
+                                   budget_outputs=compiled.budget_outputs, levels=levels, runtimes=deployment.targets,
+                                   budget_given=manager.lossless or _holds_accuracy(budget))
+    except ModelLoadError as exc:
+        if exc.role == "candidate":  # the reference loaded at the same level just before
+            raise OutputUnloadable(_describe(manager.passes), str(exc)) from None
+        raise
+
+
+def _run_report(compiled: _Compiled, manager: PassManager, deployment: Deployment,
+                checked: verification.VerifyResult | None, measured: CostCheck | None) -> dict[str, Any]:
+    report = reporting.build_report(compiled.before, compiled.after, compiled.stats, compiled.pass_seconds, checked,
                                     manager.lossless)
     report["deployment"] = deployment.to_dict()
     report["workers"] = compiled.workers  # what the passes' seconds ran on
@@ -175,10 +184,10 @@ def run(
 
     report["peak_rss_bytes"] = peak_rss_bytes()
     report["notes"] += compiled.notes
-    if budget_outputs:
-        report["notes"].append(f"the budget applies to output(s) {', '.join(budget_outputs)}; "
+    if compiled.budget_outputs:
+        report["notes"].append(f"the budget applies to output(s) {', '.join(compiled.budget_outputs)}; "
                                "the others get the structural checks only")
-    return RunResult(compiled.output, report, written, checked, measured)
+    return report
 
 
 @dataclass
