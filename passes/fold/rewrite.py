@@ -44,21 +44,11 @@ class _Rewrite:
         return self.model.scopes[0].body
 
     def fold(self, run: BlockRun, mode: str, plan: _Plan) -> dict:
-        names = self.model.names
-        opset = self.model.opset
         first = min(run.all_positions())
-        transposed = {id(s) for s in plan.sliced if feeds_matmul_b_only(run, s, opset)}
+        transposed = {id(s) for s in plan.sliced if feeds_matmul_b_only(run, s, self.model.opset)}
         self._stacks = {}
         batched = self._batched_lookup(run, plan, first) if plan.computed else None
-        stacked = {}
-        for slot in plan.sliced:
-            if batched is not None and id(slot) in plan.computed:
-                stacked[id(slot)] = self._transposed(batched[slot.names[0]], id(slot) in transposed, first)
-            elif id(slot) in plan.computed:
-                stacked[id(slot)] = self._stack_values(slot.names, id(slot) in transposed, first)
-            else:
-                stacked[id(slot)] = self._widen(slot, self._stack(slot, id(slot) in transposed), first)
-                self.stacked_originals.update(slot.names)
+        stacked = self._stacked_slots(plan, batched, transposed, first)
         for slot in run.slots:
             self.retired.update(slot.names)  # each dropped only once nothing reads it
         if batched is not None:  # the weight-only nodes the batched lookup reads: block 0's copy
@@ -66,37 +56,23 @@ class _Rewrite:
         else:
             outside = {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
             self._read_shared_copy(run, plan)
-        opsets = self.model.proto.opset_import
         # Weights the outside nodes read stay in the main graph (the batched lookup reads the
         # same names), so only what the body alone reads may move into it.
         in_body = run.all_positions() - {run.blocks[j][k] for j in range(run.length) for k in plan.outside}
         moved, renamed = self._move_into_body(run, plan, in_body)
         activations = [self._stack_values(value.names, False, first) for value in run.inputs]
-        builder = _BodyBuilder(run, plan.sliced, self.found.value_types, names, mode, stacked, transposed, opsets,
-                               {t.name for t in moved}, renamed, self._outer_types(run, plan))
+        builder = _BodyBuilder(run, plan.sliced, self.found.value_types, self.model.names, mode, stacked, transposed,
+                               self.model.proto.opset_import, {t.name for t in moved}, renamed,
+                               self._outer_types(run, plan))
         body, captured = builder.build()
         body.initializer.extend(moved)
-        initial = [c.initial for c in run.carried]
-        final = [c.final for c in run.carried]
-        node_name = names.fresh("fold/Loop" if mode == "loop" else "fold/Scan")
-        if mode == "loop":
-            trip_count = names.fresh("fold.trip_count")
-            self.tensors.append(numpy_helper.from_array(np.array(run.length, dtype=np.int64), trip_count))
-            node = helper.make_node("Loop", [trip_count, "", *initial], final, name=node_name, body=body)
-        else:
-            scanned = [stacked[id(s)] for s in plan.sliced] + activations
-            returned = [names.fresh(f"{name}.returned") for name in captured]  # unchanged, unread
-            made = [names.fresh(f"{value.names[0]}.stacked") for value in run.outputs]
-            node = helper.make_node(
-                "Scan", [*initial, *captured, *scanned], [*final, *returned, *made], name=node_name, body=body,
-                num_scan_inputs=len(scanned),
-            )
+        scanned = [stacked[id(s)] for s in plan.sliced] + activations
+        node, made = self._loop_node(run, mode, body, captured, scanned)
         positions = run.all_positions()
         self.removed |= positions - outside
         self.added.append((max(positions), node))
-        if mode == "scan":
-            for value, stack in zip(run.outputs, made):
-                self._unstack(stack, value.names, max(positions))
+        for value, stack in zip(run.outputs, made):
+            self._unstack(stack, value.names, max(positions))
         return {
             "op": node.op_type,
             "blocks": run.length,
@@ -107,10 +83,43 @@ class _Rewrite:
             "precomputed_nodes_per_block": len(plan.outside),
             "precomputed_values": plan.hoisted_values,
             "precomputed_once": batched is not None,
-            "carried": initial,
+            "carried": [c.initial for c in run.carried],
             "per_block_inputs": len(run.inputs),
             "per_block_outputs": len(run.outputs),
         }
+
+    def _stacked_slots(self, plan: _Plan, batched: dict[str, str] | None, transposed: set[int],
+                       first: int) -> dict[int, str]:
+        """Each sliced weight slot's values for all blocks, stacked on a new axis 0: the batched
+        lookup's output, the per-block computed values, or the stored weights themselves."""
+        stacked = {}
+        for slot in plan.sliced:
+            if batched is not None and id(slot) in plan.computed:
+                stacked[id(slot)] = self._transposed(batched[slot.names[0]], id(slot) in transposed, first)
+            elif id(slot) in plan.computed:
+                stacked[id(slot)] = self._stack_values(slot.names, id(slot) in transposed, first)
+            else:
+                stacked[id(slot)] = self._widen(slot, self._stack(slot, id(slot) in transposed), first)
+                self.stacked_originals.update(slot.names)
+        return stacked
+
+    def _loop_node(self, run: BlockRun, mode: str, body: onnx.GraphProto, captured: list[str],
+                   scanned: list[str]) -> tuple[onnx.NodeProto, list[str]]:
+        """The Loop or Scan node running `body` once per block, and (Scan) the names of its
+        stacked per-block outputs; a Loop reads its stacks inside the body and has none."""
+        names = self.model.names
+        initial = [c.initial for c in run.carried]
+        final = [c.final for c in run.carried]
+        node_name = names.fresh("fold/Loop" if mode == "loop" else "fold/Scan")
+        if mode == "loop":
+            trip_count = names.fresh("fold.trip_count")
+            self.tensors.append(numpy_helper.from_array(np.array(run.length, dtype=np.int64), trip_count))
+            return helper.make_node("Loop", [trip_count, "", *initial], final, name=node_name, body=body), []
+        returned = [names.fresh(f"{name}.returned") for name in captured]  # unchanged, unread
+        made = [names.fresh(f"{value.names[0]}.stacked") for value in run.outputs]
+        node = helper.make_node("Scan", [*initial, *captured, *scanned], [*final, *returned, *made], name=node_name,
+                                body=body, num_scan_inputs=len(scanned))
+        return node, made
 
     def _batched_lookup(self, run: BlockRun, plan: _Plan, position: int) -> dict[str, str] | None:
         """The outside nodes once over stacked inputs (see BatchedLookup), or None."""
