@@ -18,7 +18,7 @@ import numpy as np
 from onnx import helper
 
 from graphpass.affine import quantize_blocks, quantize_blocks_gptq
-from graphpass.codec import Plan
+from graphpass.codec import Plan, sqnr_db, sqnr_figure
 from graphpass.deployment import Deployment
 from graphpass.lowering.onnxruntime_contrib import (
     GatherBlockQuantizedLowering, MatMulNBitsLowering, gather_lowering, matmul_lowering,
@@ -88,8 +88,6 @@ def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_
         again.emit(r, fitted)
         return ""
 
-    error = np.square(reconstruction.astype(np.float64) - array.astype(np.float64)).sum()
-    signal = np.square(array.astype(np.float64)).sum()
     details = {
         "name": weight.name,
         "shape": list(weight.shape),
@@ -100,7 +98,7 @@ def compressed_plan(weight: WeightRef, deployment: Deployment, bits: int, block_
         "bytes_before": weight.nbytes,
         "bytes_after": stored,
         "bits_per_weight": round(8.0 * stored / weight.size, 3),
-        "sqnr_db": None if error == 0 else round(float(10 * np.log10(signal / error)), 2) if signal > 0 else None,
+        "sqnr_db": sqnr_figure(sqnr_db(array, reconstruction)),
         "packing": f"{lowering.op}/{bits}bit/block{block_size}",
         "fit": "feedback" if feedback and fallback is None else "clip search",
     }
