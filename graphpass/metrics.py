@@ -184,12 +184,13 @@ def _compare_float(name: str, reference: np.ndarray, candidate: np.ndarray, budg
     metrics = LevelMetrics(**worst_sample_figures(ref, cand, both_finite, batch_axis),
                            whole_tensor=_float_figures(ref_f, cand[both_finite], diff),
                            argmax_agreement=_argmax_agreement(name, ref, cand))
-    if (np.isfinite(ref) & ~np.isfinite(cand)).any():
+    lost = int((np.isfinite(ref) & ~np.isfinite(cand)).sum())  # finite values the candidate lost
+    if lost:
         # Figures over the finite positions alone would hide the error, which is unbounded
         # where the candidate lost a finite value: no cosine, and infinite distances.
         metrics.max_abs_error = metrics.max_rel_error = metrics.mean_abs_error = math.inf
         metrics.cosine, metrics.snr_db = None, -math.inf
-    failures = [_nonfinite_failure(ref, cand, nonfinite_mismatches)]
+    failures = [_nonfinite_failure(nonfinite_mismatches, lost)]
     if budget.has_elementwise:
         over = int((diff > (budget.atol or 0.0) + (budget.rtol or 0.0) * np.abs(ref_f)).sum())
         metrics.mismatch_fraction = (over + nonfinite_mismatches) / ref.size if ref.size else 0.0
@@ -277,12 +278,11 @@ def _same_nonfinite(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
     return (np.isnan(ref) & np.isnan(cand)) | (np.isinf(ref) & (ref == cand))
 
 
-def _nonfinite_failure(ref: np.ndarray, cand: np.ndarray, mismatches: int) -> str | None:
+def _nonfinite_failure(mismatches: int, lost: int) -> str | None:
     if not mismatches:
         return None
-    introduced = int((np.isfinite(ref) & ~np.isfinite(cand)).sum())
-    if introduced:
-        return f"non-finite: candidate has NaN/Inf at {introduced} position(s) where the reference is finite"
+    if lost:
+        return f"non-finite: candidate has NaN/Inf at {lost} position(s) where the reference is finite"
     return f"non-finite: {mismatches} position(s) where the reference is NaN/Inf and the candidate differs"
 
 
