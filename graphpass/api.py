@@ -26,8 +26,10 @@ from graphpass.loadable import onnxruntime_load_problem
 from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, parse_spec
 from graphpass.memory import release_freed_memory
 from graphpass.download import DownloadSize, download_size
-from graphpass.model import (LoadedModel, WrittenModel, check_output_path, external_data_path, load_model,
-                             save_compacted, serialized_bytes)
+from graphpass.model import (
+    LoadedModel, WrittenModel, check_output_path, external_data_path, freeze_initializer_inputs, load_model,
+    save_compacted, serialized_bytes,
+)
 from graphpass.parallel import Workers
 from graphpass.streamed import stored_weights
 from graphpass.runtimes import usable_adapters
@@ -91,6 +93,7 @@ def run(
     cost_budget: CostBudget | None = None,
     jobs: int | None = None,
     scheduler: str | None = None,
+    freeze_initializers: bool = False,
 ) -> RunResult:
     """Compress `model` with `passes`; verify the written result in onnxruntime and in each
     target runtime of `deployment` (where the input runs).
@@ -105,6 +108,9 @@ def run(
     cost budget fails the run as a missed accuracy budget does. `jobs` worker threads (default:
     every core) run the passes' per-tensor work, and `scheduler` (a Dask scheduler's address)
     the part of it that can run on other machines; the output bytes are the same either way.
+    `freeze_initializers` makes initializers that are also graph inputs constants, which passes
+    may then rewrite (graphpass.model.freeze_initializer_inputs); verification compares against
+    the input with their stored values.
     """
     started = time.perf_counter()
     deployment = deployment or Deployment()
@@ -124,7 +130,7 @@ def run(
         compiled = _compile(model, manager, staged, output=output, in_place=in_place, inputs=inputs, shapes=shapes,
                             seed=seed, verify=verify, budget=budget, budget_outputs=budget_outputs,
                             progress=progress, deployment=deployment, external_data=external_data,
-                            jobs=jobs, scheduler=scheduler)
+                            jobs=jobs, scheduler=scheduler, freeze_initializers=freeze_initializers)
         # Model and its weight handles refer to each other: the input's protobuf goes at a collection.
         release_freed_memory()
         written_files = [p for p in (staged, external_data_path(staged)) if p.exists()]
@@ -208,7 +214,7 @@ class _Compiled:
 
 
 def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inputs, shapes, seed, verify, budget,
-             budget_outputs, progress, deployment, external_data, jobs, scheduler) -> _Compiled:
+             budget_outputs, progress, deployment, external_data, jobs, scheduler, freeze_initializers) -> _Compiled:
     """Load `model`, run the passes and write the result to `staged`. The loaded protobuf ends
     with this function: the passes edit it in place and upb frees none of a message's memory
     until the whole message goes, so the input's weights would stay resident under the
@@ -223,6 +229,7 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
     # Without verification, given inputs still calibrate the passes that measure activations.
     feeds = _verification_inputs(loaded, inputs, shapes, seed) if verify or inputs is not None else None
     before = reporting.model_summary(Model(loaded.proto), loaded.file_bytes, loaded.path)
+    notes = _frozen(loaded.proto) if freeze_initializers else []
     budget_outputs = verification.budget_output_names(loaded.proto, budget_outputs) if budget_outputs else None
 
     workers = Workers(jobs, scheduler, stored_weights(loaded.path) if scheduler else None)
@@ -238,7 +245,6 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
             workers.close()
         pass_seconds = time.perf_counter() - start
         _add_download_size(before, input_download.result())
-    notes = []
     if ctx.model.shape_inference_error:
         notes.append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
                      "the passes worked from the types the model declares")
@@ -248,6 +254,16 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
     after["file_bytes"], written_model = save_compacted(ctx.model.proto, staged, external_data=external_data)
     return _Compiled(written_model, reference, feeds, budget_outputs, stats, pass_seconds, before, after, notes,
                      {"jobs": workers.jobs, "scheduler": scheduler})
+
+
+def _frozen(proto: onnx.ModelProto) -> list[str]:
+    """Initializers that are also graph inputs made constants; what the report says of it."""
+    input_ir = proto.ir_version
+    frozen = freeze_initializer_inputs(proto)
+    if not frozen:
+        return []
+    raised = f"; IR version {input_ir} raised to {proto.ir_version}, which that needs" if proto.ir_version != input_ir else ""
+    return [f"{frozen} initializer(s) that were also graph inputs are constants now (--freeze-initializers){raised}"]
 
 
 def _add_download_size(summary: dict[str, Any], size: DownloadSize) -> None:

@@ -199,6 +199,10 @@ def _stop_on_sigterm(signum, frame) -> None:
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the budget is not met.")
 @click.option("--external-data", is_flag=True, help="Store large tensors in OUTPUT.data (automatic above 2 GB).")
 @click.option("--in-place", is_flag=True, help="Allow OUTPUT to be the input file.")
+@click.option("--freeze-initializers", is_flag=True,
+              help="Treat initializers that are also graph inputs (every IR 3 model's, and older exporters' "
+                   "default) as constants, so that passes may rewrite them; a caller can no longer feed them. "
+                   "An IR 3 model is written as IR 4, which that needs.")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default="file", show_default=True,
               help="file: the smallest file (weights may be rebuilt dense at load); memory: weights stay "
                    "compressed in the target runtimes' memory.")
@@ -212,8 +216,8 @@ def _stop_on_sigterm(signum, frame) -> None:
                    "scheduler, e.g. tcp://host:8786; its workers read the weights from the model's external data "
                    "themselves (pip install 'graphpass[dask]').")
 def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes, seed, budget_outputs, no_verify,
-        keep_failed, external_data, in_place, objective, targets, no_cost, max_memory, max_peak_rss, max_start,
-        max_latency, jobs, scheduler):
+        keep_failed, external_data, in_place, freeze_initializers, objective, targets, no_cost, max_memory,
+        max_peak_rss, max_start, max_latency, jobs, scheduler):
     """Run passes on MODEL, write OUTPUT, verify it against MODEL in onnxruntime and each --target, and measure
     what each costs to run."""
     deployment = Deployment.parse(objective, targets)
@@ -223,6 +227,7 @@ def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes
         budget_outputs=budget_outputs or None, verify=not no_verify, external_data=external_data, in_place=in_place,
         keep_failed=keep_failed, progress=delayed_progress, seed=seed, deployment=deployment,
         cost=not no_cost, cost_budget=cost_budget, jobs=jobs, scheduler=scheduler,
+        freeze_initializers=freeze_initializers,
     )
     click.echo(render_report(result.report, result.verify_result))
     if report_path:

@@ -35,10 +35,10 @@ def build_report(
     lossless: bool,
 ) -> dict[str, Any]:
     notes = []
-    if before["overridable_weights"]:
+    if after["overridable_weights"]:  # still inputs in the output: the passes left them alone
         notes.append(
-            f"{len(before['overridable_weights'])} initializers are also graph inputs; a caller may "
-            "override them, so no pass rewrites them"
+            f"{len(after['overridable_weights'])} initializers are also graph inputs; a caller may "
+            "override them, so no pass rewrites them (--freeze-initializers makes them constants)"
         )
     return {
         "graphpass_version": __version__,
