@@ -62,6 +62,7 @@ from threadpoolctl import ThreadpoolController
 from graphpass.activations import conv_input_covariance, gathered_row_counts, input_covariance
 from graphpass.errors import UsageError
 from graphpass.manager import Analysis, PassContext
+from graphpass.parallel import stop_point
 from graphpass.weights import WeightRef
 
 # GPTQ's damping: this share of the mean diagonal keeps the inverse Hessian well conditioned.
@@ -152,6 +153,7 @@ def _fed_back(work: np.ndarray, hessian: np.ndarray, quantize: ColumnQuantizer, 
     work[:, dead] = 0.0
     out = np.empty_like(work)
     for start in range(0, length, block):
+        stop_point()  # between blocks: feedback over the BERT's table runs for over ten seconds
         stop = min(start + block, length)
         if begin_block is not None:
             begin_block(start, stop, work[:, start:stop])

@@ -5,6 +5,11 @@ Passes never start threads of their own. They hand independent per-tensor tasks 
 bytes cannot depend on how many workers ran them or which finished first; a task that needs
 randomness seeds it from its weight, never from the worker.
 
+A long task (one of auto's studies: a weight's settings, minutes on a large model) calls
+`stop_point()` between its units of work. Once the map that runs it has stopped early (an
+error, Ctrl-C, SIGTERM), nobody waits for its result and the stop point ends it, so that the
+run stops within one unit, not one task.
+
 `Workers(jobs)` runs tasks on `jobs` local threads (jobs=1: in the calling thread, no pool at
 all). The hot per-tensor work is numpy over whole tensors or large chunks, which releases the
 GIL, so threads share the weights without copying them; bench/bench_jobs.py measures what two
@@ -82,8 +87,9 @@ class Workers:
         if self.jobs == 1 or getattr(_worker, "busy", False):
             yield from map(task, items)
             return
-        with ThreadPoolExecutor(self.jobs, initializer=_mark_busy) as pool:
-            yield from _in_order(pool.submit, task, items, ahead or AHEAD_PER_WORKER * self.jobs)
+        stop = threading.Event()
+        with ThreadPoolExecutor(self.jobs, initializer=_mark_busy, initargs=(stop,)) as pool:
+            yield from _in_order(pool.submit, task, items, ahead or AHEAD_PER_WORKER * self.jobs, stop)
 
     def map_remote(self, task: Callable[[_Item], _Result], items: Iterable[_Item]) -> Iterator[_Result]:
         """Like `map`, on the Dask cluster at `scheduler` when one is given. `task` must be a
@@ -113,14 +119,28 @@ class Workers:
             self._client = None
 
 
+class Stopped(Exception):
+    """Ends a task at a stop point once its map has stopped: nobody waits for its result."""
+
+
+def stop_point() -> None:
+    """Where a long task may end early; see the module docstring. Nothing outside a worker thread
+    (a task run inline stops with its caller)."""
+    stop = getattr(_worker, "stop", None)
+    if stop is not None and stop.is_set():
+        raise Stopped()
+
+
 _worker = threading.local()
 
 
-def _mark_busy() -> None:
+def _mark_busy(stop: threading.Event) -> None:
     _worker.busy = True
+    _worker.stop = stop
 
 
-def _in_order(submit: Callable[..., Any], task: Callable, items: Iterable, ahead: int) -> Iterator:
+def _in_order(submit: Callable[..., Any], task: Callable, items: Iterable, ahead: int,
+              stop: threading.Event | None = None) -> Iterator:
     pending: deque = deque()
     try:
         for item in items:
@@ -130,7 +150,10 @@ def _in_order(submit: Callable[..., Any], task: Callable, items: Iterable, ahead
         while pending:
             yield pending.popleft().result()
     finally:
-        # Stopped early (an error, Ctrl-C, SIGTERM): tasks not yet started never start. Else the
-        # pool's exit ran all of them first; one auto study is minutes on a large model.
+        # Stopped early (an error, Ctrl-C, SIGTERM): tasks not yet started never start, and the
+        # running ones end at their next stop point. Else the pool's exit waited for all of them;
+        # one auto study is minutes on a large model.
         for future in pending:
             future.cancel()
+        if stop is not None:
+            stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 import graphpass
 from graphpass.cli import main
 from graphpass.errors import UsageError
-from graphpass.parallel import Workers
+from graphpass.parallel import Workers, stop_point
 from graphpass.verify import Budget
 
 AUTO = "tie,auto(methods=kmeans|codebook,bits=2|4,granularities=tensor|channel)"
@@ -111,3 +112,25 @@ def test_tasks_not_yet_started_never_start_once_the_caller_stops():
     threading.Timer(0.5, release.set).start()
     results.close()  # the caller stops here, as an exception in its loop would
     assert sorted(started) == [0, 1, 2]
+
+
+def test_running_tasks_end_at_their_next_stop_point_once_the_caller_stops():
+    """Found on a 78 M-parameter decoder: after SIGTERM, auto's two running studies went on
+    through every setting of their weights, minutes, before the run could clean up and exit."""
+    units_done = []
+
+    def study(item: int) -> int:
+        for unit in range(200 if item else 0):  # a study's settings, each a unit of work (~2 s)
+            stop_point()
+            time.sleep(0.01)
+            units_done.append((item, unit))
+        return item
+
+    results = Workers(jobs=2).map(study, range(4), ahead=4)
+    assert next(results) == 0
+    time.sleep(0.1)  # items 1 and 2 are running
+    started = time.perf_counter()
+    results.close()
+    assert time.perf_counter() - started < 1.0  # not the ~2 s they would take to the end
+    assert {item for item, _ in units_done} == {1, 2}  # item 3 never started
+    assert len(units_done) < 100

@@ -90,6 +90,7 @@ from graphpass.holdout import Split, split_inputs
 from graphpass.inputs import synthesize_inputs
 from graphpass.lowering.choose import NON_AFFINE_NOTE
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.parallel import stop_point
 from graphpass.passes.auto.builds import (
     HEADROOM, Builder, Check, Round, keep_only_the_smallest_model, next_target, smallest,
 )
@@ -380,6 +381,7 @@ class AutoPass(Pass):
         """Settings from cheapest to dearest, each measured alone, until one is below the floor."""
         seen = set()
         for done, setting in enumerate(ordered, 1):
+            stop_point()
             advance(1)
             if setting.effective(study.weight) in seen:
                 continue
@@ -413,6 +415,7 @@ class AutoPass(Pass):
         weight, seen = study.weight, set()
         fits: list[SampleFit] = []
         for setting in ordered:
+            stop_point()
             advance(1)
             if setting.effective(weight) in seen:
                 continue

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from threadpoolctl import ThreadpoolController
 
-from graphpass.parallel import Workers
+from graphpass.parallel import Workers, stop_point
 
 # One fit at a time: chunks of its assignment run on the run's workers (matmul and argmin
 # release the GIL, so threads share the cores). Without workers given, the calling thread alone.
@@ -155,6 +155,7 @@ def _lloyd(points: np.ndarray, importance: np.ndarray | None, centroids: np.ndar
            workers: Workers) -> np.ndarray:
     previous = math.inf
     for _ in range(iterations):
+        stop_point()  # between iterations: a fit over a large table runs for seconds
         labels, distances = nearest(points, centroids, workers)
         error = float(np.dot(distances, importance) if importance is not None else distances.sum())
         if error >= previous * (1.0 - _CONVERGED):
