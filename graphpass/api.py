@@ -262,8 +262,10 @@ def _frozen(proto: onnx.ModelProto) -> list[str]:
     frozen = freeze_initializer_inputs(proto)
     if not frozen:
         return []
-    raised = f"; IR version {input_ir} raised to {proto.ir_version}, which that needs" if proto.ir_version != input_ir else ""
-    return [f"{frozen} initializer(s) that were also graph inputs are constants now (--freeze-initializers){raised}"]
+    note = f"{frozen} initializer(s) that were also graph inputs are constants now (--freeze-initializers)"
+    if proto.ir_version != input_ir:
+        note += f"; IR version {input_ir} raised to {proto.ir_version}, which that needs"
+    return [note]
 
 
 def _add_download_size(summary: dict[str, Any], size: DownloadSize) -> None:
