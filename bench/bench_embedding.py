@@ -58,10 +58,11 @@ def worst_cosine(session: ort.InferenceSession, reference: np.ndarray, feeds) ->
     return float(cosine.min())
 
 
-def coding_gain_db(variances: np.ndarray) -> float:
-    """Reverse water-filling's gain over one rate for all, at high rate: arithmetic over
-    geometric mean of the (weighted) variances, in dB."""
-    return float(10 * np.log10(variances.mean() / np.exp(np.log(variances).mean())))
+def gain_db(alike: float, variances: np.ndarray) -> float:
+    """Reverse water-filling's gain at high rate, in dB: every value at one rate (error `alike`,
+    the mean of the columns' weighted variances) against each direction of `variances` at its
+    own (their geometric mean)."""
+    return float(10 * np.log10(alike / np.exp(np.log(variances).mean())))
 
 
 def print_spectrum(sensitivity: np.ndarray, table: np.ndarray) -> None:
@@ -69,19 +70,17 @@ def print_spectrum(sensitivity: np.ndarray, table: np.ndarray) -> None:
     g = (sensitivity + sensitivity.T) / 2
     eigenvalues, eigenvectors = np.linalg.eigh(g)
     covariance = np.cov(table.T)
-    alike = float(np.mean(np.diag(g) * np.diag(covariance)))  # every column at one rate
+    per_column = np.diag(g) * np.diag(covariance)
+    alike = float(per_column.mean())  # every column at one rate
     root = eigenvectors @ np.diag(np.sqrt(np.maximum(eigenvalues, 0))) @ eigenvectors.T
     best = np.linalg.eigvalsh(root @ covariance @ root)
     in_g_basis = eigenvalues * np.diag(eigenvectors.T @ covariance @ eigenvectors)
     spread = eigenvalues / eigenvalues.mean()
     print(f"G's eigenvalues over their mean: {spread.max():.2f} down to {spread.min():.4f}; "
           f"10th percentile {np.percentile(spread, 10):.3f}")
-    columns = coding_gain_db(np.diag(g) * np.diag(covariance))
-    print(f"gain over one rate for all columns: each column at its own rate: {columns:.2f} dB")
-    print(f"G's eigenbasis, each direction at its own rate: "
-          f"{10 * np.log10(alike / np.exp(np.log(in_g_basis).mean())):.2f} dB")
-    print(f"best basis (G^1/2 C G^1/2), each direction at its own rate: "
-          f"{10 * np.log10(alike / np.exp(np.log(best).mean())):.2f} dB")
+    print(f"gain over one rate for all columns: each column at its own rate: {gain_db(alike, per_column):.2f} dB")
+    print(f"G's eigenbasis, each direction at its own rate: {gain_db(alike, in_g_basis):.2f} dB")
+    print(f"best basis (G^1/2 C G^1/2), each direction at its own rate: {gain_db(alike, best):.2f} dB")
     print(f"(1 dB is 1/6 bit per weight; the basis costs a {table.shape[1]} x {table.shape[1]} matrix to store)")
 
 
