@@ -2,7 +2,7 @@
 """The BERT's word embedding alone: bytes against the worst test sentence, per codec setting.
 
     python bench/bench_embedding.py [--specs "codebook(dim=2,k=256,scale=channel);..."]
-    python bench/bench_embedding.py --spectrum   # what a transform codec could still gain
+    python bench/bench_embedding.py --spectrum   # what a transform codec, or any code, could still gain
 
 paraphrase-MiniLM-L3-v2's 30522 x 384 word embedding is two thirds of what auto writes at
 --min-cosine 0.99. Each setting here compresses that table alone (every other weight exact),
@@ -18,6 +18,11 @@ direction of the best basis (the eigenvectors of G^1/2 C G^1/2, C the table's co
 own rate (reverse water-filling) beats coding every column alike by the ratio of the arithmetic to
 the geometric mean of the directions' weighted variances. Error feedback through G reaches part of
 that gain without a transform (the table above: about a quarter to a third less error).
+It then plans each of --at's settings and prints the bits per weight that reverse water-filling
+over those directions needs for the setting's own error: what an ideal code (of unbounded
+dimension) would need on a Gaussian table of the same covariance, in the same metric. A Gaussian
+is the hardest source of a given covariance, so this is not a bound for the real table, only for
+codes that use no more of it than its covariance.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from bench_auto import CALIBRATION_SENTENCES, EMBEDDING, TEST_SENTENCES, WordPie
 from fixtures import real_models  # noqa: E402
 
 TABLE = "model.0.auto_model.embeddings.word_embeddings.weight"
+AT = "codebook(dim=3,k=1024,scale=channel,hot_rows=2,feedback=true);kmeans(bits=5,granularity=channel,codebook_dtype=uint8)"
 CODEBOOKS = ((4, 256), (2, 64), (3, 1024), (2, 256), (2, 1024))  # (dim, k): 2.1 to 5.4 bits per weight
 SPECS = [f"codebook(dim={d},k={k},scale=channel{hot})" for d, k in CODEBOOKS
          for hot in ("", ",hot_rows=2", ",hot_rows=2,feedback=true")] \
@@ -65,8 +71,21 @@ def gain_db(alike: float, variances: np.ndarray) -> float:
     return float(10 * np.log10(alike / np.exp(np.log(variances).mean())))
 
 
-def print_spectrum(sensitivity: np.ndarray, table: np.ndarray) -> None:
-    """The table's transform coding gain in G's metric, against coding its columns alike."""
+def water_filling_bits(variances: np.ndarray, distortion: float) -> tuple[float, int]:
+    """Bits per row that reverse water-filling needs over independent Gaussian directions of
+    `variances` for a total error of `distortion`, and how many directions it leaves uncoded:
+    each direction is coded to error min(level, variance) at half a bit per halving, the level
+    found by bisection."""
+    low, high = 0.0, float(variances.max())
+    for _ in range(200):
+        level = (low + high) / 2
+        low, high = (level, high) if np.minimum(level, variances).sum() < distortion else (low, level)
+    return float(0.5 * np.log2(variances / level).clip(min=0).sum()), int((variances <= level).sum())
+
+
+def print_spectrum(sensitivity: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The table's transform coding gain in G's metric, against coding its columns alike;
+    returns the weighted variances along the best basis."""
     g = (sensitivity + sensitivity.T) / 2
     eigenvalues, eigenvectors = np.linalg.eigh(g)
     covariance = np.cov(table.T)
@@ -82,12 +101,38 @@ def print_spectrum(sensitivity: np.ndarray, table: np.ndarray) -> None:
     print(f"G's eigenbasis, each direction at its own rate: {gain_db(alike, in_g_basis):.2f} dB")
     print(f"best basis (G^1/2 C G^1/2), each direction at its own rate: {gain_db(alike, best):.2f} dB")
     print(f"(1 dB is 1/6 bit per weight; the basis costs a {table.shape[1]} x {table.shape[1]} matrix to store)")
+    return best
+
+
+def print_ideal_rate(spec: str, plan, sensitivity: np.ndarray, best: np.ndarray, table: np.ndarray) -> None:
+    """How many bits per weight an ideal code needs (see the module docstring) for the error
+    `plan` leaves, in G's metric, beside what the plan stores."""
+    g = (sensitivity + sensitivity.T) / 2
+    error = plan.reconstruction.astype(np.float64) - table
+    distortion = float(np.einsum("ri,ij,rj->", error, g, error) / len(error))
+    bits, uncoded = water_filling_bits(best, distortion)
+    ideal = bits / table.shape[1]
+    stored = 8 * plan.stored_bytes / table.size
+    print(f"{spec}: stores {stored:.2f} bits per weight; an ideal code on a Gaussian table of this "
+          f"covariance, at its error: {ideal:.2f} ({ideal * table.size / 8e6:.2f} MB), "
+          f"{uncoded} of the {len(best)} directions left uncoded")
+
+
+def planned(spec: str, model: Model, table, calibration, counts: np.ndarray, sensitivity):
+    """The codec's plan for the table under `spec`, as auto plans it."""
+    (codec,) = parse_spec(spec)
+    extra = {"row_counts": counts} if "hot_rows" in spec else {}
+    if "feedback=true" in spec:
+        extra["hessian"] = sensitivity
+    return codec.plan(PassContext(model, calibration_inputs=calibration), table, **extra)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--specs", default=";".join(SPECS))
-    parser.add_argument("--spectrum", action="store_true", help="print the transform coding gain and stop")
+    parser.add_argument("--spectrum", action="store_true",
+                        help="print the transform coding gain, and the ideal rate at --at's errors, and stop")
+    parser.add_argument("--at", default=AT, help="--spectrum's settings, separated by ';'")
     args = parser.parse_args(argv)
     proto = onnx.load(real_models.fetch("paraphrase_minilm_l3"))
     tokenizer = WordPiece(Path(real_models.fetch("bert_uncased_tokenizer")))
@@ -111,17 +156,16 @@ def main(argv=None) -> int:
         probe = Probe(model, [table], calibration, [EMBEDDING])
         sensitivity = table_sensitivity(probe, table, np.flatnonzero(counts), True, {EMBEDDING: 0}, Workers(2))
     if args.spectrum:
-        print_spectrum(sensitivity, original.astype(np.float64))
+        best = print_spectrum(sensitivity, original.astype(np.float64))
+        for spec in args.at.split(";"):
+            plan = planned(spec, model, table, calibration, counts, sensitivity)
+            print_ideal_rate(spec, plan, sensitivity, best, original.astype(np.float64))
         return 0
     reference = session(original)
     references = [reference.run([EMBEDDING], feeds)[0] for feeds in (test, calibration)]
     print(f"{'setting (word embedding only)':<64} {'table':>9} {'bits/w':>6} {'test':>8} {'calib':>8}")
     for spec in args.specs.split(";"):
-        (codec,) = parse_spec(spec)
-        extra = {"row_counts": counts} if "hot_rows" in spec else {}
-        if "feedback=true" in spec:
-            extra["hessian"] = sensitivity
-        plan = codec.plan(PassContext(model, calibration_inputs=calibration), table, **extra)
+        plan = planned(spec, model, table, calibration, counts, sensitivity)
         candidate = session(plan.reconstruction)
         test_cos, calib_cos = (worst_cosine(candidate, r, f) for r, f in zip(references, (test, calibration)))
         print(f"{spec:<64} {plan.stored_bytes / 1e6:>7.2f}MB {8 * plan.stored_bytes / original.size:>6.2f} "
