@@ -27,7 +27,7 @@ from graphpass.errors import GraphpassError, UsageError, VerifyInputError
 from graphpass.inputs import load_inputs, parse_shapes, synthesize_inputs
 from graphpass.inspect import inspect_model, render_inspection
 from graphpass.manager import PassContext, registered_passes
-from graphpass.model import load_model
+from graphpass.model import freeze_initializer_inputs, load_model
 from graphpass.parallel import Workers
 from graphpass.report import render_report
 from graphpass.runtimes.cost import BUDGETS, CostBudget, check_cost, render_cost, seconds_beside
@@ -245,10 +245,15 @@ def run(model, output, spec, report_path, atol, rtol, min_cosine, inputs, shapes
               help="List near copies within this relative error.")
 @click.option("--rows", is_flag=True, help="Also list rows, filters and head slices that tie(rows=true) would share "
                                           "(reads every weight in full).")
+@click.option("--freeze-initializers", is_flag=True,
+              help="Inspect MODEL as run --freeze-initializers sees it: initializers that are also graph inputs "
+                   "count as constants, which passes may rewrite.")
 @click.option("--jobs", type=click.IntRange(min=1), help=JOBS_HELP)
-def inspect(model, as_json, tol, rows, jobs):
+def inspect(model, as_json, tol, rows, freeze_initializers, jobs):
     """Show where MODEL's bytes are and what the passes could share."""
     loaded = load_model(model, map_external=True)
+    if freeze_initializers:
+        freeze_initializer_inputs(loaded.proto)
     found = inspect_model(PassContext(Model(loaded.proto), delayed_progress, workers=Workers(jobs)), tol, rows=rows)
     found["file_bytes"] = loaded.file_bytes
     click.echo(json.dumps(found, indent=2) if as_json else render_inspection(found))
@@ -318,14 +323,18 @@ def verify(reference, candidate, atol, rtol, min_cosine, inputs, shapes, seed, r
 @click.option("--feedback", is_flag=True, help="Also sweep every setting with error feedback (a dashed line each).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
               help=".npz the settings that learn from data (feedback, NNCF) learn from; default: the --inputs.")
+@click.option("--freeze-initializers", is_flag=True,
+              help="Sweep MODEL as run --freeze-initializers sees it: initializers that are also graph inputs "
+                   "count as constants, which the settings may rewrite.")
 def sweep(model, methods, bits_text, granularities, group_size, inputs, shapes, seed, model_outputs, output, plot,
-          no_baselines, feedback, calibration):
+          no_baselines, feedback, calibration, freeze_initializers):
     """Rate-distortion table of MODEL: file size against output error per method x bits x granularity."""
     sweeping.check_destinations(output, plot)
     rows = sweeping.sweep(model, sweeping.parse_methods(methods), sweeping.parse_bits(bits_text),
                           sweeping.parse_list(granularities), inputs=inputs, shapes=_shapes(shapes), seed=seed,
                           outputs=model_outputs or None, group_size=group_size, baselines=not no_baselines,
-                          feedback=feedback, calibration=calibration, progress=delayed_progress)
+                          feedback=feedback, calibration=calibration, freeze_initializers=freeze_initializers,
+                          progress=delayed_progress)
     click.echo(sweeping.render_text(rows))
     if output:
         sweeping.write_table(rows, output)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from graphpass.analysis import ExactDuplicates
+from graphpass.analysis import DuplicateGroup, ExactDuplicates
 from graphpass.blocks import RepeatedBlocks, describe_runs, render_runs
 from graphpass.manager import PassContext
 from graphpass.related import find_related
@@ -13,6 +13,7 @@ from graphpass.report import human_bytes
 from graphpass.rows import SharedRows, shared_row_tables
 
 TOP_TENSORS = 15
+OVERRIDABLE_PLACE = "initializers also graph inputs"
 
 
 def inspect_model(ctx: PassContext, tol: float = 1e-3, rows: bool = False) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def inspect_model(ctx: PassContext, tol: float = 1e-3, rows: bool = False) -> di
         by_op["/".join(ops)] += weight.nbytes
         by_place[_place(weight)] += weight.nbytes
     largest = sorted(weights, key=lambda w: (-w.nbytes, w.name))[:TOP_TENSORS]
-    groups = ctx.analysis(ExactDuplicates)
+    groups = _tieable(ctx.analysis(ExactDuplicates))
     found = {
         "weights": len(weights),
         "weight_bytes": model.weight_bytes(),
@@ -35,6 +36,7 @@ def inspect_model(ctx: PassContext, tol: float = 1e-3, rows: bool = False) -> di
         "opset": model.opset,
         "bytes_by_consumer_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
         "bytes_by_place": dict(sorted(by_place.items(), key=lambda kv: -kv[1])),
+        "overridable_weights": sorted(w.name for w in weights if w.overridable),
         "largest_tensors": [_tensor_row(w) for w in largest],
         "exact_duplicates": [
             {"members": [w.name for w in g.members], "shape": list(g.members[0].shape), "saved_bytes": g.saved_bytes}
@@ -51,6 +53,12 @@ def inspect_model(ctx: PassContext, tol: float = 1e-3, rows: bool = False) -> di
     if rows:
         found["shared_rows"] = [_rows_row(t) for t in shared_row_tables(ctx, tol)]
     return found
+
+
+def _tieable(groups: list[DuplicateGroup]) -> list[DuplicateGroup]:
+    """The groups without the copies a caller may feed, which tie leaves alone."""
+    kept = [DuplicateGroup([w for w in g.members if not w.overridable]) for g in groups]
+    return [g for g in kept if len(g.members) > 1]
 
 
 def _rows_row(shared: SharedRows) -> dict[str, Any]:
@@ -72,6 +80,8 @@ def _related_row(group) -> dict[str, Any]:
 
 
 def _place(weight) -> str:
+    if weight.overridable:
+        return OVERRIDABLE_PLACE
     kind = "initializers" if weight.source == "initializer" else "Constant nodes"
     if weight.scope.is_function:
         return f"{kind} in functions"
@@ -97,6 +107,9 @@ def render_inspection(found: dict[str, Any]) -> str:
     lines += [f"  {op:<30} {human_bytes(n):>12}" for op, n in found["bytes_by_consumer_op"].items()]
     lines += ["", "bytes by where they are stored:"]
     lines += [f"  {place:<30} {human_bytes(n):>12}" for place, n in found["bytes_by_place"].items()]
+    if found["overridable_weights"]:
+        lines.append(f"  ({len(found['overridable_weights'])} {OVERRIDABLE_PLACE}: a caller may feed them, so no pass "
+                     "rewrites them; --freeze-initializers, here and in run, makes them constants)")
     lines += ["", f"largest {len(found['largest_tensors'])} tensors:"]
     for row in found["largest_tensors"]:
         shape = "x".join(map(str, row["shape"])) or "scalar"

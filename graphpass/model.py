@@ -121,14 +121,21 @@ def clear_minus_one_dims(proto: onnx.ModelProto, label: str) -> int:
     return cleared
 
 
+def initializer_inputs(proto: onnx.ModelProto) -> set[str]:
+    """Names of the main graph's initializers that are also its inputs: a caller may feed them."""
+    graph = proto.graph
+    stored = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    return stored & {value.name for value in graph.input}
+
+
 def freeze_initializer_inputs(proto: onnx.ModelProto) -> int:
     """Initializers also listed as main-graph inputs made constants: dropped from the inputs, so
     that passes may rewrite them; returns how many. IR 3 requires every initializer to be an
     input (older exporters also wrote them so by default), so an IR 3 model is raised to IR 4,
     which only lifts that rule. A caller can no longer feed them."""
     graph = proto.graph
-    stored = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-    kept = [value for value in graph.input if value.name not in stored]
+    fed = initializer_inputs(proto)
+    kept = [value for value in graph.input if value.name not in fed]
     frozen = len(graph.input) - len(kept)
     if frozen:
         del graph.input[:]

@@ -47,7 +47,9 @@ from graphpass.errors import UsageError
 from graphpass.grid import candidate_settings, index_bits, uses_feedback
 from graphpass.inputs import load_inputs, synthesize_inputs
 from graphpass.manager import progress_of
-from graphpass.model import load_model, serialized_bytes
+from graphpass.model import freeze_initializer_inputs, initializer_inputs, load_model, serialized_bytes
+
+log = logging.getLogger(__name__)
 
 STRUCTURAL = Budget()  # the table reports the error; it does not judge it
 
@@ -99,10 +101,16 @@ def sweep(model, methods: Sequence[str], bits: Sequence[int], granularities: Seq
           inputs: dict[str, np.ndarray] | str | None = None, shapes=None, seed: int = 0,
           outputs: Sequence[str] | None = None, group_size: int = 128, baselines: bool = True,
           feedback: bool = False, calibration: dict[str, np.ndarray] | str | None = None,
-          progress=None) -> list[SweepRow]:
+          freeze_initializers: bool = False, progress=None) -> list[SweepRow]:
     """One row per setting of the grid (twice with `feedback`), then the baselines. Measured on
-    `inputs`; settings and baselines that learn from data learn from `calibration` (else `inputs`)."""
+    `inputs`; settings and baselines that learn from data learn from `calibration` (else `inputs`).
+    `freeze_initializers`: as graphpass.run's; without it, such weights stay as they are."""
     loaded = load_model(model)
+    if freeze_initializers:
+        freeze_initializer_inputs(loaded.proto)
+    elif fed := initializer_inputs(loaded.proto):
+        log.warning("%d initializers are also graph inputs; a caller may override them, so no setting rewrites "
+                    "them (--freeze-initializers makes them constants)", len(fed))
     reference = loaded.path if loaded.path is not None else serialized_bytes(loaded.proto)
     feeds = _feeds(loaded.proto, inputs, shapes, seed)
     fitting = feeds if calibration is None else _feeds(loaded.proto, calibration, shapes, seed)

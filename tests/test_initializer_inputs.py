@@ -76,3 +76,38 @@ def test_an_ir3_model_is_written_as_ir4_and_runs_as_its_input_does(example, tmp_
     cosine = float((reference * candidate).sum() / np.linalg.norm(reference) / np.linalg.norm(candidate))
     assert cosine > 0.99
     assert any("IR version 3 raised to 4" in note for note in report["notes"])
+
+
+def test_inspect_says_which_weights_a_caller_may_feed_and_sees_them_frozen_as_run_would(example, tmp_path):
+    source = tmp_path / "listed.onnx"
+    source.write_bytes(listed_as_inputs(example, example.ir_version).SerializeToString())
+
+    def inspected(path, *flags):
+        result = CliRunner().invoke(main, ["inspect", str(path), "--json", *flags])
+        assert result.exit_code == 0, result.output
+        found = json.loads(result.output)
+        del found["file_bytes"]  # the listed model's graph inputs take bytes of their own
+        return found
+
+    listed = inspected(source)
+    assert len(listed["overridable_weights"]) == len(example.graph.initializer)
+    assert list(listed["bytes_by_place"]) == ["initializers also graph inputs"]
+    assert listed["exact_duplicates"] == [] and listed["related"] == []  # tie leaves such weights alone
+    direct = inspected(EXAMPLE)
+    assert direct["exact_duplicates"] and direct["related"]  # so the model shows what freezing gains
+    assert inspected(source, "--freeze-initializers") == direct
+    assert "--freeze-initializers" in CliRunner().invoke(main, ["inspect", str(source)]).output
+
+
+def test_sweep_warns_of_weights_a_caller_may_feed_and_sweeps_them_frozen_as_run_would(example, tmp_path, caplog):
+    from graphpass.sweep import sweep
+
+    listed = listed_as_inputs(example, example.ir_version)
+    grid = (["kmeans"], [4], ["channel"])
+    kept = sweep(listed, *grid, baselines=False)
+    assert kept[0].cosine == 1.0 and kept[0].size_ratio == 1.0  # nothing rewritten
+    assert "--freeze-initializers" in caplog.text
+    frozen = sweep(listed, *grid, baselines=False, freeze_initializers=True)
+    direct = sweep(example, *grid, baselines=False)
+    assert (frozen[0].file_bytes, frozen[0].cosine) == (direct[0].file_bytes, direct[0].cosine)
+    assert frozen[0].cosine < 1.0
