@@ -219,7 +219,7 @@ class AutoPass(Pass):
                "the fitting share of the calibration inputs; on the BERT (24 fitting sentences) it took 3 times "
                "as long for 0.4% fewer bytes and a worse test sentence, so it is off by default; on magika "
                "(its Conv at 6 bits) it kept 99.5% top-1 agreement at 24.0% of the file, against 98.8% at 25.0% "
-               "without (README)"),
+               "without (docs/measurements.md)"),
         Option("predict", str, "auto", "fit a large weight's settings on a sample of its channels, measure one "
                "with those channels in place and predict the others from it (graphpass.sampling); auto: when "
                "the weights pass 96 MiB, where measuring each setting takes half an hour and more",
