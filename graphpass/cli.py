@@ -208,7 +208,7 @@ def _stop_on_sigterm(signum, frame) -> None:
                    "compressed in the target runtimes' memory.")
 @click.option("--target", "targets", default="onnxruntime", show_default=True, metavar="RUNTIMES",
               help=TARGET_HELP + " Passes leave alone what a target needs kept as is (openvino: LSTM/GRU/RNN "
-                                 "weights stay constants).")
+                                 "weights, quantized LSTMs' too, stay constants).")
 @with_options(cost_options)
 @click.option("--jobs", type=click.IntRange(min=1), help=JOBS_HELP)
 @click.option("--scheduler", metavar="ADDRESS",

@@ -223,6 +223,41 @@ def test_gru_and_rnn_weights_stay_constants_for_openvino(op_type, tmp_path):
     assert checked.runtimes["openvino"].status == "output does not run"
 
 
+def dynamic_quantize_lstm() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """onnxruntime's quantized LSTM (com.microsoft.DynamicQuantizeLSTM), as its quantizer writes
+    it: int8 W and R with float scales per channel, and a float B."""
+    rng = np.random.default_rng(6)
+    hidden, size = 16, 16
+    int8 = {"W": (1, size, 4 * hidden), "R": (1, hidden, 4 * hidden)}
+    stored = [numpy_helper.from_array(rng.integers(-127, 128, shape).astype(np.int8), name) for name, shape in int8.items()]
+    stored += [numpy_helper.from_array(rng.standard_normal((1, 8 * hidden)).astype(np.float32), "B")]
+    for name in int8:
+        stored += [numpy_helper.from_array(rng.uniform(0.005, 0.02, (1, 4 * hidden)).astype(np.float32), f"{name}_scale"),
+                   numpy_helper.from_array(np.zeros((1, 4 * hidden), np.int8), f"{name}_zero_point")]
+    inputs = ["x", "W", "R", "B", "", "", "", "", "W_scale", "W_zero_point", "R_scale", "R_zero_point"]
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLSTM", inputs, ["", "h"], domain="com.microsoft", hidden_size=hidden)],
+        "quantized_lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, size])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, None)], stored)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14), helper.make_opsetid("com.microsoft", 1)])
+    return model, {"x": rng.standard_normal((5, 1, size)).astype(np.float32)}
+
+
+def test_quantized_lstm_scales_and_bias_stay_constants_for_openvino(tmp_path):
+    """Found on ddddocr's common_old.onnx (a PyPI wheel's model): its DynamicQuantizeLSTM's B as a
+    lookup, and per-channel scales as lookups, each made OpenVINO fail to compile it."""
+    model, feeds = dynamic_quantize_lstm()
+    spec = "kmeans(bits=2,min_size=1)"
+    kept = graphpass.run(model, spec, inputs=feeds, deployment=Deployment.parse("file", "openvino"))
+    assert kept.passed and kept.verify_result.runtimes["openvino"].status == "compared"
+    skipped = kept.report["passes"][0]["skipped"]
+    assert {s["weight"] for s in skipped if "DynamicQuantizeLSTM" in s["reason"]} == {"B", "W_scale", "R_scale"}
+    squeezed = graphpass.run(model, spec, inputs=feeds, output=tmp_path / "out.onnx")
+    assert squeezed.report["passes"][0]["tensors_changed"] == 3
+    checked = verify(model, tmp_path / "out.onnx", feeds, Budget(), runtimes=("openvino",))
+    assert checked.runtimes["openvino"].status == "output does not run"
+
+
 # -- notes, failures and the command line ---------------------------------------------------------
 
 

@@ -13,8 +13,11 @@ from graphpass.runtimes import ConstantInputs, Runtime, RuntimeFailure, Session,
 # Constant nodes once the model is converted ("LSTMSequence expects Constant for port 4"; ports
 # 4-6 of LSTMSequence, 3-5 of GRUSequence and RNNSequence). Measured with OpenVINO 2026.4 on
 # each of the nine (op, input) pairs: a lookup that rebuilds one of them at load time (Gather of
-# a codebook) is not folded into a constant first, and the model does not compile.
-_RECURRENT_WEIGHTS = (1, 2, 3)
+# a codebook) is not folded into a constant first, and the model does not compile. onnxruntime's
+# quantized LSTM (com.microsoft.DynamicQuantizeLSTM) becomes the same LSTMSequence, its int8 W and
+# R dequantized by their scales and zero points (inputs 8-11) into ports 4 and 5: on ddddocr's
+# common_old.onnx a lookup for its B failed at port 6, and per-channel scales as lookups at port 4.
+_RECURRENT_WEIGHTS = {"LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3), "DynamicQuantizeLSTM": (1, 2, 3, 8, 9, 10, 11)}
 # Where in OpenVINO's sources an error was raised: says nothing to a user, and is long.
 _SOURCE_PREFIX = re.compile(r"^(Exception from \S+: )?(Check 'false' failed at \S+: )?")
 
@@ -50,8 +53,8 @@ class OpenVino(Runtime):
         return OpenVinoSession(compiled, model_output_names(model_path))
 
     def required_constant_inputs(self) -> tuple[ConstantInputs, ...]:
-        return tuple(ConstantInputs(op, _RECURRENT_WEIGHTS, f"openvino needs {op} weights as constants")
-                     for op in ("LSTM", "GRU", "RNN"))
+        return tuple(ConstantInputs(op, indices, f"openvino needs {op} weights as constants")
+                     for op, indices in _RECURRENT_WEIGHTS.items())
 
 
 class OpenVinoSession(Session):
