@@ -67,6 +67,10 @@ def real_inputs(name: str) -> list[dict[str, np.ndarray]]:
         ]
     if name == "ppocr_det":
         return [{"x": text_like_image()}]
+    if name == "ddddocr_old":  # grey, in [-1, 1]
+        return [{"input1": (text_like_image((1, 3, 64, 192))[:, :1] > 0).astype(np.float32) * 2 - 1}]
+    if name == "nudenet":
+        return [{"images": rng.uniform(0, 1, (1, 3, 320, 320)).astype(np.float32)}]
     raise KeyError(name)
 
 
