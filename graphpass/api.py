@@ -27,8 +27,8 @@ from graphpass.manager import Pass, PassContext, PassManager, ProgressFactory, p
 from graphpass.memory import release_freed_memory
 from graphpass.download import DownloadSize, download_size
 from graphpass.model import (
-    LoadedModel, WrittenModel, check_output_path, external_data_path, freeze_initializer_inputs, load_model,
-    save_compacted, serialized_bytes,
+    LoadedModel, WrittenModel, check_output_path, drop_symbolic_value_info, external_data_path,
+    freeze_initializer_inputs, load_model, save_compacted, serialized_bytes,
 )
 from graphpass.parallel import Workers
 from graphpass.streamed import stored_weights
@@ -245,6 +245,7 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
             workers.close()
         pass_seconds = time.perf_counter() - start
         _add_download_size(before, input_download.result())
+    notes += _without_symbolic_value_info(ctx.model.proto, deployment)
     if ctx.model.shape_inference_error:
         notes.append(f"onnx shape inference failed ({ctx.model.shape_inference_error}); "
                      "the passes worked from the types the model declares")
@@ -254,6 +255,17 @@ def _compile(model, manager: PassManager, staged: Path, *, output, in_place, inp
     after["file_bytes"], written_model = save_compacted(ctx.model.proto, staged, external_data=external_data)
     return _Compiled(written_model, reference, feeds, budget_outputs, stats, pass_seconds, before, after, notes,
                      {"jobs": workers.jobs, "scheduler": scheduler})
+
+
+def _without_symbolic_value_info(proto: onnx.ModelProto, deployment: Deployment) -> list[str]:
+    """Symbolic shapes declared on intermediate values dropped for the targets that refuse them;
+    what the report says of it."""
+    refusing = deployment.without_symbolic_value_info
+    dropped = drop_symbolic_value_info(proto) if refusing else 0
+    if not dropped:
+        return []
+    return [f"{dropped} symbolic shape(s) declared on intermediate values dropped: {', '.join(refusing)} cannot "
+            "unify them with the inputs' sizes (they are hints; runtimes infer shapes themselves)"]
 
 
 def _frozen(proto: onnx.ModelProto) -> list[str]:

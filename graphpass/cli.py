@@ -116,7 +116,8 @@ def _shapes(specs) -> dict | None:
 
 TARGET_HELP = (f"Comma-separated runtimes the output must run in: {', '.join(RUNTIMES)}, or {ANY_TARGET}. "
                "Verification compares output and input in each of them (and always in onnxruntime); "
-               "where the input itself does not run, that runtime is a note, not a failure.")
+               "where the input itself does not run, that runtime is a note, not a failure, and an output that "
+               "runs there is compared with the input's onnxruntime outputs.")
 
 input_options = [
     click.option("--inputs", "inputs", type=click.Path(dir_okay=False), help="Real inputs as .npz (name -> array)."),

@@ -62,6 +62,11 @@ class Deployment:
         """Whether some target needs DequantizeLinear's scales and zero points as constants."""
         return any(adapter.needs_constant_quantize_params for adapter in self.adapters())
 
+    @property
+    def without_symbolic_value_info(self) -> list[str]:
+        """The targets that cannot load a model declaring symbolic shapes on intermediate values."""
+        return [adapter.name for adapter in self.adapters() if not adapter.takes_symbolic_value_info]
+
     def adapters(self):
         """The targets' runtime adapters (graphpass.runtimes), which say what each runs."""
         return [adapter(name) for name in self.targets]

@@ -121,6 +121,23 @@ def clear_minus_one_dims(proto: onnx.ModelProto, label: str) -> int:
     return cleared
 
 
+def drop_symbolic_value_info(proto: onnx.ModelProto) -> int:
+    """Remove the shapes declared on intermediate values (value_info, in every graph) that name a
+    symbolic size; return how many. They are hints: runtimes infer shapes themselves, and some
+    (tract) refuse a symbol they cannot unify with an input's concrete size."""
+    dropped = 0
+    for scope in build_scope_tree(proto):
+        if scope.is_function:
+            continue
+        values = scope.body.value_info
+        kept = [v for v in values if not any(d.HasField("dim_param") for d in v.type.tensor_type.shape.dim)]
+        if len(kept) < len(values):
+            dropped += len(values) - len(kept)
+            del values[:]
+            values.extend(kept)
+    return dropped
+
+
 def initializer_inputs(proto: onnx.ModelProto) -> set[str]:
     """Names of the main graph's initializers that are also its inputs: a caller may feed them."""
     graph = proto.graph

@@ -90,6 +90,8 @@ LARGE_MODEL_LEVELS: tuple[str, ...] = ("unfolded", "disable_all")
 COMPARED = "compared"
 INPUT_DOES_NOT_RUN = "input does not run"
 OUTPUT_DOES_NOT_RUN = "output does not run"
+# The input does not run there but the output does: compared with the input's onnxruntime outputs.
+ONLY_OUTPUT_RUNS = "only the output runs"
 
 
 @dataclass
@@ -97,8 +99,9 @@ class RuntimeOutcome:
     """What verification did in one runtime: compared at `levels`, or why it could not.
 
     `stage` and `reason` say where the runtime failed (load, inputs, run) and its own words.
-    An input that does not run there is a note, not a failure: that runtime says nothing of
-    the candidate. An output that does not run where its input does is a failure."""
+    An input that does not run there is a note, not a failure. An output that runs where its
+    input does not is compared with the input's onnxruntime outputs, and noted. An output that
+    does not run where its input does is a failure."""
 
     levels: list[str]
     status: str = COMPARED
@@ -110,6 +113,9 @@ class RuntimeOutcome:
         return self.status == OUTPUT_DOES_NOT_RUN
 
     def message(self, runtime: str) -> str | None:
+        if self.status == ONLY_OUTPUT_RUNS:
+            return (f"input does not run in {runtime}: {(self.reason or '').rstrip('.')}; the output does, compared "
+                    "there with the input's onnxruntime outputs")
         return None if self.status == COMPARED else f"{self.status} in {runtime}: {self.reason}"
 
     def to_dict(self) -> dict:
@@ -173,8 +179,9 @@ def verify(
     others get the structural checks (missing, misshapen, non-finite).
 
     onnxruntime always runs: a model it cannot load or run raises VerifyInputError. In another
-    runtime, a reference that does not run there is a note (that runtime says nothing of the
-    candidate); a candidate that does not run where the reference does fails verification.
+    runtime, a reference that does not run there is a note, and a candidate that does is
+    compared there with the reference's outputs in onnxruntime (at the first level); a
+    candidate that does not run where the reference does fails verification.
     A runtime that is not installed raises RuntimeUnavailable. `budget_given=False` says the
     caller chose no accuracy budget: the verdict line then does not claim a PASS.
 
@@ -189,6 +196,7 @@ def verify(
     per_output: dict[str, dict[str, LevelMetrics]] = defaultdict(dict)
     comparison = _Comparison(per_output, budget, budget_outputs, declared_batch_axes(reference))
     outcomes = {ONNXRUNTIME: RuntimeOutcome(list(levels))}
+    first_reference = None
     for level in levels:
         if reference_runs is not None and level in reference_runs:
             ref_outputs = reference_runs[level]
@@ -199,11 +207,12 @@ def verify(
         # One session per (model, level): an identical candidate reuses the reference run.
         cand_outputs = ref_outputs if same_model else _run_in_onnxruntime(candidate, "candidate", level, inputs)
         comparison.add(level, ref_outputs, cand_outputs)
+        first_reference = first_reference or ref_outputs
     if others:
         with _as_files(reference, candidate) as (reference_path, candidate_path):
             for runtime in others:
                 outcomes[runtime.name] = _verify_in(runtime, reference_path, candidate_path, same_model,
-                                                    inputs, comparison)
+                                                    inputs, comparison, first_reference)
                 release_freed_memory()
     compared = [level for outcome in outcomes.values() for level in outcome.levels]
     outputs = {name: _summarise_output(per_level, outcomes) for name, per_level in per_output.items()}
@@ -234,17 +243,26 @@ class _Comparison:
 
 
 def _verify_in(runtime: Runtime, reference: str, candidate: str, same_model: bool,
-               inputs: Mapping[str, np.ndarray], comparison: _Comparison) -> RuntimeOutcome:
-    """Compare in one runtime other than onnxruntime, at its one level."""
+               inputs: Mapping[str, np.ndarray], comparison: _Comparison,
+               onnxruntime_reference: Mapping[str, np.ndarray]) -> RuntimeOutcome:
+    """Compare in one runtime other than onnxruntime, at its one level; where the reference does
+    not run, compare the candidate with `onnxruntime_reference`, if the candidate runs."""
+    level = runtime.levels[0]
     try:
         ref_outputs = runtime.open(reference, inputs).run(inputs)
     except RuntimeFailure as failure:
-        return RuntimeOutcome([], INPUT_DOES_NOT_RUN, failure.stage, failure.detail)
+        if same_model:
+            return RuntimeOutcome([], INPUT_DOES_NOT_RUN, failure.stage, failure.detail)
+        try:
+            cand_outputs = runtime.open(candidate, inputs).run(inputs)
+        except RuntimeFailure:
+            return RuntimeOutcome([], INPUT_DOES_NOT_RUN, failure.stage, failure.detail)
+        comparison.add(level, onnxruntime_reference, cand_outputs)
+        return RuntimeOutcome([level], ONLY_OUTPUT_RUNS, failure.stage, failure.detail)
     try:
         cand_outputs = ref_outputs if same_model else runtime.open(candidate, inputs).run(inputs)
     except RuntimeFailure as failure:
         return RuntimeOutcome([], OUTPUT_DOES_NOT_RUN, failure.stage, failure.detail)
-    level = runtime.levels[0]
     # Outputs onnxruntime gave define what is compared; a runtime that drops one fails on it.
     named = {name: ref_outputs.get(name) for name in comparison.per_output}
     if any(value is None for value in named.values()):

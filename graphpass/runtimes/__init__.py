@@ -70,6 +70,9 @@ class Runtime(ABC):
     runs_loop: bool = True  # the ONNX Loop op
     # DequantizeLinear's scales and zero points must be plain constants (not Scan slices).
     needs_constant_quantize_params: bool = False
+    # Symbolic shapes declared on intermediate values (value_info) are taken as hints, not as
+    # facts that must agree with the inputs' concrete sizes.
+    takes_symbolic_value_info: bool = True
     # The compressed kernels (com.microsoft ops) it runs and keeps packed: op -> the bit widths
     # it runs well. An op not listed is one it cannot run.
     kernels: dict[str, tuple[int, ...]] = {}

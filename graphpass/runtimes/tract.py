@@ -23,6 +23,10 @@ class Tract(Runtime):
     levels = ("tract",)
     runs_loop = False  # "Unimplemented(Loop)"
     needs_constant_quantize_params = True
+    # NudeNet's YOLOv8n declares [batch, 16, (height+1)/2, (width+1)/2] on a Conv output; with the
+    # input's size set, tract 0.23 stops: "Impossible to unify Sym(batch) with Val(1)". Without
+    # the declarations it runs the model.
+    takes_symbolic_value_info = False
     # tract 0.23 refuses other widths ("GatherBlockQuantized: only bits=4 is supported").
     kernels = {"MatMulNBits": (4,), "GatherBlockQuantized": (4,)}
 
