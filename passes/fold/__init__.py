@@ -39,13 +39,14 @@ re-encoding attributes) and its cleanup() would also drop dead weights other pas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import onnx_graphsurgeon as gs
 
 from graphpass.blocks import BlockAnalysis, BlockRun, Dims, RepeatedBlocks
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
+from graphpass.runtimes import ConstantInputs
 from graphpass.passes.fold.graph_helpers import topological_order
 from graphpass.passes.fold.plan import _scan_over_copies, plan_run
 from graphpass.passes.fold.rewrite import _Rewrite
@@ -163,6 +164,8 @@ class FoldPass(Pass):
             reason = "the type of a carried value is unknown (shape inference could not tell)"
         elif any(v.dtype is None or v.dims is None for v in run.inputs + run.outputs):
             reason = "the type of a graph input or output of a block is unknown (shape inference could not tell)"
+        elif needed := _needs_constants(run, ctx.deployment.constant_in_loops):
+            reason = needed
         elif mode == "scan" and any(i.name not in self._types for i in run.invariants):
             # a Scan takes it as a state variable, which must declare its element type
             reason = "the type of a value every block reads is unknown (shape inference could not tell)"
@@ -183,6 +186,17 @@ class FoldPass(Pass):
         if not (run.per_block_slots or run.inputs or run.outputs) and ctx.deployment.runs_loop:
             return "loop"  # per-block graph inputs and outputs need a Scan: a Loop would not slice them
         return "scan"
+
+
+def _needs_constants(run: BlockRun, needs: Mapping[str, Sequence[ConstantInputs]]) -> str | None:
+    """Why a target could not run this run folded, or None: it needs an input of a block node
+    constant (`needs`, from the deployment), and a loop body reads every weight as a slice or a
+    state variable."""
+    for node in run.nodes(0):
+        for rule in needs.get(node.op_type, ()):
+            if any(i < len(node.input) and node.input[i] for i in rule.indices):
+                return f"{rule.reason}, which a loop body does not have"
+    return None
 
 
 @contextmanager
