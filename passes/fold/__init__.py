@@ -46,10 +46,10 @@ import onnx_graphsurgeon as gs
 
 from graphpass.blocks import BlockAnalysis, BlockRun, Dims, RepeatedBlocks
 from graphpass.manager import Option, Pass, PassContext, PassResult, register
-from graphpass.runtimes import ConstantInputs
 from graphpass.passes.fold.graph_helpers import topological_order
 from graphpass.passes.fold.plan import _scan_over_copies, plan_run
 from graphpass.passes.fold.rewrite import _Rewrite
+from graphpass.runtimes import ConstantInputs
 
 # Stacking per-block weights saves no bytes and costs a slice per iteration: worth it only
 # when the run is long enough for the node count to matter.
