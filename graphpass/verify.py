@@ -267,19 +267,7 @@ def _verify_in(runtime: Runtime, reference: str, candidate: str, same_model: boo
     except RuntimeFailure as failure:
         if same_model:
             return RuntimeOutcome([], INPUT_DOES_NOT_RUN, failure.stage, failure.detail)
-        try:
-            cand_outputs = runtime.open(candidate, inputs).run(inputs)
-        except RuntimeFailure:
-            return RuntimeOutcome([], INPUT_DOES_NOT_RUN, failure.stage, failure.detail)
-        reference_there, candidate_there = in_onnxruntime
-        if (differs := comparison.disagreement(candidate_there, cand_outputs)) is not None:
-            # On outputs near zero (a detector's probabilities on generated inputs) runtimes
-            # round differently: seen as cosine 0.62 between tract and onnxruntime.
-            return RuntimeOutcome([], INPUT_DOES_NOT_RUN, failure.stage,
-                                  f"{failure.detail.rstrip('.')}; the output runs there, but its {differs} already "
-                                  "misses the budget against its own onnxruntime outputs, so it was not compared")
-        comparison.add(level, reference_there, cand_outputs)
-        return RuntimeOutcome([level], ONLY_OUTPUT_RUNS, failure.stage, failure.detail)
+        return _verify_candidate_only(runtime, candidate, inputs, comparison, in_onnxruntime, failure)
     try:
         cand_outputs = ref_outputs if same_model else runtime.open(candidate, inputs).run(inputs)
     except RuntimeFailure as failure:
@@ -291,6 +279,28 @@ def _verify_in(runtime: Runtime, reference: str, candidate: str, same_model: boo
         return RuntimeOutcome([], INPUT_DOES_NOT_RUN, "run", f"gives no output {lost}")
     comparison.add(level, named, cand_outputs)
     return RuntimeOutcome([level])
+
+
+def _verify_candidate_only(runtime: Runtime, candidate: str, inputs: Mapping[str, np.ndarray],
+                           comparison: _Comparison,
+                           in_onnxruntime: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]],
+                           reference_failure: RuntimeFailure) -> RuntimeOutcome:
+    """Where the reference does not run: the candidate against the reference's onnxruntime
+    outputs, if it runs and agrees with its own onnxruntime outputs; else a note."""
+    stage, reason = reference_failure.stage, reference_failure.detail
+    try:
+        cand_outputs = runtime.open(candidate, inputs).run(inputs)
+    except RuntimeFailure:
+        return RuntimeOutcome([], INPUT_DOES_NOT_RUN, stage, reason)
+    reference_there, candidate_there = in_onnxruntime
+    if (differs := comparison.disagreement(candidate_there, cand_outputs)) is not None:
+        # On outputs near zero (a detector's probabilities on generated inputs) runtimes round
+        # differently: seen as cosine 0.62 between tract and onnxruntime on the same model.
+        return RuntimeOutcome([], INPUT_DOES_NOT_RUN, stage,
+                              f"{reason.rstrip('.')}; the output runs there, but its {differs} already misses the "
+                              "budget against its own onnxruntime outputs, so it was not compared")
+    comparison.add(runtime.levels[0], reference_there, cand_outputs)
+    return RuntimeOutcome([runtime.levels[0]], ONLY_OUTPUT_RUNS, stage, reason)
 
 
 def _summarise_output(per_level: dict[str, LevelMetrics], outcomes: Mapping[str, RuntimeOutcome]) -> OutputMetrics:
