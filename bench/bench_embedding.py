@@ -83,10 +83,9 @@ def water_filling_bits(variances: np.ndarray, distortion: float) -> tuple[float,
     return float(0.5 * np.log2(variances / level).clip(min=0).sum()), int((variances <= level).sum())
 
 
-def print_spectrum(sensitivity: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """The table's transform coding gain in G's metric, against coding its columns alike;
-    returns the weighted variances along the best basis."""
-    g = (sensitivity + sensitivity.T) / 2
+def print_spectrum(g: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The table's transform coding gain in the metric of `g` (G, symmetric), against coding its
+    columns alike; returns the weighted variances along the best basis."""
     eigenvalues, eigenvectors = np.linalg.eigh(g)
     covariance = np.cov(table.T)
     per_column = np.diag(g) * np.diag(covariance)
@@ -104,10 +103,9 @@ def print_spectrum(sensitivity: np.ndarray, table: np.ndarray) -> np.ndarray:
     return best
 
 
-def print_ideal_rate(spec: str, plan, sensitivity: np.ndarray, best: np.ndarray, table: np.ndarray) -> None:
+def print_ideal_rate(spec: str, plan, g: np.ndarray, best: np.ndarray, table: np.ndarray) -> None:
     """How many bits per weight an ideal code needs (see the module docstring) for the error
-    `plan` leaves, in G's metric, beside what the plan stores."""
-    g = (sensitivity + sensitivity.T) / 2
+    `plan` leaves, in the metric of `g`, beside what the plan stores."""
     error = plan.reconstruction.astype(np.float64) - table
     distortion = float(np.einsum("ri,ij,rj->", error, g, error) / len(error))
     bits, uncoded = water_filling_bits(best, distortion)
@@ -156,10 +154,11 @@ def main(argv=None) -> int:
         probe = Probe(model, [table], calibration, [EMBEDDING])
         sensitivity = table_sensitivity(probe, table, np.flatnonzero(counts), True, {EMBEDDING: 0}, Workers(2))
     if args.spectrum:
-        best = print_spectrum(sensitivity, original.astype(np.float64))
+        g, values = (sensitivity + sensitivity.T) / 2, original.astype(np.float64)
+        best = print_spectrum(g, values)
         for spec in args.at.split(";"):
             plan = planned(spec, model, table, calibration, counts, sensitivity)
-            print_ideal_rate(spec, plan, sensitivity, best, original.astype(np.float64))
+            print_ideal_rate(spec, plan, g, best, values)
         return 0
     reference = session(original)
     references = [reference.run([EMBEDDING], feeds)[0] for feeds in (test, calibration)]
